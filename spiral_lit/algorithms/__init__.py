@@ -1,0 +1,38 @@
+"""Pure tensor maths of SPIRAL (method.md sections 2-4): set sampling, advantages, losses.
+
+Imports nothing else of spiral_lit and nothing of Lightning, so it can be tested and
+reused on its own.
+"""
+
+from spiral_lit.algorithms.advantages import (
+    grpo_advantages,
+    informative_groups,
+    informative_prompts,
+    length_gate,
+    spiral_advantages,
+)
+from spiral_lit.algorithms.losses import (
+    LossType,
+    Reduction,
+    loss_normaliser,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+from spiral_lit.algorithms.sets import sample_sets, sample_sets_batch
+
+__all__ = [
+    "LossType",
+    "Reduction",
+    "grpo_advantages",
+    "informative_groups",
+    "informative_prompts",
+    "length_gate",
+    "loss_normaliser",
+    "policy_loss",
+    "sample_sets",
+    "sample_sets_batch",
+    "spiral_advantages",
+    "token_entropy",
+    "token_logprobs",
+]

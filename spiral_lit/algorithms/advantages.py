@@ -1,0 +1,107 @@
+"""Per-sequence advantages for SPIRAL and the GRPO baseline (method.md sections 3 and 5).
+
+Every advantage is a scalar per sequence; the loss broadcasts it to the sequence's tokens.
+
+Standard-deviation convention for ``scale_by_std`` (an option of ours; the paper divides by
+nothing, Dr.GRPO style): the *sample* standard deviation (Bessel-corrected, ``correction=1``),
+the same as ``torch.std``'s default used by TRL's GRPOTrainer, so scaled numbers compare with
+that reference. A group of one member has std 0 by definition here (its centred value is 0, so
+its advantage stays 0 rather than NaN). ``_STD_EPS`` is added to the std before dividing so
+that equal rewards give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_STD_EPS = 1e-6
+
+
+def _centre(values: torch.Tensor, scale_by_std: bool) -> torch.Tensor:
+    """``values`` minus the mean over the last dim, optionally / (sample std + eps)."""
+    centred = values - values.mean(dim=-1, keepdim=True)
+    if not scale_by_std:
+        return centred
+    correction = 1 if values.shape[-1] > 1 else 0
+    std = values.std(dim=-1, keepdim=True, correction=correction)
+    return centred / (std + _STD_EPS)
+
+
+def spiral_advantages(
+    rewards: torch.Tensor, sets: torch.Tensor, n_search: int, scale_by_std: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPIRAL advantages of the search and aggregation traces (method.md section 3).
+
+    Args:
+        rewards: ``[B, K, A]`` reward of aggregation sample j of set i, R[i, j].
+        sets: ``[B, K, S]`` (long) search-trace indices in ``[0, n_search)`` forming set i.
+        n_search: number of search traces per prompt.
+        scale_by_std: divide set advantages by the std of the K set scores, and aggregation
+            advantages by the std of the A siblings (before search traces average them).
+
+    Returns:
+        ``(search_adv_BN, agg_adv_BKA)``: ``[B, n_search]`` search advantage = mean of the set
+        advantages f_i - mean_i' f_i' over the sets containing the trace (0 when in none), and
+        ``[B, K, A]`` aggregation advantage R[i, j] - mean_j' R[i, j'].
+    """
+    if rewards.dim() != 3 or sets.dim() != 3 or rewards.shape[:2] != sets.shape[:2]:
+        raise ValueError(
+            f"rewards must be [B, K, A] and sets [B, K, S] with matching B, K; "
+            f"got rewards {tuple(rewards.shape)} and sets {tuple(sets.shape)}"
+        )
+    if sets.numel() and (int(sets.min()) < 0 or int(sets.max()) >= n_search):
+        raise ValueError(f"sets must hold search indices in [0, n_search={n_search})")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()  # verifier scores may arrive as 0/1 integers
+    batch, n_sets, set_size = sets.shape
+    set_score_BK = rewards.mean(dim=-1)  # f_i
+    set_adv_BK = _centre(set_score_BK, scale_by_std)  # A#_i
+    # Each set advantage is credited to each of its S members; average per trace by scatter.
+    index_BM = sets.reshape(batch, n_sets * set_size).long()  # M = K * S memberships
+    credit_BM = set_adv_BK.unsqueeze(-1).expand(batch, n_sets, set_size).reshape(batch, -1)
+    adv_sum_BN = rewards.new_zeros(batch, n_search).scatter_add_(1, index_BM, credit_BM)
+    count_BN = rewards.new_zeros(batch, n_search).scatter_add_(1, index_BM, torch.ones_like(credit_BM))
+    search_adv_BN = adv_sum_BN / count_BN.clamp(min=1.0)  # a trace in no set: 0 / 1 = 0
+    agg_adv_BKA = _centre(rewards, scale_by_std)
+    return search_adv_BN, agg_adv_BKA
+
+
+def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+    """GRPO baseline advantages (method.md section 5): ``[B, G]`` reward minus group mean.
+
+    With ``scale_by_std``, divided by (sample std of the group + 1e-6), as in the module docstring.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G]; got {tuple(rewards.shape)}")
+    return _centre(rewards, scale_by_std)
+
+
+def length_gate(advantages: torch.Tensor, lengths: torch.Tensor, length_target: int) -> torch.Tensor:
+    """Zero the *positive* advantages of sequences longer than ``length_target`` (paper Eq. 8, section 3).
+
+    Negative and zero advantages are kept, so overlong wrong answers are still pushed down
+    while overlong right ones are not rewarded. ``lengths`` has the shape of ``advantages``.
+    """
+    if lengths.shape != advantages.shape:
+        raise ValueError(f"lengths {tuple(lengths.shape)} must match advantages {tuple(advantages.shape)}")
+    overlong_positive = (advantages > 0) & (lengths > length_target)
+    return torch.where(overlong_positive, torch.zeros_like(advantages), advantages)
+
+
+def informative_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B]``: True (keep) where the group's rewards are not all equal (dynamic sampling, section 3).
+
+    A group of equal rewards has all-zero advantages and carries no gradient signal.
+    """
+    flat_BM = rewards_BG.reshape(rewards_BG.shape[0], -1)
+    return (flat_BM != flat_BM[:, :1]).any(dim=-1)
+
+
+def informative_prompts(rewards_BKA: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B]``: True (keep) where not every aggregation reward of the prompt is equal (section 3).
+
+    Then all set and aggregation advantages are zero, and so are the search advantages.
+    """
+    if rewards_BKA.dim() != 3:
+        raise ValueError(f"rewards must be [B, K, A]; got {tuple(rewards_BKA.shape)}")
+    return informative_groups(rewards_BKA)

@@ -1,0 +1,160 @@
+"""Policy-gradient surrogate losses and token log-probabilities (method.md section 4).
+
+One loss covers search and aggregation sequences alike: each sequence carries one scalar
+advantage (section 3) broadcast to its tokens. The loss type is a ``Literal`` dispatched in
+exactly one place (:func:`_surrogate_BT`).
+
+Micro-batch invariance: :func:`policy_loss` divides the *sum* over kept tokens by a
+normaliser the caller computes once over the whole minibatch (all micro-batches, all ranks)
+with :func:`loss_normaliser`. Summing the micro-batch losses then gives the loss and gradient
+of one pass over the whole minibatch, whatever the split.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+LossType = Literal["ppo_clip", "reinforce_is"]
+"""``ppo_clip``: token-level clipped ratio (asymmetric "clip-higher"); ``reinforce_is``: ratio * A, no clip."""
+Reduction = Literal["token_mean", "seq_mean_token_sum_norm"]
+"""``token_mean``: divide by the kept-token count; ``seq_mean_token_sum_norm``: by n_seq * const (Dr.GRPO)."""
+
+
+def loss_normaliser(mask_BT: torch.Tensor, reduction: Reduction, norm_const: float | None = None) -> torch.Tensor:
+    """The scalar the summed token loss is divided by (section 4, loss reductions).
+
+    ``token_mean``: number of kept tokens (at least 1, so an empty batch gives loss 0, not NaN).
+    ``seq_mean_token_sum_norm``: number of sequences * ``norm_const`` (e.g. the max response
+    length), a constant that does not depend on how long the sampled sequences are.
+    Compute it over the whole minibatch, not per micro-batch (module docstring).
+    """
+    if reduction == "token_mean":
+        return mask_BT.sum().to(torch.float32).clamp(min=1.0)
+    if reduction == "seq_mean_token_sum_norm":
+        if norm_const is None or norm_const <= 0:
+            raise ValueError(f"reduction='seq_mean_token_sum_norm' needs norm_const > 0; got norm_const={norm_const}")
+        return torch.tensor(mask_BT.shape[0] * float(norm_const), dtype=torch.float32, device=mask_BT.device)
+    raise ValueError(f"reduction={reduction!r}; allowed: 'token_mean', 'seq_mean_token_sum_norm'")
+
+
+def _surrogate_BT(
+    ratio_BT: torch.Tensor, adv_BT: torch.Tensor, loss_type: LossType, clip_low: float, clip_high: float
+) -> torch.Tensor:
+    """Per-token policy-gradient loss for ``loss_type``: the one place the loss type is dispatched."""
+    if loss_type == "ppo_clip":
+        clipped_BT = ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high)
+        return -torch.minimum(ratio_BT * adv_BT, clipped_BT * adv_BT)
+    if loss_type == "reinforce_is":
+        # d/dlogp (-r A) = -r A: importance-weighted REINFORCE toward the sampler's tokens.
+        return -ratio_BT * adv_BT
+    raise ValueError(f"loss_type={loss_type!r}; allowed: 'ppo_clip', 'reinforce_is'")
+
+
+def _k3(log_ratio_BT: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || q) from log(q/pi) per token: exp(x) - x - 1 >= 0 (Schulman)."""
+    return torch.exp(log_ratio_BT) - log_ratio_BT - 1.0
+
+
+def policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    normaliser: torch.Tensor | float,
+    *,
+    loss_type: LossType = "ppo_clip",
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    seq_weights_B: torch.Tensor | None = None,
+    ref_logprobs_BT: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy_BT: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Surrogate loss of one micro-batch (section 4); returns ``(loss, stats)``.
+
+    Per kept token: pg = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) for ``ppo_clip``, or
+    -r A for ``reinforce_is``, with r = exp(logp - logp_old); plus ``kl_coef`` * k3(ref || pi)
+    and minus ``entropy_coef`` * entropy. ``seq_weights_B`` (e.g. a role weight) multiplies
+    the whole per-token loss of its sequence. loss = sum over kept tokens / ``normaliser``.
+
+    ``stats`` are detached means over this micro-batch's kept tokens, plus ``n_tokens`` so the
+    caller can aggregate exactly (sum = mean * n_tokens): ``pg_loss``, ``clip_frac_low``
+    (r < 1 - clip_low and A < 0), ``clip_frac_high`` (r > 1 + clip_high and A > 0),
+    ``ratio_dev`` (|r - 1|), ``approx_kl`` (k3 between old and new), and ``kl_ref`` /
+    ``entropy`` when given. For ``reinforce_is`` the clip fractions report where PPO *would*
+    clip (nothing is clipped): a measure of how off-policy the batch is.
+    """
+    mask_BT = mask_BT.bool()
+    # Zero the log-ratio at dropped tokens before exp, so padding (e.g. -inf logprobs) can
+    # never put inf/NaN into the loss or its gradient.
+    log_ratio_BT = torch.where(mask_BT, logprobs_BT - old_logprobs_BT, torch.zeros_like(logprobs_BT))
+    ratio_BT = torch.exp(log_ratio_BT)
+    adv_BT = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1).expand_as(logprobs_BT)
+    pg_BT = _surrogate_BT(ratio_BT, adv_BT, loss_type, clip_low, clip_high)
+
+    loss_BT = pg_BT
+    kl_ref_BT = None
+    if ref_logprobs_BT is not None:
+        ref_log_ratio_BT = torch.where(mask_BT, ref_logprobs_BT - logprobs_BT, torch.zeros_like(logprobs_BT))
+        kl_ref_BT = _k3(ref_log_ratio_BT)
+        loss_BT = loss_BT + kl_coef * kl_ref_BT
+    if entropy_BT is not None:
+        loss_BT = loss_BT - entropy_coef * torch.where(mask_BT, entropy_BT, torch.zeros_like(entropy_BT))
+    if seq_weights_B is not None:
+        loss_BT = loss_BT * seq_weights_B.to(loss_BT.dtype).unsqueeze(-1)
+    loss = torch.where(mask_BT, loss_BT, torch.zeros_like(loss_BT)).sum() / normaliser
+
+    with torch.no_grad():
+        keep_BT = mask_BT.to(torch.float32)  # stats in float32 even for bf16 logprobs
+        n_tokens = keep_BT.sum()
+        denom = n_tokens.clamp(min=1.0)
+
+        def kept_mean(values_BT: torch.Tensor) -> torch.Tensor:
+            return (values_BT.detach().to(keep_BT.dtype) * keep_BT).sum() / denom
+
+        stats = {
+            "pg_loss": kept_mean(pg_BT),
+            "clip_frac_low": kept_mean(((ratio_BT < 1.0 - clip_low) & (adv_BT < 0)).to(keep_BT.dtype)),
+            "clip_frac_high": kept_mean(((ratio_BT > 1.0 + clip_high) & (adv_BT > 0)).to(keep_BT.dtype)),
+            "ratio_dev": kept_mean((ratio_BT - 1.0).abs()),
+            # k3 of KL(new || old) from log(old/new) = -log_ratio.
+            "approx_kl": kept_mean(_k3(-log_ratio_BT)),
+            "n_tokens": n_tokens,
+        }
+        if kl_ref_BT is not None:
+            stats["kl_ref"] = kept_mean(kl_ref_BT)
+        if entropy_BT is not None:
+            stats["entropy"] = kept_mean(entropy_BT)
+    return loss, stats
+
+
+def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at ``targets``: ``[B, T]`` float32.
+
+    Temperature must match the sampler's, or the importance ratio is off from the start.
+    Memory-lean: one row of the batch at a time (in float32), so the forward pass holds at
+    most a couple of ``[T, V]`` temporaries instead of ``[B, T, V]`` copies; only the
+    logsumexp input of each row is kept for backward (as TRL's selective_log_softmax does).
+    """
+    if logits_BTV.shape[0] == 0:
+        return logits_BTV.new_zeros(targets_BT.shape, dtype=torch.float32)
+    rows = []
+    for logits_TV, targets_T in zip(logits_BTV, targets_BT, strict=True):
+        scaled_TV = logits_TV.float() / temperature
+        target_logit_T = scaled_TV.gather(-1, targets_T.long().unsqueeze(-1)).squeeze(-1)
+        rows.append(target_logit_T - torch.logsumexp(scaled_TV, dim=-1))
+    return torch.stack(rows)
+
+
+def token_entropy(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: ``[B, T]`` float32, row by row for memory."""
+    if logits_BTV.shape[0] == 0:
+        return logits_BTV.new_zeros(logits_BTV.shape[:2], dtype=torch.float32)
+    rows = []
+    for logits_TV in logits_BTV:
+        logp_TV = torch.log_softmax(logits_TV.float() / temperature, dim=-1)
+        rows.append(-(logp_TV.exp() * logp_TV).sum(dim=-1))
+    return torch.stack(rows)

@@ -1,0 +1,74 @@
+"""Turn (prompt, completion) token lists into padded training tensors.
+
+Both the warm start and the policy-gradient update score completion tokens only. A
+sequence is ``prompt + completion``; the logits at position t predict token t+1, so
+every per-token tensor here is ``[B, T-1]`` and aligned with ``input_ids[:, 1:]``.
+Micro-batches are length-bucketed (sorted by length before chunking) so short traces
+are not padded to the longest one in the rollout batch (issue 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """Right-padded sequences and the masks/values aligned with next-token targets."""
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    targets_BT1: torch.Tensor
+    """input_ids[:, 1:]: the token each logit position predicts."""
+    completion_mask_BT1: torch.Tensor
+    """True where the target is a completion token (the ones we train on)."""
+    values_BT1: dict[str, torch.Tensor]
+    """Per-completion-token values (e.g. old log-probs) scattered into the target layout."""
+    rows: list[int]
+    """Indices of these sequences in the caller's list."""
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids_BT.to(device),
+            self.attention_mask_BT.to(device),
+            self.targets_BT1.to(device),
+            self.completion_mask_BT1.to(device),
+            {k: v.to(device) for k, v in self.values_BT1.items()},
+            self.rows,
+        )
+
+
+def pack(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    token_values: dict[str, Sequence[torch.Tensor]] | None = None,
+    rows: list[int] | None = None,
+) -> PackedBatch:
+    """Right-pad ``prompt + completion`` rows; ``token_values[k][i]`` has one value per completion token."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = max(lengths)
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    comp_mask = torch.zeros((n, width - 1), dtype=torch.bool)
+    values = {k: torch.zeros((n, width - 1), dtype=torch.float32) for k in (token_values or {})}
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor([*p, *c], dtype=torch.long)
+        attention[i, : len(p) + len(c)] = 1
+        start, end = len(p) - 1, len(p) - 1 + len(c)
+        comp_mask[i, start:end] = True
+        for k, per_seq in (token_values or {}).items():
+            values[k][i, start:end] = per_seq[i][: len(c)].float()
+    return PackedBatch(input_ids, attention, input_ids[:, 1:], comp_mask, values, rows or list(range(n)))
+
+
+def length_buckets(lengths: Sequence[int], micro_batch_size: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of similar length (longest first, so OOM shows early)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]

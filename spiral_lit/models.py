@@ -1,0 +1,179 @@
+"""Load the shared policy (one causal LM for both roles) and build a tiny one locally.
+
+``load_policy`` is the only place a model or tokenizer is read: a local directory or a
+hub id through ``AutoModelForCausalLM`` / ``AutoTokenizer``, so the tiny model that the
+quickstart builds travels the same code path as Qwen or Llama checkpoints.
+
+``build_tiny_policy`` makes a small Llama and a byte-level BPE tokenizer trained on the
+task's own text (digits kept as single tokens, so arithmetic stays learnable), with a
+ChatML chat template, and writes both with ``save_pretrained``. Llama, not Qwen2: with a
+``qwen2`` config ``AutoTokenizer`` returns Qwen's tokenizer class, which replaces the
+pre-tokenizer (machine-facts.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class PolicyConfig:
+    """Where the shared generator/aggregator policy comes from and how it is loaded."""
+
+    path: str
+    """A local directory written by ``save_pretrained`` or a Hugging Face hub id."""
+    dtype: DType = "float32"
+    """Weight dtype at load time; mixed precision is the Trainer's ``precision``."""
+    attn_implementation: str = "sdpa"
+    """``eager``, ``sdpa`` or ``flash_attention_2``."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint; off unless you trust its author."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("policy.path: give a local model directory or a hub id")
+        looks_local = self.path.startswith((".", "/", "~")) or self.path.count("/") != 1
+        if looks_local and not Path(self.path).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"policy.path={self.path!r} is not a directory (and not a hub id of the form 'org/name'). "
+                "Build the quickstart's tiny model with `python -m spiral_lit.tiny --out DIR`, or run the stage "
+                "that exports it first"
+            )
+
+
+def load_policy(config: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The policy model and its tokenizer; checks the tokenizer can render chats and stop."""
+    tokenizer = load_tokenizer(config)
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.path,
+        dtype=dtype,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+        revision=config.revision,
+    )
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer with left padding (generation) and a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.path, trust_remote_code=config.trust_remote_code, revision=config.revision
+    )
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"policy.path={config.path!r}: the tokenizer has no chat template; spiral_lit renders both prompts "
+            "through it. Use an instruct/chat checkpoint or set `chat_template` in its tokenizer_config.json"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"policy.path={config.path!r}: the tokenizer has no EOS token, so generation cannot stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@dataclass
+class TinyModelConfig:
+    """Size of the locally built Llama; defaults learn 5-term 3-digit sums on a laptop CPU in minutes."""
+
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    max_position_embeddings: int = 1024
+    vocab_size: int = 320
+    """Target BPE vocabulary (byte alphabet + merges + special tokens)."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads ({self.num_heads})"
+            )
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"tiny.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet + specials)")
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with one token per digit and a ChatML template, trained in about a second."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_policy(
+    out_dir: str | Path, corpus: Iterable[str], config: TinyModelConfig | None = None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Train a tokenizer on ``corpus``, initialise a small Llama, save both to ``out_dir``."""
+    config = config or TinyModelConfig()
+    tokenizer = train_tokenizer(corpus, config.vocab_size)
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(model_config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer

@@ -1,0 +1,323 @@
+"""SpiralModule: online SPIRAL (or GRPO) training of one shared policy.
+
+``training_step`` reads as the numbered phases of method.md section 2: (1) search
+traces, (2) sets, (3) aggregation traces, (4) verification, (5) advantages, (6) the
+policy-gradient update. Each phase is one call into a module with one job; the maths
+lives in :mod:`spiral_lit.algorithms`. GRPO (``algorithm: grpo``) skips phases 2-3 and
+rewards the search traces directly (section 5), on the same code path.
+
+Run:  python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from spiral_lit.algorithms import (
+    grpo_advantages,
+    informative_groups,
+    informative_prompts,
+    length_gate,
+    sample_sets_batch,
+    spiral_advantages,
+)
+from spiral_lit.evaluation import EvalConfig
+from spiral_lit.experience import (
+    advantage_stats,
+    aggregation_sequences,
+    search_sequences,
+    set_stats,
+    trace_stats,
+)
+from spiral_lit.metrics import majority_vote
+from spiral_lit.models import PolicyConfig
+from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
+from spiral_lit.prompts import PromptConfig
+from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.rollout_text import rollout_markdown
+from spiral_lit.scaffolds import sample_aggregations, sample_search
+from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.tasks.verify import VerifyResult
+from spiral_lit.update import PolicyUpdater, UpdateConfig
+
+
+@dataclass
+class AlgorithmConfig:
+    """The rollout shape and credit assignment (method.md sections 2, 3 and 5)."""
+
+    algorithm: Literal["spiral", "grpo"] = "spiral"
+    n_search: int = 8
+    """Parallel search traces per prompt."""
+    n_sets: int = 4
+    """Distinct sets drawn per prompt (<= C(n_search, set_size))."""
+    set_size: int = 4
+    """Traces per set."""
+    n_agg: int = 4
+    """Aggregation traces per set."""
+    scale_by_std: bool = False
+    """Divide advantages by their group's std (off in the paper, Dr.GRPO style) [ours]."""
+    length_target: int | None = None
+    """Paper Eq. 8: positive advantages of sequences longer than this become 0."""
+    drop_zero_signal: bool = True
+    """Dynamic sampling: drop prompts whose advantages are all zero."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_search", "n_sets", "set_size", "n_agg"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algorithm.{key} must be >= 1, got {getattr(self, key)}")
+        if self.algorithm == "spiral":
+            if self.set_size > self.n_search:
+                raise ValueError(
+                    f"algorithm.set_size={self.set_size} exceeds algorithm.n_search={self.n_search}: "
+                    "a set is drawn from the prompt's search traces"
+                )
+            n_subsets = math.comb(self.n_search, self.set_size)
+            if self.n_sets > n_subsets:
+                raise ValueError(
+                    f"algorithm.n_sets={self.n_sets} but only C({self.n_search}, {self.set_size}) = {n_subsets} "
+                    "distinct sets exist"
+                )
+
+
+class _PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):  # noqa: ANN204 - a context manager
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class SpiralModule(L.LightningModule):
+    """The shared generator/aggregator policy trained with SPIRAL or GRPO."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        task: Task | None = None,
+        algorithm: AlgorithmConfig | None = None,
+        update: UpdateConfig | None = None,
+        search_sampling: SamplingConfig | None = None,
+        aggregation_sampling: SamplingConfig | None = None,
+        prompts: PromptConfig | None = None,
+        eval: EvalConfig | None = None,
+        verifier: VerifierConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_generate_batch: int = 256,
+        log_rollouts_every_n_steps: int = 50,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            policy: The model to train (e.g. the warm start's exported directory).
+            task: The task; linked from ``data.task`` by the CLI.
+            algorithm: SPIRAL or GRPO and the rollout shape.
+            update: Loss, clipping, reductions and micro-batching.
+            search_sampling: Sampling of search traces (temperature 1.0 in the paper).
+            aggregation_sampling: Sampling of aggregation traces.
+            prompts: Prompt wording and layout.
+            eval: Held-out evaluation (validation/test).
+            verifier: Reward computation settings.
+            optimizer: Optimiser ``class_path``/``init_args``.
+            lr_scheduler: Optional scheduler, stepped after every optimiser step.
+            max_generate_batch: Sequences per generation call (memory).
+            log_rollouts_every_n_steps: How often example rollouts go to TensorBoard as text.
+            seed: Base of every rollout seed (derived per step and rank).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.policy_config = policy
+        self.task = task
+        self.algo = algorithm or AlgorithmConfig()
+        self.update_config = update or UpdateConfig()
+        self.search_sampling = search_sampling or SamplingConfig()
+        self.aggregation_sampling = aggregation_sampling or SamplingConfig()
+        self.prompt_config = prompts or PromptConfig()
+        self.eval_config = eval or EvalConfig()
+        self.verifier_config = verifier or VerifierConfig()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.runtime: PolicyRuntime | None = None
+        self.reference: torch.nn.Module | None = None
+        self.eval_metrics = torch.nn.ModuleDict()
+
+    # ----------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.runtime is not None:
+            return
+        if self.task is None:
+            raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
+        self.runtime = PolicyRuntime(
+            self.policy_config, self.task, self.prompt_config, self.verifier_config, self.hparams.max_generate_batch
+        )
+        self.policy = self.runtime.model
+        self.policy.train()
+        if self.update_config.kl_coef > 0:
+            # Kept out of the state dict and the optimiser: a frozen copy of the starting policy.
+            object.__setattr__(self, "reference", copy.deepcopy(self.policy).eval().requires_grad_(False))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def _updater(self) -> PolicyUpdater:
+        assert self.runtime is not None
+        if self.reference is not None:
+            self.reference.to(self.device)
+        return PolicyUpdater(
+            self.policy,
+            self.update_config,
+            self.runtime.tokenizer.pad_token_id,
+            self.search_sampling.temperature or 1.0,
+            reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            world_size=self.trainer.world_size,
+            reference=self.reference,
+        )
+
+    def _step_seed(self, phase: int) -> int:
+        return hash((self.hparams.seed, self.global_step, self.global_rank, phase)) % (2**31)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: list[Problem], batch_idx: int) -> None:
+        assert self.runtime is not None
+        rt, algo, timer = self.runtime, self.algo, _PhaseTimer()
+        metrics: dict[str, float] = {}
+        spiral = algo.algorithm == "spiral"
+        with timer("generate"):
+            # (1) parallel search traces
+            search = sample_search(rt.engine, rt.renderer, batch, algo.n_search, self.search_sampling, self._step_seed(1))
+            if spiral:
+                # (2) distinct sets of search traces
+                generator = torch.Generator().manual_seed(self._step_seed(2))
+                sets_BKS = sample_sets_batch(len(batch), algo.n_search, algo.n_sets, algo.set_size, generator)
+                # (3) aggregation traces conditioned on each set
+                agg = sample_aggregations(
+                    rt.engine, rt.renderer, batch, search.traces, sets_BKS, algo.n_agg,
+                    self.aggregation_sampling, self._step_seed(3),
+                )  # fmt: skip
+        with timer("verify"):
+            # (4) rewards; search traces are scored for monitoring only under SPIRAL
+            search_flat = [t for ts in search.traces for t in ts]
+            search_scores = rt.verifier.score([p for p in batch for _ in range(algo.n_search)], [t.text for t in search_flat])
+            search_BN = torch.tensor(search_scores.rewards).view(len(batch), algo.n_search)
+            metrics |= self._verify_stats("search", search_scores)
+            if spiral:
+                agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
+                agg_problems = [p for p in batch for _ in range(algo.n_sets * algo.n_agg)]
+                agg_scores = rt.verifier.score(agg_problems, [t.text for t in agg_flat])
+                rewards_BKA = torch.tensor(agg_scores.rewards).view(len(batch), algo.n_sets, algo.n_agg)
+                metrics |= self._verify_stats("aggregation", agg_scores)
+        # (5) advantages
+        if spiral:
+            search_adv_BN, agg_adv_BKA = spiral_advantages(rewards_BKA, sets_BKS, algo.n_search, algo.scale_by_std)
+            keep_B = informative_prompts(rewards_BKA)
+        else:
+            search_adv_BN = grpo_advantages(search_BN, algo.scale_by_std)
+            keep_B = informative_groups(search_BN)
+        if algo.length_target is not None:
+            search_adv_BN = length_gate(search_adv_BN, self._lengths(search.traces), algo.length_target)
+            if spiral:
+                agg_lengths = torch.stack([self._lengths(per_problem) for per_problem in agg.traces])
+                agg_adv_BKA = length_gate(agg_adv_BKA, agg_lengths, algo.length_target)
+        if not algo.drop_zero_signal:
+            keep_B = torch.ones_like(keep_B)
+        sequences = search_sequences(search, search_adv_BN, keep_B)
+        if spiral:
+            sequences += aggregation_sequences(agg, agg_adv_BKA, keep_B)
+        # (6) policy-gradient update
+        with timer("update"):
+            update_stats = self._update(sequences)
+        metrics |= self._rollout_metrics(batch, search, search_BN, search_scores, search_adv_BN, keep_B)
+        if spiral:
+            metrics |= {"reward/aggregation": float(rewards_BKA.mean())} | set_stats(rewards_BKA)
+            metrics |= advantage_stats("aggregation", agg_adv_BKA) | trace_stats("aggregation", agg_flat)
+        metrics |= {f"train/{k}": v for k, v in update_stats.items()}
+        metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
+        generated = sum(t.num_tokens for t in search_flat) + (sum(t.num_tokens for t in agg_flat) if spiral else 0)
+        metrics["time/generate_tokens_per_s"] = generated / max(timer.seconds["generate"], 1e-9)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward", metrics.get("reward/aggregation", metrics["reward/search"]), prog_bar=True, batch_size=len(batch))
+        if self.global_step % self.hparams.log_rollouts_every_n_steps == 1 or self.global_step == 0:
+            self._log_rollout_text(batch, search, search_BN, agg if spiral else None, rewards_BKA if spiral else None)
+
+    def _update(self, sequences: list) -> dict[str, float]:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+
+        def step() -> None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.update_config.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+
+        if not sequences:
+            # Every prompt was dropped: nothing to learn from, but keep the step count moving.
+            step()
+            return {"skipped_update": 1.0}
+        stats = self._updater().update(sequences, self.manual_backward, step, self.device, self._step_seed(6))
+        return stats | {"skipped_update": 0.0}
+
+    @staticmethod
+    def _lengths(traces: list[list]) -> torch.Tensor:
+        return torch.tensor([[t.num_tokens for t in ts] for ts in traces])
+
+    @staticmethod
+    def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
+        return {
+            f"verify/{role}_timeouts": float(result.n_timeouts),
+            f"verify/{role}_errors": float(result.n_errors),
+            f"verify/{role}_unparsed": float(result.n_unparsed),
+        }
+
+    def _rollout_metrics(self, batch, search, search_BN, search_scores, search_adv_BN, keep_B) -> dict[str, float]:
+        n = self.algo.n_search
+        answers = [search_scores.extracted[b * n : (b + 1) * n] for b in range(len(batch))]
+        correct = (search_BN >= 1.0).tolist()
+        votes = [majority_vote(a) for a in answers]
+        maj = [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct)]
+        flat = [t for ts in search.traces for t in ts]
+        return {
+            "reward/search": float(search_BN.mean()),
+            "search/accuracy": float((search_BN >= 1.0).float().mean()),
+            "search/majority_accuracy": sum(maj) / len(maj),
+            "zero_signal_fraction": 1.0 - float(keep_B.float().mean()),
+        } | advantage_stats("search", search_adv_BN) | trace_stats("search", flat)
+
+    def _log_rollout_text(self, batch, search, search_BN, agg, rewards_BKA) -> None:
+        if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            text = rollout_markdown(self.runtime.tokenizer, batch[0], search, search_BN, agg, rewards_BKA)
+            self.logger.experiment.add_text("rollouts", text, self.global_step)
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: list[Problem], batch_idx: int, stage: str) -> None:
+        assert self.runtime is not None
+        values = self.runtime.evaluate(
+            batch, self.eval_config, self.search_sampling, self.aggregation_sampling, self.eval_config.seed + batch_idx
+        )
+        log_eval_metrics(self, self.eval_metrics, stage, values)
+
+    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def teardown(self, stage: str) -> None:
+        if self.runtime is not None:
+            self.runtime.close()

@@ -1,0 +1,80 @@
+"""What both LightningModules hold besides their loss: the policy, its prompts, a rollout
+engine and a verifier, built once in ``configure_model`` (so sharding strategies see the
+model there) and shared by training and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torchmetrics
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from spiral_lit.evaluation import EvalConfig, evaluate_problems
+from spiral_lit.models import PolicyConfig, load_policy
+from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rollout.base import RolloutEngine, SamplingConfig
+from spiral_lit.rollout.hf import HFGenerateEngine
+from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.tasks.verify import Verifier
+
+
+@dataclass
+class VerifierConfig:
+    """How rewards are computed without ever blocking the run."""
+
+    timeout_s: float = 5.0
+    """Per-answer limit; a hang scores 0 and is counted."""
+    num_workers: int = 1
+    """Scoring processes; 0 scores inline (no timeout protection, for debugging)."""
+
+
+class PolicyRuntime:
+    """The loaded policy with everything needed to sample from it and score the samples."""
+
+    def __init__(
+        self,
+        policy_config: PolicyConfig,
+        task: Task,
+        prompts: PromptConfig,
+        verifier: VerifierConfig,
+        max_generate_batch: int = 256,
+    ) -> None:
+        self.model: PreTrainedModel
+        self.tokenizer: PreTrainedTokenizerBase
+        self.model, self.tokenizer = load_policy(policy_config)
+        self.task = task
+        self.renderer = PromptRenderer(self.tokenizer, prompts, task.answer_instruction)
+        self.engine: RolloutEngine = HFGenerateEngine(self.model, self.tokenizer, max_generate_batch)
+        self.verifier = Verifier(task, timeout_s=verifier.timeout_s, num_workers=verifier.num_workers)
+
+    def evaluate(
+        self,
+        problems: list[Problem],
+        config: EvalConfig,
+        search_sampling: SamplingConfig,
+        aggregation_sampling: SamplingConfig,
+        seed: int,
+    ) -> dict[str, torch.Tensor]:
+        return evaluate_problems(
+            self.engine, self.renderer, self.verifier, problems, config, search_sampling, aggregation_sampling, seed
+        )
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+def log_eval_metrics(
+    module: L.LightningModule, metrics: torch.nn.ModuleDict, stage: str, values: dict[str, torch.Tensor]
+) -> None:
+    """Average per-problem values with torchmetrics (correct over ranks) and log them as ``{stage}/{name}``."""
+    for name, per_problem in values.items():
+        key = f"{stage}/{name}"
+        slot = key.replace("/", "__").replace("@", "_at_").replace(".", "_")
+        if slot not in metrics:
+            metrics[slot] = torchmetrics.MeanMetric().to(module.device)
+        metric = metrics[slot]
+        metric.update(per_problem.to(module.device))
+        module.log(key, metric, on_step=False, on_epoch=True, batch_size=len(per_problem), metric_attribute=f"eval_metrics.{slot}")

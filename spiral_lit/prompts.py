@@ -1,0 +1,109 @@
+"""Search and aggregation prompts, rendered through the tokenizer's chat template.
+
+One policy plays both roles; only the prompt differs (method.md section 1). The
+aggregation prompt shows the problem and a numbered set of candidate solutions and asks
+for one audited, corrected solution. Layout ``problem_restated`` repeats the problem
+after the candidates **[ours]**: a 1.85M-parameter model was 22% accurate with the
+problem only before four candidates (it lost the operands ~250 tokens back) and
+recovered once the problem was restated (issue 2).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from spiral_lit.tasks.base import Problem
+
+AggregationLayout = Literal["problem_first", "problem_restated"]
+
+
+@dataclass
+class PromptConfig:
+    """Wording and layout of both prompts; the task adds its own final-answer instruction."""
+
+    search_instruction: str = "Solve step by step."
+    """Asks for a step-by-step solution (sequential compute)."""
+    aggregation_instruction: str = "Check the candidate solutions and write one correct solution."
+    """Asks the aggregator to audit the set and write a corrected final solution."""
+    layout: AggregationLayout = "problem_restated"
+    """``problem_first``: problem, then candidates. ``problem_restated``: the problem again after them."""
+    max_candidate_tokens: int = 256
+    """Candidates longer than this are cut in the middle (head and tail kept) [ours]."""
+    shuffle_candidates: bool = True
+    """Show a set's candidates in a random order, so position carries no signal [ours]."""
+    system_prompt: str | None = None
+    """Optional system message for chat models."""
+
+    def __post_init__(self) -> None:
+        if self.max_candidate_tokens < 8:
+            raise ValueError(f"prompts.max_candidate_tokens must be >= 8, got {self.max_candidate_tokens}")
+
+
+def _messages(content: str, config: PromptConfig) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    return [*system, {"role": "user", "content": content}]
+
+
+def search_text(problem: Problem, answer_instruction: str, config: PromptConfig) -> str:
+    """The user message of a search prompt."""
+    return f"{problem.question}\n{config.search_instruction} {answer_instruction}"
+
+
+def aggregation_text(problem: Problem, candidates: list[str], answer_instruction: str, config: PromptConfig) -> str:
+    """The user message of an aggregation prompt; ``candidates`` are already truncated and ordered."""
+    shown = "\n".join(f"Candidate {i + 1}:\n{c.strip()}" for i, c in enumerate(candidates))
+    parts = [f"Problem: {problem.question}", f"{len(candidates)} candidate solutions:", shown]
+    if config.layout == "problem_restated":
+        parts.append(f"Problem: {problem.question}")
+    parts.append(f"{config.aggregation_instruction} {answer_instruction}")
+    return "\n".join(parts)
+
+
+def truncate_middle(token_ids: list[int], budget: int, marker_ids: list[int]) -> list[int]:
+    """Keep the head and the tail (where the final answer is) of an overlong candidate."""
+    if len(token_ids) <= budget:
+        return token_ids
+    keep = budget - len(marker_ids)
+    head = keep // 2
+    return token_ids[:head] + marker_ids + token_ids[len(token_ids) - (keep - head) :]
+
+
+class PromptRenderer:
+    """Turns problems (and candidate sets) into prompt token ids with the policy's chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig, answer_instruction: str) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.answer_instruction = answer_instruction
+        self._marker_ids = tokenizer.encode("\n...\n", add_special_tokens=False)
+
+    def _render(self, content: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            _messages(content, self.config), tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def search(self, problem: Problem) -> list[int]:
+        return self._render(search_text(problem, self.answer_instruction, self.config))
+
+    def truncate_candidate(self, candidate_ids: list[int]) -> str:
+        """A candidate's text after the token budget cut."""
+        kept = truncate_middle(candidate_ids, self.config.max_candidate_tokens, self._marker_ids)
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+    def aggregation(self, problem: Problem, candidates_ids: list[list[int]], rng: random.Random) -> list[int]:
+        """Prompt ids for one set; ``rng`` draws the candidate order when shuffling is on."""
+        order = list(range(len(candidates_ids)))
+        if self.config.shuffle_candidates:
+            rng.shuffle(order)
+        texts = [self.truncate_candidate(candidates_ids[i]) for i in order]
+        return self._render(aggregation_text(problem, texts, self.answer_instruction, self.config))
+
+    def aggregation_from_texts(self, problem: Problem, candidates: list[str], rng: random.Random) -> list[int]:
+        """Same as :meth:`aggregation` for candidates given as text (warm-start data, predict input)."""
+        ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
+        return self.aggregation(problem, ids, rng)

@@ -1,0 +1,33 @@
+"""Example rollouts as Markdown for TensorBoard's text tab: what the model actually wrote."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from spiral_lit.scaffolds import AggregationRollout, SearchRollout
+from spiral_lit.tasks.base import Problem
+
+
+def _block(text: str) -> str:
+    return "    " + text.replace("\n", "\n    ")
+
+
+def rollout_markdown(
+    tokenizer: PreTrainedTokenizerBase,
+    problem: Problem,
+    search: SearchRollout,
+    search_rewards_BN: torch.Tensor,
+    agg: AggregationRollout | None,
+    rewards_BKA: torch.Tensor | None,
+) -> str:
+    """The first problem of a batch: its search traces, its first aggregation prompt and outputs, with rewards."""
+    lines = [f"**problem** `{problem.uid}`, reference answer `{problem.answer}`", "", "**search traces**"]
+    for n, trace in enumerate(search.traces[0]):
+        lines += [f"{n}: reward {float(search_rewards_BN[0, n]):.2f}", "", _block(trace.text), ""]
+    if agg is not None and rewards_BKA is not None:
+        members = agg.sets_BKS[0, 0].tolist()
+        lines += [f"**aggregation prompt** (set {members})", "", _block(tokenizer.decode(agg.prompts[0][0])), ""]
+        for a, trace in enumerate(agg.traces[0][0]):
+            lines += [f"aggregation {a}: reward {float(rewards_BKA[0, 0, a]):.2f}", "", _block(trace.text), ""]
+    return "\n".join(lines)

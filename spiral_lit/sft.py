@@ -1,0 +1,175 @@
+"""Warm start: supervised fine-tuning of the shared policy on worked solutions, both roles.
+
+RL cannot start from a model that never answers correctly, so users run this stage
+first. Each training problem becomes a search example (search prompt -> worked
+solution) and, with probability ``aggregation_fraction``, an aggregation example
+(problem + ``set_size`` candidates, a random number of them deliberately wrong ->
+the correct worked solution). Loss: token-mean cross-entropy on the solution tokens.
+
+Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from spiral_lit.batching import length_buckets, pack
+from spiral_lit.evaluation import EvalConfig
+from spiral_lit.models import PolicyConfig
+from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
+from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.tasks.base import Problem, Task
+
+
+def warm_start_examples(
+    problems: list[Problem],
+    task: Task,
+    renderer: PromptRenderer,
+    set_size: int,
+    aggregation_fraction: float,
+    rng: random.Random,
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(prompt ids, target ids, role) per example; role 0 = search, 1 = aggregation."""
+    prompts, targets, roles = [], [], []
+    eos = renderer.tokenizer.eos_token
+    for problem in problems:
+        if problem.solution is None:
+            raise ValueError(f"task {task.name!r}: problem {problem.uid} has no worked solution to fine-tune on")
+        target = renderer.tokenizer.encode(problem.solution + eos, add_special_tokens=False)
+        prompts.append(renderer.search(problem))
+        targets.append(target)
+        roles.append(0)
+        if rng.random() < aggregation_fraction:
+            n_right = rng.randint(0, set_size)
+            candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
+            prompts.append(renderer.aggregation_from_texts(problem, candidates, rng))
+            targets.append(target)
+            roles.append(1)
+    return prompts, targets, roles
+
+
+class WarmStartModule(L.LightningModule):
+    """Supervised warm start of the policy on both roles; evaluated like the RL module."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        task: Task | None = None,
+        prompts: PromptConfig | None = None,
+        aggregation_fraction: float = 0.5,
+        set_size: int = 4,
+        micro_batch_size: int = 64,
+        max_grad_norm: float = 1.0,
+        eval: EvalConfig | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        verifier: VerifierConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            policy: The model to fine-tune (the tiny model's directory in the quickstart).
+            task: The task; linked from ``data.task`` by the CLI.
+            prompts: Prompt wording and layout, the same as in RL.
+            aggregation_fraction: Probability that a problem also yields an aggregation example.
+            set_size: Candidates per aggregation example.
+            micro_batch_size: Sequences per forward/backward (length-bucketed).
+            max_grad_norm: Gradient clipping by global norm.
+            eval: Held-out evaluation (validation/test).
+            eval_sampling: Sampling for evaluation traces (both roles).
+            verifier: Reward computation settings.
+            optimizer: Optimiser ``class_path``/``init_args``.
+            lr_scheduler: Optional scheduler ``class_path``/``init_args`` (stepped every step).
+            seed: Seed of the example mixing.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
+        if not 0.0 <= aggregation_fraction <= 1.0:
+            raise ValueError(f"model.aggregation_fraction must be in [0, 1], got {aggregation_fraction}")
+        self.policy_config = policy
+        self.task = task
+        self.prompt_config = prompts or PromptConfig()
+        self.eval_config = eval or EvalConfig()
+        self.eval_sampling = eval_sampling or SamplingConfig()
+        self.verifier_config = verifier or VerifierConfig()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.runtime: PolicyRuntime | None = None
+        self.eval_metrics = torch.nn.ModuleDict()
+        self.automatic_optimization = False
+
+    def configure_model(self) -> None:
+        if self.runtime is not None:
+            return
+        if self.task is None:
+            raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
+        self.runtime = PolicyRuntime(self.policy_config, self.task, self.prompt_config, self.verifier_config)
+        self.policy = self.runtime.model
+        self.policy.train()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def training_step(self, batch: list[Problem], batch_idx: int) -> None:
+        assert self.runtime is not None
+        start = time.perf_counter()
+        optimizer = self.optimizers()
+        rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
+        prompts, targets, roles = warm_start_examples(
+            batch, self.runtime.task, self.runtime.renderer, self.hparams.set_size, self.hparams.aggregation_fraction, rng
+        )
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+        n_tokens = sum(len(t) for t in targets)
+        role_loss = torch.zeros(2, device=self.device)
+        role_tokens = torch.zeros(2, device=self.device)
+        for rows in length_buckets(lengths, self.hparams.micro_batch_size):
+            packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], self.runtime.tokenizer.pad_token_id)
+            packed = packed.to(self.device)
+            logits = self.policy(input_ids=packed.input_ids_BT, attention_mask=packed.attention_mask_BT).logits
+            nll_BT = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), packed.targets_BT1, reduction="none")
+            mask = packed.completion_mask_BT1
+            per_seq_B = (nll_BT * mask).sum(1)
+            role_B = torch.tensor([roles[i] for i in rows], device=self.device)
+            role_loss.index_add_(0, role_B, per_seq_B.detach())
+            role_tokens.index_add_(0, role_B, mask.sum(1).float())
+            # Token mean over the whole batch, so the micro-batch split does not change the gradient.
+            self.manual_backward(per_seq_B.sum() / n_tokens)
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        role_tokens = role_tokens.clamp(min=1)
+        self.log("train/loss", role_loss.sum() / role_tokens.sum(), prog_bar=True)
+        self.log("train/loss_search", role_loss[0] / role_tokens[0])
+        self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
+        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))
+
+    def _evaluate(self, batch: list[Problem], batch_idx: int, stage: str) -> None:
+        assert self.runtime is not None
+        values = self.runtime.evaluate(
+            batch, self.eval_config, self.eval_sampling, self.eval_sampling, self.eval_config.seed + batch_idx
+        )
+        log_eval_metrics(self, self.eval_metrics, stage, values)
+
+    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def teardown(self, stage: str) -> None:
+        if self.runtime is not None:
+            self.runtime.close()

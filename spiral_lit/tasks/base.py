@@ -1,0 +1,81 @@
+"""The task interface: what a problem is and how an answer to it is scored.
+
+A task knows nothing of models or Lightning. It hands out problems by index (so the
+data stream is deterministic, shardable and resumable) and scores an already
+extracted final answer. Scoring may be slow or hang on adversarial input, so it is
+run through :class:`spiral_lit.tasks.verify.Verifier`, never called directly in the
+training loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Split = Literal["train", "heldout"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem, as the prompts and the verifier see it."""
+
+    uid: str
+    """Stable identifier, e.g. ``chain_sum/train/17``; unique within a task."""
+    question: str
+    """The problem text shown to the model."""
+    answer: str
+    """The reference final answer."""
+    solution: str | None = None
+    """A worked step-by-step solution ending in the formatted final answer (for SFT), if known."""
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Source-specific data the scorer needs (JSON-serialisable)."""
+
+
+class Task(abc.ABC):
+    """A source of problems with a verifier."""
+
+    name: str
+    answer_format: Literal["answer_tag", "boxed"] = "answer_tag"
+
+    @property
+    def answer_instruction(self) -> str:
+        """The sentence the prompt uses to ask for the final answer in the format this task extracts."""
+        from spiral_lit.tasks.extraction import answer_instruction
+
+        return answer_instruction(self.answer_format)
+
+    def format_answer(self, answer: str) -> str:
+        """The final answer written the way the prompt asks for it (for worked solutions)."""
+        from spiral_lit.tasks.extraction import format_answer
+
+        return format_answer(answer, self.answer_format)
+
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer in a model response, or None when it has none."""
+        from spiral_lit.tasks.extraction import extract_answer
+
+        return extract_answer(response, self.answer_format)
+
+    @abc.abstractmethod
+    def num_problems(self, split: Split) -> int | None:
+        """How many problems the split holds; None for an endless procedural stream."""
+
+    @abc.abstractmethod
+    def problem(self, index: int, split: Split) -> Problem:
+        """The problem at ``index`` of ``split``; the same index always gives the same problem."""
+
+    @abc.abstractmethod
+    def score(self, extracted_answer: str, problem: Problem) -> float:
+        """Reward in [0, 1] of an extracted answer. Pure, picklable; runs in a verifier worker."""
+
+    def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """``n`` plausible but wrong worked solutions, for aggregation warm-start data.
+
+        Only tasks with worked solutions can build them; the default says so.
+        """
+        raise NotImplementedError(
+            f"task {self.name!r} cannot build wrong candidate solutions; aggregation warm start needs a task "
+            "with worked solutions (e.g. the built-in chain_sum task)"
+        )
