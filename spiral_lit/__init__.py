@@ -1,8 +1,24 @@
-"""spiral_lit: SPIRAL (Sequential-Parallel-Aggregative RL) on PyTorch Lightning."""
+"""spiral_lit: SPIRAL (Sequential-Parallel-Aggregative RL) on PyTorch Lightning.
 
-from spiral_lit.data import ProblemDataModule
-from spiral_lit.module import SpiralModule
-from spiral_lit.sft import WarmStartModule
+The top-level names are imported lazily, so ``import spiral_lit.tasks`` (which every
+verifier worker process does) does not pay for importing Lightning and transformers.
+"""
 
-__all__ = ["ProblemDataModule", "SpiralModule", "WarmStartModule"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+_EXPORTS = {
+    "ProblemDataModule": "spiral_lit.data",
+    "SpiralModule": "spiral_lit.module",
+    "WarmStartModule": "spiral_lit.sft",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'spiral_lit' has no attribute {name!r}")

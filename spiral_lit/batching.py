@@ -49,14 +49,14 @@ def pack(
     rows: list[int] | None = None,
 ) -> PackedBatch:
     """Right-pad ``prompt + completion`` rows; ``token_values[k][i]`` has one value per completion token."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
     width = max(lengths)
     n = len(prompts)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     comp_mask = torch.zeros((n, width - 1), dtype=torch.bool)
     values = {k: torch.zeros((n, width - 1), dtype=torch.float32) for k in (token_values or {})}
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         input_ids[i, : len(p) + len(c)] = torch.tensor([*p, *c], dtype=torch.long)
         attention[i, : len(p) + len(c)] = 1
         start, end = len(p) - 1, len(p) - 1 + len(c)
@@ -66,9 +66,24 @@ def pack(
     return PackedBatch(input_ids, attention, input_ids[:, 1:], comp_mask, values, rows or list(range(n)))
 
 
-def length_buckets(lengths: Sequence[int], micro_batch_size: int) -> list[list[int]]:
-    """Indices grouped into micro-batches of similar length (longest first, so OOM shows early)."""
+def length_buckets(lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into micro-batches of similar length, longest first (so an OOM shows early).
+
+    A micro-batch holds at most ``micro_batch_size`` sequences and, when ``max_tokens`` is
+    set, at most ``max_tokens`` padded tokens (rows x longest row): short search traces then
+    travel in large micro-batches and long aggregation prompts in small ones.
+    """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    buckets: list[list[int]] = []
+    for i in order:
+        current = buckets[-1] if buckets else None
+        fits = current is not None and len(current) < micro_batch_size
+        if fits and max_tokens is not None:
+            fits = (len(current) + 1) * lengths[current[0]] <= max_tokens
+        if fits:
+            current.append(i)
+        else:
+            buckets.append([i])
+    return buckets

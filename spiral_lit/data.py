@@ -47,7 +47,9 @@ class ProblemStream(IterableDataset):
         self.skip = skip
 
     def __iter__(self) -> Iterator[Problem]:
-        indices = itertools.islice(train_indices(self.task.num_problems("train"), self.seed), self.rank, None, self.world_size)
+        indices = itertools.islice(
+            train_indices(self.task.num_problems("train"), self.seed), self.rank, None, self.world_size
+        )
         problems = (self.task.problem(i, "train") for i in indices)
         kept = (p for p in problems if p.question not in self.excluded)
         return itertools.islice(kept, self.skip, None)
@@ -81,7 +83,11 @@ class ProblemDataModule(L.LightningDataModule):
             seed: Shuffling seed for finite datasets.
         """
         super().__init__()
-        for key, value in {"batch_size": batch_size, "heldout_size": heldout_size, "eval_batch_size": eval_batch_size}.items():
+        for key, value in {
+            "batch_size": batch_size,
+            "heldout_size": heldout_size,
+            "eval_batch_size": eval_batch_size,
+        }.items():
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         available = task.num_problems("heldout")
@@ -90,7 +96,12 @@ class ProblemDataModule(L.LightningDataModule):
                 f"data.heldout_size={heldout_size} but task {task.name!r} has only {available} held-out problems"
             )
         self.task = task
-        self.batch_size, self.heldout_size, self.eval_batch_size, self.seed = batch_size, heldout_size, eval_batch_size, seed
+        self.batch_size, self.heldout_size, self.eval_batch_size, self.seed = (
+            batch_size,
+            heldout_size,
+            eval_batch_size,
+            seed,
+        )
         self.heldout = [task.problem(i, "heldout") for i in range(heldout_size)]
         self._excluded = frozenset(p.question for p in self.heldout)
         self.consumed_batches = 0

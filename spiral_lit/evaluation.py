@@ -70,7 +70,7 @@ def evaluate_problems(
         out[f"search/pass@{k}"] = torch.tensor([pass_at_k(n, c, k) for c in counts])
     votes = [majority_vote(a) for a in answers]
     out[f"search/maj@{n}"] = torch.tensor(
-        [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct_BN.tolist())]
+        [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct_BN.tolist(), strict=True)]
     )
     out["search/tokens"] = torch.tensor([float(sum(t.num_tokens for t in ts)) / n for ts in search.traces])
     if config.set_size:

@@ -24,9 +24,7 @@ def search_sequences(search: SearchRollout, adv_BN: torch.Tensor, keep_B: torch.
     ]
 
 
-def aggregation_sequences(
-    agg: AggregationRollout, adv_BKA: torch.Tensor, keep_B: torch.Tensor
-) -> list[TrainSequence]:
+def aggregation_sequences(agg: AggregationRollout, adv_BKA: torch.Tensor, keep_B: torch.Tensor) -> list[TrainSequence]:
     return [
         TrainSequence(agg.prompts[b][k], trace, float(adv_BKA[b, k, a]), role=1)
         for b in range(len(agg.prompts))

@@ -173,7 +173,10 @@ class SpiralModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.policy.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def _updater(self) -> PolicyUpdater:
         assert self.runtime is not None
@@ -200,7 +203,9 @@ class SpiralModule(L.LightningModule):
         spiral = algo.algorithm == "spiral"
         with timer("generate"):
             # (1) parallel search traces
-            search = sample_search(rt.engine, rt.renderer, batch, algo.n_search, self.search_sampling, self._step_seed(1))
+            search = sample_search(
+                rt.engine, rt.renderer, batch, algo.n_search, self.search_sampling, self._step_seed(1)
+            )
             if spiral:
                 # (2) distinct sets of search traces
                 generator = torch.Generator().manual_seed(self._step_seed(2))
@@ -213,7 +218,9 @@ class SpiralModule(L.LightningModule):
         with timer("verify"):
             # (4) rewards; search traces are scored for monitoring only under SPIRAL
             search_flat = [t for ts in search.traces for t in ts]
-            search_scores = rt.verifier.score([p for p in batch for _ in range(algo.n_search)], [t.text for t in search_flat])
+            search_scores = rt.verifier.score(
+                [p for p in batch for _ in range(algo.n_search)], [t.text for t in search_flat]
+            )
             search_BN = torch.tensor(search_scores.rewards).view(len(batch), algo.n_search)
             metrics |= self._verify_stats("search", search_scores)
             if spiral:
@@ -251,7 +258,9 @@ class SpiralModule(L.LightningModule):
         generated = sum(t.num_tokens for t in search_flat) + (sum(t.num_tokens for t in agg_flat) if spiral else 0)
         metrics["time/generate_tokens_per_s"] = generated / max(timer.seconds["generate"], 1e-9)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward", metrics.get("reward/aggregation", metrics["reward/search"]), prog_bar=True, batch_size=len(batch))
+        self.log(
+            "reward", metrics.get("reward/aggregation", metrics["reward/search"]), prog_bar=True, batch_size=len(batch)
+        )
         if self.global_step % self.hparams.log_rollouts_every_n_steps == 1 or self.global_step == 0:
             self._log_rollout_text(batch, search, search_BN, agg if spiral else None, rewards_BKA if spiral else None)
 
@@ -260,7 +269,9 @@ class SpiralModule(L.LightningModule):
         scheduler = self.lr_schedulers()
 
         def step() -> None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.update_config.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.update_config.max_grad_norm, gradient_clip_algorithm="norm"
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
@@ -290,14 +301,18 @@ class SpiralModule(L.LightningModule):
         answers = [search_scores.extracted[b * n : (b + 1) * n] for b in range(len(batch))]
         correct = (search_BN >= 1.0).tolist()
         votes = [majority_vote(a) for a in answers]
-        maj = [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct)]
+        maj = [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct, strict=True)]
         flat = [t for ts in search.traces for t in ts]
-        return {
-            "reward/search": float(search_BN.mean()),
-            "search/accuracy": float((search_BN >= 1.0).float().mean()),
-            "search/majority_accuracy": sum(maj) / len(maj),
-            "zero_signal_fraction": 1.0 - float(keep_B.float().mean()),
-        } | advantage_stats("search", search_adv_BN) | trace_stats("search", flat)
+        return (
+            {
+                "reward/search": float(search_BN.mean()),
+                "search/accuracy": float((search_BN >= 1.0).float().mean()),
+                "search/majority_accuracy": sum(maj) / len(maj),
+                "zero_signal_fraction": 1.0 - float(keep_B.float().mean()),
+            }
+            | advantage_stats("search", search_adv_BN)
+            | trace_stats("search", flat)
+        )
 
     def _log_rollout_text(self, batch, search, search_BN, agg, rewards_BKA) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:

@@ -77,4 +77,11 @@ def log_eval_metrics(
             metrics[slot] = torchmetrics.MeanMetric().to(module.device)
         metric = metrics[slot]
         metric.update(per_problem.to(module.device))
-        module.log(key, metric, on_step=False, on_epoch=True, batch_size=len(per_problem), metric_attribute=f"eval_metrics.{slot}")
+        module.log(
+            key,
+            metric,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(per_problem),
+            metric_attribute=f"eval_metrics.{slot}",
+        )

@@ -67,6 +67,7 @@ class WarmStartModule(L.LightningModule):
         aggregation_fraction: float = 0.5,
         set_size: int = 4,
         micro_batch_size: int = 64,
+        micro_batch_tokens: int | None = 8192,
         max_grad_norm: float = 1.0,
         eval: EvalConfig | None = None,
         eval_sampling: SamplingConfig | None = None,
@@ -82,7 +83,8 @@ class WarmStartModule(L.LightningModule):
             prompts: Prompt wording and layout, the same as in RL.
             aggregation_fraction: Probability that a problem also yields an aggregation example.
             set_size: Candidates per aggregation example.
-            micro_batch_size: Sequences per forward/backward (length-bucketed).
+            micro_batch_size: Most sequences per forward/backward (length-bucketed).
+            micro_batch_tokens: Most padded tokens per forward/backward; None = no limit.
             max_grad_norm: Gradient clipping by global norm.
             eval: Held-out evaluation (validation/test).
             eval_sampling: Sampling for evaluation traces (both roles).
@@ -119,7 +121,10 @@ class WarmStartModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.policy.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
         assert self.runtime is not None
@@ -127,13 +132,18 @@ class WarmStartModule(L.LightningModule):
         optimizer = self.optimizers()
         rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
         prompts, targets, roles = warm_start_examples(
-            batch, self.runtime.task, self.runtime.renderer, self.hparams.set_size, self.hparams.aggregation_fraction, rng
+            batch,
+            self.runtime.task,
+            self.runtime.renderer,
+            self.hparams.set_size,
+            self.hparams.aggregation_fraction,
+            rng,
         )
-        lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
         n_tokens = sum(len(t) for t in targets)
         role_loss = torch.zeros(2, device=self.device)
         role_tokens = torch.zeros(2, device=self.device)
-        for rows in length_buckets(lengths, self.hparams.micro_batch_size):
+        for rows in length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens):
             packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], self.runtime.tokenizer.pad_token_id)
             packed = packed.to(self.device)
             logits = self.policy(input_ids=packed.input_ids_BT, attention_mask=packed.attention_mask_BT).logits

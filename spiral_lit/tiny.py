@@ -27,8 +27,9 @@ def tokenizer_corpus(task: Task, prompts: PromptConfig, n_problems: int) -> Iter
         yield search_text(problem, task.answer_instruction, prompts)
         if problem.solution is not None:
             yield problem.solution
-            yield aggregation_text(problem, [problem.solution, *task.wrong_solutions(problem, 1, rng)],
-                                   task.answer_instruction, prompts)
+            yield aggregation_text(
+                problem, [problem.solution, *task.wrong_solutions(problem, 1, rng)], task.answer_instruction, prompts
+            )
 
 
 def build(

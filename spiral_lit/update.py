@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from spiral_lit.algorithms import LossType, Reduction, loss_normaliser, policy_loss, token_entropy, token_logprobs
+from spiral_lit.algorithms import LossType, Reduction, policy_loss, token_entropy, token_logprobs
 from spiral_lit.batching import PackedBatch, length_buckets, pack
 from spiral_lit.rollout.base import Completion
 
@@ -42,7 +42,9 @@ class UpdateConfig:
     num_minibatches: int = 1
     """Optimiser steps per epoch."""
     micro_batch_size: int = 32
-    """Sequences per forward/backward (memory), independent of the rollout batch size."""
+    """Most sequences per forward/backward (memory), independent of the rollout batch size."""
+    micro_batch_tokens: int | None = None
+    """Most padded tokens per forward/backward (length bucketing); None = no limit."""
     kl_coef: float = 0.0
     """Weight of the k3 KL to the frozen reference policy (paper: 0)."""
     entropy_coef: float = 0.0
@@ -105,7 +107,7 @@ class PolicyUpdater:
     @torch.no_grad()
     def _recompute_old(self, sequences: list[TrainSequence], device: torch.device) -> None:
         lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in sequences]
-        for rows in length_buckets(lengths, self.config.micro_batch_size):
+        for rows in length_buckets(lengths, self.config.micro_batch_size, self.config.micro_batch_tokens):
             batch = self._pack(sequences, rows).to(device)
             logp_BT = token_logprobs(self._logits(self.model, batch), batch.targets_BT1, self.temperature)
             for j, i in enumerate(rows):
@@ -147,7 +149,7 @@ class PolicyUpdater:
                 else:
                     n_seq = self.reduce_sum(torch.tensor(float(len(minibatch)), device=device))
                     normaliser = n_seq * float(cfg.norm_const or 1.0)
-                for bucket in length_buckets(lengths, cfg.micro_batch_size):
+                for bucket in length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens):
                     rows = [minibatch[i] for i in bucket]
                     stats = self._micro_batch(sequences, rows, normaliser, weights, backward, device)
                     for name, (value, n) in stats.items():

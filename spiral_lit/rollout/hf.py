@@ -98,7 +98,7 @@ class HFGenerateEngine:
         )
         logprobs_BT = recorder.finish(sequences).cpu()
         generated_BT = sequences[:, width:].cpu()
-        return [self._completion(row.tolist(), lp, sampling) for row, lp in zip(generated_BT, logprobs_BT)]
+        return [self._completion(row.tolist(), lp, sampling) for row, lp in zip(generated_BT, logprobs_BT, strict=True)]
 
     def _completion(self, ids: list[int], logprobs: torch.Tensor, sampling: SamplingConfig) -> Completion:
         end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
