@@ -7,9 +7,10 @@ carries a ``quantization_config`` and refuses ``save_pretrained``. This module r
 plain model from the config and state dict and writes model + tokenizer so that
 :func:`spiral_lit.models.load_policy` reads the result like any hub checkpoint.
 
-The tokenizer is saved with ``tokenizer_class: PreTrainedTokenizerFast`` so ``AutoTokenizer``
-keeps the GGUF's own byte-level BPE (a ``llama`` config must not pull in a
-SentencePiece-style Llama tokenizer class; see machine-facts.md on ``AutoTokenizer``).
+The tokenizer is saved as a plain fast tokenizer (``tokenizer_class: TokenizersBackend``,
+which ``PreTrainedTokenizerFast`` is in transformers 5), so ``AutoTokenizer`` keeps the
+GGUF's own byte-level BPE whatever the config's ``model_type`` (machine-facts.md gotcha);
+the conversion reloads it and fails if the token ids differ.
 """
 
 from __future__ import annotations

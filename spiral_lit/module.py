@@ -43,12 +43,12 @@ from spiral_lit.metrics import majority_vote
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
 from spiral_lit.prompts import PromptConfig
-from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.rollout.base import Completion, SamplingConfig
 from spiral_lit.rollout_text import rollout_markdown
-from spiral_lit.scaffolds import sample_aggregations, sample_search
+from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_aggregations, sample_search
 from spiral_lit.tasks.base import Problem, Task
 from spiral_lit.tasks.verify import VerifyResult
-from spiral_lit.update import PolicyUpdater, UpdateConfig
+from spiral_lit.update import PolicyUpdater, TrainSequence, UpdateConfig
 
 
 @dataclass
@@ -69,12 +69,17 @@ class AlgorithmConfig:
     length_target: int | None = None
     """Paper Eq. 8: positive advantages of sequences longer than this become 0."""
     drop_zero_signal: bool = True
-    """Dynamic sampling: drop prompts whose advantages are all zero."""
+    """Dynamic sampling: drop prompts whose advantages are all zero (every aggregation reward equal)."""
+    max_refill_batches: int = 0
+    """Dynamic sampling with replacement: while fewer than ``data.batch_size`` kept prompts are pending, roll out
+    the next batch too before updating, at most this many extra batches per update (0 = update at once)."""
 
     def __post_init__(self) -> None:
         for key in ("n_search", "n_sets", "set_size", "n_agg"):
             if getattr(self, key) < 1:
                 raise ValueError(f"algorithm.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_refill_batches < 0:
+            raise ValueError(f"algorithm.max_refill_batches must be >= 0, got {self.max_refill_batches}")
         if self.algorithm == "spiral":
             if self.set_size > self.n_search:
                 raise ValueError(
@@ -87,6 +92,40 @@ class AlgorithmConfig:
                     f"algorithm.n_sets={self.n_sets} but only C({self.n_search}, {self.set_size}) = {n_subsets} "
                     "distinct sets exist"
                 )
+
+
+@dataclass
+class StepScores:
+    """Phase 4's output: verifier results per role."""
+
+    search: VerifyResult
+    search_BN: torch.Tensor
+    """[B, n_search] search rewards."""
+    aggregation: VerifyResult | None = None
+    rewards_BKA: torch.Tensor | None = None
+    """[B, n_sets, n_agg] aggregation rewards (SPIRAL only)."""
+
+
+@dataclass
+class StepCredit:
+    """Phase 5's output: advantages per role, the prompts kept by dynamic sampling, the credited sequences."""
+
+    search_adv_BN: torch.Tensor
+    agg_adv_BKA: torch.Tensor | None
+    keep_B: torch.Tensor
+    sequences: list[TrainSequence]
+
+
+def _lengths(traces: list[list[Completion]]) -> torch.Tensor:
+    return torch.tensor([[t.num_tokens for t in ts] for ts in traces])
+
+
+def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
+    return {
+        f"verify/{role}_timeouts": float(result.n_timeouts),
+        f"verify/{role}_errors": float(result.n_errors),
+        f"verify/{role}_unparsed": float(result.n_unparsed),
+    }
 
 
 class _PhaseTimer:
@@ -153,6 +192,10 @@ class SpiralModule(L.LightningModule):
         self.runtime: PolicyRuntime | None = None
         self.reference: torch.nn.Module | None = None
         self.eval_metrics = torch.nn.ModuleDict()
+        # Dynamic sampling's buffer; always empty at a step boundary, where checkpoints are written.
+        self._pending: list[TrainSequence] = []
+        self._pending_prompts = 0
+        self._pending_batches = 0
 
     # ----------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -188,6 +231,7 @@ class SpiralModule(L.LightningModule):
             self.runtime.tokenizer.pad_token_id,
             self.search_sampling.temperature or 1.0,
             reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            reduce_max=lambda t: self.trainer.strategy.reduce(t, reduce_op="max"),
             world_size=self.trainer.world_size,
             reference=self.reference,
         )
@@ -197,74 +241,124 @@ class SpiralModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
-        assert self.runtime is not None
-        rt, algo, timer = self.runtime, self.algo, _PhaseTimer()
-        metrics: dict[str, float] = {}
-        spiral = algo.algorithm == "spiral"
+        timer = _PhaseTimer()
         with timer("generate"):
-            # (1) parallel search traces
-            search = sample_search(
-                rt.engine, rt.renderer, batch, algo.n_search, self.search_sampling, self._step_seed(1)
-            )
-            if spiral:
-                # (2) distinct sets of search traces
-                generator = torch.Generator().manual_seed(self._step_seed(2))
-                sets_BKS = sample_sets_batch(len(batch), algo.n_search, algo.n_sets, algo.set_size, generator)
-                # (3) aggregation traces conditioned on each set
-                agg = sample_aggregations(
-                    rt.engine, rt.renderer, batch, search.traces, sets_BKS, algo.n_agg,
-                    self.aggregation_sampling, self._step_seed(3),
-                )  # fmt: skip
+            search = self._search(batch)  # (1) parallel search traces
+            sets_BKS = self._sets(len(batch))  # (2) distinct sets of search traces
+            agg = self._aggregate(batch, search, sets_BKS)  # (3) aggregation traces per set
         with timer("verify"):
-            # (4) rewards; search traces are scored for monitoring only under SPIRAL
-            search_flat = [t for ts in search.traces for t in ts]
-            search_scores = rt.verifier.score(
-                [p for p in batch for _ in range(algo.n_search)], [t.text for t in search_flat]
+            scores = self._verify(batch, search, agg)  # (4) rewards
+        credit = self._advantages(search, agg, scores)  # (5) advantages
+        with timer("update"):
+            update_stats = self._update_when_ready(credit, len(batch))  # (6) policy-gradient update
+        self._log_step(batch, search, agg, scores, credit, update_stats, timer.seconds)
+
+    def _search(self, batch: list[Problem]) -> SearchRollout:
+        rt = self.runtime
+        return sample_search(
+            rt.engine, rt.renderer, batch, self.algo.n_search, self.search_sampling, self._step_seed(1)
+        )
+
+    def _sets(self, batch_size: int) -> torch.Tensor | None:
+        if self.algo.algorithm != "spiral":
+            return None
+        generator = torch.Generator().manual_seed(self._step_seed(2))
+        return sample_sets_batch(batch_size, self.algo.n_search, self.algo.n_sets, self.algo.set_size, generator)
+
+    def _aggregate(
+        self, batch: list[Problem], search: SearchRollout, sets_BKS: torch.Tensor | None
+    ) -> AggregationRollout | None:
+        if sets_BKS is None:
+            return None
+        rt = self.runtime
+        return sample_aggregations(
+            rt.engine, rt.renderer, batch, search.traces, sets_BKS, self.algo.n_agg,
+            self.aggregation_sampling, self._step_seed(3),
+        )  # fmt: skip
+
+    def _verify(self, batch: list[Problem], search: SearchRollout, agg: AggregationRollout | None) -> StepScores:
+        """Score every trace; under SPIRAL the search scores are for monitoring only (method.md section 2.4)."""
+        algo, verifier = self.algo, self.runtime.verifier
+        search_result = verifier.score(
+            [p for p in batch for _ in range(algo.n_search)], [t.text for ts in search.traces for t in ts]
+        )
+        search_BN = torch.tensor(search_result.rewards).view(len(batch), algo.n_search)
+        if agg is None:
+            return StepScores(search_result, search_BN)
+        agg_texts = [t.text for per_problem in agg.traces for per_set in per_problem for t in per_set]
+        agg_result = verifier.score([p for p in batch for _ in range(algo.n_sets * algo.n_agg)], agg_texts)
+        rewards_BKA = torch.tensor(agg_result.rewards).view(len(batch), algo.n_sets, algo.n_agg)
+        return StepScores(search_result, search_BN, agg_result, rewards_BKA)
+
+    def _advantages(self, search: SearchRollout, agg: AggregationRollout | None, scores: StepScores) -> StepCredit:
+        algo = self.algo
+        if agg is not None and scores.rewards_BKA is not None:
+            search_adv_BN, agg_adv_BKA = spiral_advantages(
+                scores.rewards_BKA, agg.sets_BKS, algo.n_search, algo.scale_by_std
             )
-            search_BN = torch.tensor(search_scores.rewards).view(len(batch), algo.n_search)
-            metrics |= self._verify_stats("search", search_scores)
-            if spiral:
-                agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
-                agg_problems = [p for p in batch for _ in range(algo.n_sets * algo.n_agg)]
-                agg_scores = rt.verifier.score(agg_problems, [t.text for t in agg_flat])
-                rewards_BKA = torch.tensor(agg_scores.rewards).view(len(batch), algo.n_sets, algo.n_agg)
-                metrics |= self._verify_stats("aggregation", agg_scores)
-        # (5) advantages
-        if spiral:
-            search_adv_BN, agg_adv_BKA = spiral_advantages(rewards_BKA, sets_BKS, algo.n_search, algo.scale_by_std)
-            keep_B = informative_prompts(rewards_BKA)
+            keep_B = informative_prompts(scores.rewards_BKA)
         else:
-            search_adv_BN = grpo_advantages(search_BN, algo.scale_by_std)
-            keep_B = informative_groups(search_BN)
+            search_adv_BN, agg_adv_BKA = grpo_advantages(scores.search_BN, algo.scale_by_std), None
+            keep_B = informative_groups(scores.search_BN)
         if algo.length_target is not None:
-            search_adv_BN = length_gate(search_adv_BN, self._lengths(search.traces), algo.length_target)
-            if spiral:
-                agg_lengths = torch.stack([self._lengths(per_problem) for per_problem in agg.traces])
-                agg_adv_BKA = length_gate(agg_adv_BKA, agg_lengths, algo.length_target)
+            search_adv_BN = length_gate(search_adv_BN, _lengths(search.traces), algo.length_target)
+            if agg is not None and agg_adv_BKA is not None:
+                agg_lengths_BKA = torch.stack([_lengths(per_problem) for per_problem in agg.traces])
+                agg_adv_BKA = length_gate(agg_adv_BKA, agg_lengths_BKA, algo.length_target)
         if not algo.drop_zero_signal:
             keep_B = torch.ones_like(keep_B)
         sequences = search_sequences(search, search_adv_BN, keep_B)
-        if spiral:
+        if agg is not None and agg_adv_BKA is not None:
             sequences += aggregation_sequences(agg, agg_adv_BKA, keep_B)
-        # (6) policy-gradient update
-        with timer("update"):
-            update_stats = self._update(sequences)
-        metrics |= self._rollout_metrics(batch, search, search_BN, search_scores, search_adv_BN, keep_B)
-        if spiral:
-            metrics |= {"reward/aggregation": float(rewards_BKA.mean())} | set_stats(rewards_BKA)
-            metrics |= advantage_stats("aggregation", agg_adv_BKA) | trace_stats("aggregation", agg_flat)
-        metrics |= {f"train/{k}": v for k, v in update_stats.items()}
-        metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
-        generated = sum(t.num_tokens for t in search_flat) + (sum(t.num_tokens for t in agg_flat) if spiral else 0)
-        metrics["time/generate_tokens_per_s"] = generated / max(timer.seconds["generate"], 1e-9)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log(
-            "reward", metrics.get("reward/aggregation", metrics["reward/search"]), prog_bar=True, batch_size=len(batch)
-        )
-        if self.global_step % self.hparams.log_rollouts_every_n_steps == 1 or self.global_step == 0:
-            self._log_rollout_text(batch, search, search_BN, agg if spiral else None, rewards_BKA if spiral else None)
+        return StepCredit(search_adv_BN, agg_adv_BKA, keep_B, sequences)
 
-    def _update(self, sequences: list) -> dict[str, float]:
+    def _update_when_ready(self, credit: StepCredit, prompts_per_step: int) -> dict[str, float]:
+        """Update once enough prompts with signal are pending (dynamic sampling with refill, method.md 3)."""
+        self._pending.extend(credit.sequences)
+        self._pending_prompts += int(credit.keep_B.sum())
+        self._pending_batches += 1
+        if not self._ready_to_update(prompts_per_step):
+            return {"waiting_for_refill": 1.0}
+        stats = self._update(self._pending)
+        self._pending, self._pending_prompts, self._pending_batches = [], 0, 0
+        return stats | {"waiting_for_refill": 0.0}
+
+    def _log_step(
+        self,
+        batch: list[Problem],
+        search: SearchRollout,
+        agg: AggregationRollout | None,
+        scores: StepScores,
+        credit: StepCredit,
+        update_stats: dict[str, float],
+        seconds: dict[str, float],
+    ) -> None:
+        search_flat = [t for ts in search.traces for t in ts]
+        metrics = self._search_metrics(batch, scores, credit) | trace_stats("search", search_flat)
+        metrics |= _verify_stats("search", scores.search)
+        generated = sum(t.num_tokens for t in search_flat)
+        if agg is not None and scores.aggregation is not None and credit.agg_adv_BKA is not None:
+            agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
+            generated += sum(t.num_tokens for t in agg_flat)
+            metrics |= {"reward/aggregation": float(scores.rewards_BKA.mean())} | set_stats(scores.rewards_BKA)
+            metrics |= advantage_stats("aggregation", credit.agg_adv_BKA) | trace_stats("aggregation", agg_flat)
+            metrics |= _verify_stats("aggregation", scores.aggregation)
+        metrics |= {f"train/{k}": v for k, v in update_stats.items()}
+        metrics |= {f"time/{k}": v for k, v in seconds.items()}
+        metrics["time/generate_tokens_per_s"] = generated / max(seconds["generate"], 1e-9)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        reward = metrics.get("reward/aggregation", metrics["reward/search"])
+        self.log("reward", reward, prog_bar=True, batch_size=len(batch))
+        if self.global_step % self.hparams.log_rollouts_every_n_steps == 1 or self.global_step == 0:
+            self._log_rollout_text(batch, search, scores, agg)
+
+    def _ready_to_update(self, prompts_per_step: int) -> bool:
+        ready = self._pending_prompts >= prompts_per_step or self._pending_batches > self.algo.max_refill_batches
+        # Every rank must take the same decision, or the gradient all-reduce would wait forever.
+        flag = torch.tensor(float(ready), device=self.device)
+        return bool(self.trainer.strategy.reduce(flag, reduce_op="min") > 0.5)
+
+    def _update(self, sequences: list[TrainSequence]) -> dict[str, float]:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
 
@@ -277,46 +371,28 @@ class SpiralModule(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
 
-        if not sequences:
-            # Every prompt was dropped: nothing to learn from, but keep the step count moving.
-            step()
-            return {"skipped_update": 1.0}
+        # With no sequence (every prompt dropped) the step still runs, so ranks and step counts stay aligned.
         stats = self._updater().update(sequences, self.manual_backward, step, self.device, self._step_seed(6))
-        return stats | {"skipped_update": 0.0}
+        return stats | {"sequences": float(len(sequences))}
 
-    @staticmethod
-    def _lengths(traces: list[list]) -> torch.Tensor:
-        return torch.tensor([[t.num_tokens for t in ts] for ts in traces])
-
-    @staticmethod
-    def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
-        return {
-            f"verify/{role}_timeouts": float(result.n_timeouts),
-            f"verify/{role}_errors": float(result.n_errors),
-            f"verify/{role}_unparsed": float(result.n_unparsed),
-        }
-
-    def _rollout_metrics(self, batch, search, search_BN, search_scores, search_adv_BN, keep_B) -> dict[str, float]:
+    def _search_metrics(self, batch: list[Problem], scores: StepScores, credit: StepCredit) -> dict[str, float]:
         n = self.algo.n_search
-        answers = [search_scores.extracted[b * n : (b + 1) * n] for b in range(len(batch))]
-        correct = (search_BN >= 1.0).tolist()
+        answers = [scores.search.extracted[b * n : (b + 1) * n] for b in range(len(batch))]
+        correct = (scores.search_BN >= 1.0).tolist()
         votes = [majority_vote(a) for a in answers]
         maj = [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct, strict=True)]
-        flat = [t for ts in search.traces for t in ts]
-        return (
-            {
-                "reward/search": float(search_BN.mean()),
-                "search/accuracy": float((search_BN >= 1.0).float().mean()),
-                "search/majority_accuracy": sum(maj) / len(maj),
-                "zero_signal_fraction": 1.0 - float(keep_B.float().mean()),
-            }
-            | advantage_stats("search", search_adv_BN)
-            | trace_stats("search", flat)
-        )
+        return {
+            "reward/search": float(scores.search_BN.mean()),
+            "search/accuracy": float((scores.search_BN >= 1.0).float().mean()),
+            "search/majority_accuracy": sum(maj) / len(maj),
+            "zero_signal_fraction": 1.0 - float(credit.keep_B.float().mean()),
+        } | advantage_stats("search", credit.search_adv_BN)
 
-    def _log_rollout_text(self, batch, search, search_BN, agg, rewards_BKA) -> None:
+    def _log_rollout_text(
+        self, batch: list[Problem], search: SearchRollout, scores: StepScores, agg: AggregationRollout | None
+    ) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
-            text = rollout_markdown(self.runtime.tokenizer, batch[0], search, search_BN, agg, rewards_BKA)
+            text = rollout_markdown(self.runtime.tokenizer, batch[0], search, scores.search_BN, agg, scores.rewards_BKA)
             self.logger.experiment.add_text("rollouts", text, self.global_step)
 
     # ----------------------------------------------------------------- evaluation

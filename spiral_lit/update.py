@@ -85,11 +85,13 @@ class PolicyUpdater:
         pad_id: int,
         temperature: float,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+        reduce_max: Callable[[torch.Tensor], torch.Tensor],
         world_size: int,
         reference: PreTrainedModel | None = None,
     ) -> None:
         self.model, self.config, self.pad_id, self.temperature = model, config, pad_id, temperature
-        self.reduce_sum, self.world_size, self.reference = reduce_sum, world_size, reference
+        self.reduce_sum, self.reduce_max = reduce_sum, reduce_max
+        self.world_size, self.reference = world_size, reference
 
     def _pack(self, sequences: list[TrainSequence], rows: list[int]) -> PackedBatch:
         chosen = [sequences[i] for i in rows]
@@ -143,22 +145,30 @@ class PolicyUpdater:
             for m in range(cfg.num_minibatches):
                 minibatch = order[m :: cfg.num_minibatches]
                 lengths = [len(sequences[i].prompt_ids) + sequences[i].completion.num_tokens for i in minibatch]
-                n_tokens = torch.tensor(float(sum(sequences[i].completion.num_tokens for i in minibatch)))
-                if cfg.reduction == "token_mean":
-                    normaliser = self.reduce_sum(n_tokens.to(device)).clamp(min=1.0)
-                else:
-                    n_seq = self.reduce_sum(torch.tensor(float(len(minibatch)), device=device))
-                    normaliser = n_seq * float(cfg.norm_const or 1.0)
-                for bucket in length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens):
+                normaliser = self._normaliser(sequences, minibatch, device)
+                buckets = length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
+                # Every rank runs as many backward passes as the busiest one (each is a DDP all-reduce).
+                n_passes = int(self.reduce_max(torch.tensor(float(len(buckets)), device=device)))
+                for bucket in buckets:
                     rows = [minibatch[i] for i in bucket]
                     stats = self._micro_batch(sequences, rows, normaliser, weights, backward, device)
                     for name, (value, n) in stats.items():
                         add(name, value, n)
                         if first and name == "ratio_dev":
                             add("ratio_dev_first_minibatch", value, n)
+                for _ in range(n_passes - len(buckets)):
+                    backward(sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0)
                 step()
                 first = False
         return {k: totals[k] / max(counts[k], 1e-12) for k in totals}
+
+    def _normaliser(self, sequences: list[TrainSequence], minibatch: list[int], device: torch.device) -> torch.Tensor:
+        """The loss denominator of one minibatch, summed over ranks (see the module docstring)."""
+        if self.config.reduction == "token_mean":
+            n_tokens = float(sum(sequences[i].completion.num_tokens for i in minibatch))
+            return self.reduce_sum(torch.tensor(n_tokens, device=device)).clamp(min=1.0)
+        n_seq = self.reduce_sum(torch.tensor(float(len(minibatch)), device=device))
+        return n_seq * float(self.config.norm_const or 1.0)
 
     def _micro_batch(
         self,

@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +38,20 @@ pytestmark = pytest.mark.slow
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = f"{IM_START}assistant\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while this file runs, restored afterwards.
+
+    With two OpenMP threads on two cores that anything else is also using, the spinning
+    threads made generation 5-30x slower and erratic here (52 s vs 2.6 s for 4 x 24 tokens);
+    one thread is predictable and leaves a core to the rest of the machine.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -182,5 +197,5 @@ def test_one_spiral_step_on_the_real_model(smollm2_dir: Path, tmp_path: Path) ->
     assert not unchanged, f"parameters that did not change: {unchanged}"
     scalars = _scalars(str(tmp_path))
     assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])
-    assert scalars["train/skipped_update"] == [0.0]
+    # Sampler and trainer log-probs agree in fp32 on the real model too.
     assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3

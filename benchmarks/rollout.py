@@ -1,0 +1,165 @@
+"""Rollout throughput: our ``KVCacheEngine`` against ``HFGenerateEngine`` (issue 5).
+
+Run: ``python benchmarks/rollout.py --repeats 3 --out benchmarks/rollout.json``
+(``--models tiny`` for a quick look). Prints a table and writes the numbers as JSON.
+
+Two request shapes, as training issues them (spiral_lit/scaffolds.py):
+
+- search: 16 chain-sum problems x 8 samples, chat-rendered search prompts (~30 tokens);
+- aggregation: 16 sets x 4 samples, each prompt holding 4 candidate solutions (one worked
+  solution and three with a slip, ``ChainSumTask.wrong_solutions``), ~300-400 tokens.
+
+Two models of one family: the quickstart's tiny Llama (``TinyModelConfig()``: hidden 192,
+4 layers) and a ~50M-parameter Llama (hidden 512, 12 layers, 8 heads, intermediate 2048),
+both on the quickstart tokenizer, random weights, fp32, sdpa.
+
+Fairness: random weights stop at random points, so EOS is banned for both engines by one
+forward hook on ``lm_head`` that sets the EOS logits to -inf (the same hook runs inside both
+engines); every trace then runs to ``max_new_tokens`` = 64 and both engines generate exactly
+rows x 64 tokens (asserted). Sampling at temperature 1, top-p 1, the same seed per repeat for
+both engines. Engines alternate within each repeat (their order flips every repeat), so a
+slow phase of a shared machine hits both. Tokens/s = generated tokens / wall time of one
+``generate`` call (prefill included); the table shows the median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from spiral_lit.models import TinyModelConfig, build_tiny_policy
+from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rollout import HFGenerateEngine, KVCacheEngine, RolloutEngine, SamplingConfig
+from spiral_lit.tasks import ChainSumTask
+from spiral_lit.tiny import tokenizer_corpus
+
+MODEL_SIZES = {
+    "tiny": {},
+    "50m": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+}
+
+
+def build_models(names: list[str]) -> tuple[dict[str, LlamaForCausalLM], PreTrainedTokenizerBase]:
+    """The quickstart tiny Llama and its tokenizer; larger sizes reuse its config with other dimensions."""
+    task = ChainSumTask()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny, tokenizer = build_tiny_policy(tmp, tokenizer_corpus(task, PromptConfig(), 2000), TinyModelConfig())
+    models = {}
+    for name in names:
+        config = copy.deepcopy(tiny.config)
+        for key, value in MODEL_SIZES[name].items():
+            setattr(config, key, value)
+        config.num_key_value_heads = config.num_attention_heads
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).eval()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        models[name] = model
+    return models, tokenizer
+
+
+def build_requests(tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[list[list[int]], int]]:
+    """Prompt ids and samples per prompt of the two shapes."""
+    task = ChainSumTask()
+    renderer = PromptRenderer(tokenizer, PromptConfig(), task.answer_instruction)
+    problems = [task.problem(i, "heldout") for i in range(16)]
+    search = [renderer.search(p) for p in problems]
+    aggregation = []
+    for i, problem in enumerate(problems):
+        rng = random.Random(i)
+        candidates = [problem.solution or "", *task.wrong_solutions(problem, 3, rng)]
+        aggregation.append(renderer.aggregation_from_texts(problem, candidates, rng))
+    return {"search": (search, 8), "aggregation": (aggregation, 4)}
+
+
+def ban_eos(model: LlamaForCausalLM, eos_id: int) -> None:
+    """EOS logits -> -inf in every forward of both engines, so all traces run to the token budget."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], logits: torch.Tensor) -> None:
+        logits[..., eos_id] = float("-inf")
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def time_once(engine: RolloutEngine, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> float:
+    """Generated tokens per second of one ``generate`` call."""
+    start = time.perf_counter()
+    out = engine.generate(prompts, n, sampling, seed)
+    seconds = time.perf_counter() - start
+    tokens = sum(c.num_tokens for group in out for c in group)
+    assert tokens == len(prompts) * n * sampling.max_new_tokens, "engines must generate the same number of tokens"
+    return tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine, model and shape")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/rollout.json"), help="JSON results path")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    models, tokenizer = build_models(args.models)
+    requests = build_requests(tokenizer)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    for shape, (prompts, n) in requests.items():
+        lengths = [len(p) for p in prompts]
+        print(f"{shape}: {len(prompts)} prompts x {n} samples, prompt tokens {min(lengths)}-{max(lengths)}")
+    results, ratios = [], {}
+    for name, model in models.items():
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {name}: {n_params / 1e6:.2f}M parameters")
+        ban_eos(model, tokenizer.eos_token_id)
+        engines: dict[str, RolloutEngine] = {
+            "hf": HFGenerateEngine(model, tokenizer),
+            "kv_cache": KVCacheEngine(model, tokenizer),
+        }
+        for shape, (prompts, n) in requests.items():
+            for engine in engines.values():  # warm-up: allocator, kernels, lazy init
+                engine.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4), seed=0)
+            speeds: dict[str, list[float]] = {key: [] for key in engines}
+            for repeat in range(args.repeats):
+                order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
+                for key in order:
+                    speeds[key].append(time_once(engines[key], prompts, n, sampling, seed=repeat))
+            medians = {key: statistics.median(values) for key, values in speeds.items()}
+            ratios[f"{name}/{shape}"] = medians["kv_cache"] / medians["hf"]
+            for key, values in speeds.items():
+                results.append(
+                    {"model": name, "params": n_params, "shape": shape, "engine": key, "tokens_per_s": values}
+                )
+                print(f"  {shape:<12} {key:<9} {medians[key]:9.0f} tok/s  (runs: {[round(v) for v in values]})")
+
+    print(f"\n| model | shape | hf tok/s | kv_cache tok/s | kv_cache / hf |\n|---|---|---|---|---|")
+    for key, ratio in ratios.items():
+        name, shape = key.split("/")
+        med = {
+            r["engine"]: statistics.median(r["tokens_per_s"])
+            for r in results
+            if r["model"] == name and r["shape"] == shape
+        }
+        print(f"| {name} | {shape} | {med['hf']:.0f} | {med['kv_cache']:.0f} | {ratio:.2f}x |")
+    settings = {
+        "repeats": args.repeats,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": 1.0,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": settings, "ratios": ratios, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
