@@ -1,7 +1,8 @@
 """Rollout throughput: our ``KVCacheEngine`` against ``HFGenerateEngine`` (issue 5).
 
 Run: ``python benchmarks/rollout.py --repeats 3 --out benchmarks/rollout.json``
-(``--models tiny`` for a quick look). Prints a table and writes the numbers as JSON.
+(``--models tiny`` for a quick look; ``--threads 1`` on a machine shared with other jobs,
+where two OpenMP threads stall each other). Prints a table and writes the numbers as JSON.
 
 Two request shapes, as training issues them (spiral_lit/scaffolds.py):
 
@@ -107,7 +108,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/rollout.json"), help="JSON results path")
     parser.add_argument("--models", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models, tokenizer = build_models(args.models)
     requests = build_requests(tokenizer)
@@ -140,7 +144,7 @@ def main() -> None:
                 )
                 print(f"  {shape:<12} {key:<9} {medians[key]:9.0f} tok/s  (runs: {[round(v) for v in values]})")
 
-    print(f"\n| model | shape | hf tok/s | kv_cache tok/s | kv_cache / hf |\n|---|---|---|---|---|")
+    print("\n| model | shape | hf tok/s | kv_cache tok/s | kv_cache / hf |\n|---|---|---|---|---|")
     for key, ratio in ratios.items():
         name, shape = key.split("/")
         med = {

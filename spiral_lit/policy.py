@@ -15,8 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from spiral_lit.evaluation import EvalConfig, evaluate_problems
 from spiral_lit.models import PolicyConfig, load_policy
 from spiral_lit.prompts import PromptConfig, PromptRenderer
-from spiral_lit.rollout.base import RolloutEngine, SamplingConfig
-from spiral_lit.rollout.hf import HFGenerateEngine
+from spiral_lit.rollout import Backend, RolloutEngine, SamplingConfig, make_engine
 from spiral_lit.tasks.base import Problem, Task
 from spiral_lit.tasks.verify import Verifier
 
@@ -41,13 +40,14 @@ class PolicyRuntime:
         prompts: PromptConfig,
         verifier: VerifierConfig,
         max_generate_batch: int = 256,
+        backend: Backend = "kv_cache",
     ) -> None:
         self.model: PreTrainedModel
         self.tokenizer: PreTrainedTokenizerBase
         self.model, self.tokenizer = load_policy(policy_config)
         self.task = task
         self.renderer = PromptRenderer(self.tokenizer, prompts, task.answer_instruction)
-        self.engine: RolloutEngine = HFGenerateEngine(self.model, self.tokenizer, max_generate_batch)
+        self.engine: RolloutEngine = make_engine(backend, self.model, self.tokenizer, max_generate_batch)
         self.verifier = Verifier(task, timeout_s=verifier.timeout_s, num_workers=verifier.num_workers)
 
     def evaluate(

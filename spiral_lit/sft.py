@@ -1,10 +1,14 @@
 """Warm start: supervised fine-tuning of the shared policy on worked solutions, both roles.
 
 RL cannot start from a model that never answers correctly, so users run this stage
-first. Each training problem becomes a search example (search prompt -> worked
-solution) and, with probability ``aggregation_fraction``, an aggregation example
-(problem + ``set_size`` candidates, a random number of them deliberately wrong ->
-the correct worked solution). Loss: token-mean cross-entropy on the solution tokens.
+first. Each training problem becomes, with probability ``search_fraction``, a search
+example (search prompt -> worked solution) and, with probability
+``aggregation_fraction``, an aggregation example (problem + ``set_size`` candidates, a
+random number of them deliberately wrong -> the correct worked solution). Loss:
+token-mean cross-entropy on the solution tokens.
+
+Aggregation examples are ~4x longer than search examples, so the quickstart first
+trains search alone until it can solve problems, then both roles (two configs).
 
 Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
 """
@@ -34,6 +38,7 @@ def warm_start_examples(
     task: Task,
     renderer: PromptRenderer,
     set_size: int,
+    search_fraction: float,
     aggregation_fraction: float,
     rng: random.Random,
 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
@@ -44,9 +49,10 @@ def warm_start_examples(
         if problem.solution is None:
             raise ValueError(f"task {task.name!r}: problem {problem.uid} has no worked solution to fine-tune on")
         target = renderer.tokenizer.encode(problem.solution + eos, add_special_tokens=False)
-        prompts.append(renderer.search(problem))
-        targets.append(target)
-        roles.append(0)
+        if rng.random() < search_fraction:
+            prompts.append(renderer.search(problem))
+            targets.append(target)
+            roles.append(0)
         if rng.random() < aggregation_fraction:
             n_right = rng.randint(0, set_size)
             candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
@@ -64,6 +70,7 @@ class WarmStartModule(L.LightningModule):
         policy: PolicyConfig,
         task: Task | None = None,
         prompts: PromptConfig | None = None,
+        search_fraction: float = 1.0,
         aggregation_fraction: float = 0.5,
         set_size: int = 4,
         micro_batch_size: int = 64,
@@ -81,7 +88,8 @@ class WarmStartModule(L.LightningModule):
             policy: The model to fine-tune (the tiny model's directory in the quickstart).
             task: The task; linked from ``data.task`` by the CLI.
             prompts: Prompt wording and layout, the same as in RL.
-            aggregation_fraction: Probability that a problem also yields an aggregation example.
+            search_fraction: Probability that a problem yields a search example.
+            aggregation_fraction: Probability that a problem yields an aggregation example.
             set_size: Candidates per aggregation example.
             micro_batch_size: Most sequences per forward/backward (length-bucketed).
             micro_batch_tokens: Most padded tokens per forward/backward; None = no limit.
@@ -95,8 +103,11 @@ class WarmStartModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
-        if not 0.0 <= aggregation_fraction <= 1.0:
-            raise ValueError(f"model.aggregation_fraction must be in [0, 1], got {aggregation_fraction}")
+        for key, value in {"search_fraction": search_fraction, "aggregation_fraction": aggregation_fraction}.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.{key} must be in [0, 1], got {value}")
+        if search_fraction == aggregation_fraction == 0.0:
+            raise ValueError("model.search_fraction and model.aggregation_fraction are both 0: nothing to train on")
         self.policy_config = policy
         self.task = task
         self.prompt_config = prompts or PromptConfig()
@@ -136,6 +147,7 @@ class WarmStartModule(L.LightningModule):
             self.runtime.task,
             self.runtime.renderer,
             self.hparams.set_size,
+            self.hparams.search_fraction,
             self.hparams.aggregation_fraction,
             rng,
         )

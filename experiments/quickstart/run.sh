@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The quickstart, end to end on a laptop CPU (~35 minutes on 2 cores):
+# The quickstart, end to end on a laptop CPU (~40 minutes on 2 cores):
 #   1. build a tiny Llama + tokenizer locally (no download),
-#   2. warm-start it on worked chain sums, both roles (stops at held-out pass@1 >= 0.5, <= 13 min),
-#   3. measure the warm start's aggregated-answer accuracy on 200 held-out problems,
-#   4. train it with SPIRAL for 20 minutes,
-#   5. measure the same accuracy again.
+#   2. warm-start its search role on worked chain sums until held-out pass@1 >= 0.45 (<= 11 min),
+#   3. warm-start both roles (aggregation examples with deliberately wrong candidates, ~3 min),
+#   4. measure the warm start on 200 held-out problems (pass@1, maj@8, pass@8, aggregated answer),
+#   5. train with SPIRAL for 20 minutes,
+#   6. measure the aggregated-answer accuracy again on the same 200 problems and seeds.
 # Everything lands under runs/quickstart/ (TensorBoard: tensorboard --logdir runs/quickstart).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=runs/quickstart
 
 python -m spiral_lit.tiny --out "$out/tiny"
+python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
 python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
 python -m spiral_lit validate --config experiments/quickstart/warmstart.yaml \
-  --ckpt_path "$out/warmstart/checkpoints/last.ckpt" --trainer.limit_val_batches 1.0 \
+  --model.init_args.policy.path "$out/warmstart/hf" --trainer.limit_val_batches 1.0 \
   --trainer.logger.init_args.name warmstart_eval
 python -m spiral_lit validate --config experiments/quickstart/spiral.yaml \
   --trainer.logger.init_args.name spiral_eval_before

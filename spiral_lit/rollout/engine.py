@@ -3,54 +3,69 @@
 What it does that ``model.generate`` (:mod:`spiral_lit.rollout.hf`) does not:
 
 - **Shared prefill.** Each distinct prompt is prefilled once (distinct prompts batched,
-  left-padded); its KV rows are then copied to its ``n`` samples. An aggregation prompt of
+  left-padded) and its KV cache serves all of its ``n`` samples: an aggregation prompt of
   ~400 tokens with 4 samples costs one prefill, not four.
-- **A KV cache that grows in blocks.** Decode writes each step's keys/values in place into
-  buffers with spare slots (``cache_block`` at a time) instead of ``torch.cat``-ing the whole
-  cache every step, which on long prompts copied more memory than the attention read.
+- **Shared prompt KV in decode.** The samples of a prompt are not given copies of its KV
+  rows; attention reads the prompt's keys once for all of them and each sample's own
+  generated keys separately (:mod:`spiral_lit.rollout.attention`).
+- **A cache that grows in blocks.** Generated keys/values are written in place into
+  buffers with ``cache_block`` spare slots instead of ``torch.cat``-ing the whole cache
+  every step, which on long prompts copied more memory than attention read.
 - **Batch compaction.** Every ``compact_every`` steps, rows that finished (EOS or a stop
-  string) are dropped from the cache, the mask and the inputs, and the left padding that
-  no remaining row needs is cut off.
-- **Masks built once.** The decode mask is a slice of one additive ``[rows, slots]`` buffer
-  and is passed in 4D, so no per-step mask construction happens (sdpa and eager attention).
+  string) leave the cache and the inputs; prompts no row reads any more, and left padding
+  no remaining prompt needs, are dropped too.
 
 Sampling (:mod:`spiral_lit.rollout.sampling`) is inverse-CDF with one uniform number per
 (prompt index, sample index, step), drawn up front from a ``torch.Generator`` seeded with
-``seed``; the global RNG is never touched. The same request and seed therefore give the
-same rollouts, and a row's draws do not depend on which rows share its batch: neither
-``max_batch_size`` chunking nor compaction changes which uniform a row uses. What can
-still couple rows is floating point: a row's logits are computed in a batch whose size
-and padding depend on the others, and kernels may round differently per shape, so a
-token sitting on a CDF boundary (or a greedy near-tie) can rarely flip.
+``seed``; the global RNG is never touched. The same request and seed give the same
+rollouts, and a row's draws do not depend on which rows share its batch: neither
+``max_batch_size`` chunking nor compaction changes which uniform a row uses. What can still
+couple rows is floating point: a row's logits come from a batch whose size and padding
+depend on the other rows, kernels may round differently per shape, so a token sitting on a
+CDF boundary (or a greedy near-tie) can in rare cases flip.
 
 Requires a full-attention decoder (Llama, Qwen2, Mistral without sliding window) whose
-forward takes ``position_ids`` and a 4D additive mask; sliding-window caches are refused.
+attention goes through transformers' ``AttentionInterface``; sliding-window caches are refused.
+Ranks decode independently (each stops when its own rows are done), so a model sharded
+with FSDP, whose every forward is collective, is refused too: use backend ``hf`` there
+(``model.generate`` keeps sharded ranks in lockstep).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from spiral_lit.rollout.attention import SHARED_PREFIX_ATTENTION, SharedPrefix
 from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig
 from spiral_lit.rollout.sampling import sample_tokens
 
 
 class _BlockLayer(DynamicLayer):
-    """One layer's keys/values ``[rows, heads, slots, dim]`` with spare slots; ``length`` slots are in use."""
+    """One layer's generated keys/values ``[rows, kv_heads, slots, D]``; ``length`` slots are in use."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, block: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, block: int) -> None:
         super().__init__()
-        self.keys, self.values, self.length, self.block = keys, values, length, block
+        self.keys, self.values, self.length, self.block = keys, values, 0, block
         self.device, self.is_initialized = keys.device, True
+
+    @classmethod
+    def empty(cls, rows: int, keys_like: torch.Tensor, values_like: torch.Tensor, block: int) -> _BlockLayer:
+        """No tokens yet, ``block`` slots for ``rows`` rows, heads/dim/dtype of the given ``[P, H, W, D]`` tensors."""
+        _, heads, _, dim = keys_like.shape
+        keys = keys_like.new_empty((rows, heads, block, dim))
+        return cls(keys, values_like.new_empty((rows, values_like.shape[1], block, values_like.shape[3])), block)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if end > self.keys.shape[-2]:
-            self.reshape(None, 0, end + self.block)
+            self.reshape(None, end + self.block)
         self.keys[:, :, self.length : end] = key_states
         self.values[:, :, self.length : end] = value_states
         self.length = end
@@ -59,17 +74,61 @@ class _BlockLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def reshape(self, rows_R: torch.Tensor | None, start: int, capacity: int) -> None:
-        """Keep rows ``rows_R`` (all if None) and slots ``start:length`` in new buffers of ``capacity`` slots."""
-        kept = self.length - start
+    def reshape(self, rows_R: torch.Tensor | None, capacity: int) -> None:
+        """Keep rows ``rows_R`` (all if None) in new buffers of ``capacity`` slots."""
         for name in ("keys", "values"):
-            old = getattr(self, name)[:, :, start : self.length]
+            old = getattr(self, name)[:, :, : self.length]
             if rows_R is not None:
                 old = old.index_select(0, rows_R)
             new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
-            new[:, :, :kept] = old
+            new[:, :, : self.length] = old
             setattr(self, name, new)
-        self.length = kept
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) manages the model, so that every forward is a collective."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@dataclass
+class _Batch:
+    """The sample rows decoded together: the prompt KV they share, their own KV, where they stand."""
+
+    prefix: SharedPrefix
+    cache: DynamicCache
+    """Generated tokens' keys/values, one ``_BlockLayer`` per model layer."""
+    rows_B: torch.Tensor
+    """Chunk row of each batch row."""
+    running_B: torch.Tensor
+    """False once a row has finished (it stays until the next compaction)."""
+    next_pos_B: torch.Tensor
+    """Position id of each row's next input token."""
+
+    def compact(self, tokens_B: torch.Tensor) -> torch.Tensor:
+        """Drop finished rows from the KV caches and the row state; returns the kept rows' ``tokens_B``."""
+        keep_B = self.running_B.nonzero().squeeze(-1)
+        self.prefix.keep(keep_B)
+        for layer in self.cache.layers:
+            layer.reshape(keep_B, layer.keys.shape[-2])
+        self.rows_B, self.running_B, self.next_pos_B = (
+            t[keep_B] for t in (self.rows_B, self.running_B, self.next_pos_B)
+        )
+        return tokens_B[keep_B]
+
+
+@contextmanager
+def _attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Select a registered attention implementation for the duration of a block."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
 
 
 class KVCacheEngine:
@@ -85,11 +144,11 @@ class KVCacheEngine:
     ) -> None:
         """
         Args:
-            model: A Hugging Face causal LM (full attention, sdpa or eager).
+            model: A Hugging Face causal LM with full attention.
             tokenizer: Its tokenizer (pad token for left padding, EOS, decoding).
             max_batch_size: Most sample rows decoded together; larger requests run in chunks.
             compact_every: Drop finished rows every this many steps; None keeps them to the end.
-            cache_block: Spare KV slots added when the cache is full (amortises the copy).
+            cache_block: Spare KV slots added when the cache of generated tokens is full.
         """
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.compact_every, self.cache_block = max_batch_size, compact_every, cache_block
@@ -103,6 +162,8 @@ class KVCacheEngine:
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[list[Completion]]:
         """``n`` completions per prompt, grouped per prompt in input order."""
+        if _is_sharded(self.model):
+            raise NotImplementedError("KVCacheEngine cannot decode an FSDP-sharded model; use rollout backend 'hf'")
         generator = torch.Generator().manual_seed(seed)
         uniforms_RT = torch.rand((len(prompts) * n, sampling.max_new_tokens), generator=generator)
         # Output rows (prompt i, sample j) -> row i * n + j, grouped by distinct prompt, longest prompt first,
@@ -119,19 +180,20 @@ class KVCacheEngine:
                 for start in range(0, len(plan), self.max_batch_size):
                     chunk = plan[start : start + self.max_batch_size]
                     rows = [row for _, row in chunk]
-                    for row, completion in zip(rows, self._generate_chunk(chunk, uniforms_RT[rows], sampling)):
+                    completions = self._generate_chunk(chunk, uniforms_RT[rows], sampling)
+                    for row, completion in zip(rows, completions, strict=True):
                         out[row] = completion
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _forward(self, cache: DynamicCache, **inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache: DynamicCache, **inputs) -> torch.Tensor:
         """Last-position logits ``[B, V]`` of one forward that appends to ``cache``."""
         inputs[self._cache_kwarg] = cache
         return self.model(**inputs, use_cache=True, **self._last_logit_kwargs).logits[:, -1]
 
-    def _prefill(self, prompts: list[tuple[int, ...]]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """One left-padded forward over distinct prompts: (cache, valid_PW mask, last logits_PV)."""
+    def _prefill(self, prompts: list[tuple[int, ...]]) -> tuple[SharedPrefix, torch.Tensor, torch.Tensor]:
+        """One left-padded forward over the distinct prompts: (their KV, last logits ``[P, V]``, lengths ``[P]``)."""
         device = self.model.device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id or 0
@@ -141,74 +203,65 @@ class KVCacheEngine:
         if any(cache.is_sliding):
             raise NotImplementedError("KVCacheEngine needs full attention in every layer; use rollout backend 'hf'")
         position_ids_PW = (valid_PW.long().cumsum(-1) - 1).clamp(min=0)
-        logits_PV = self._forward(
-            cache, input_ids=ids_PW, attention_mask=valid_PW.long(), position_ids=position_ids_PW
-        )
-        return cache, valid_PW, logits_PV
+        logits_PV = self._forward(cache, input_ids=ids_PW, attention_mask=valid_PW.long(), position_ids=position_ids_PW)
+        mask_PW = torch.zeros(valid_PW.shape, device=device, dtype=self.model.dtype)
+        mask_PW.masked_fill_(~valid_PW, torch.finfo(mask_PW.dtype).min)
+        prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask_PW)
+        return prefix, logits_PV, valid_PW.sum(-1)
+
+    def _start(self, chunk: list[tuple[tuple[int, ...], int]], block: int) -> tuple[_Batch, torch.Tensor]:
+        """Prefill the chunk's distinct prompts; every sample row reads its prompt's KV (no copy)."""
+        prompts = list(dict.fromkeys(prompt for prompt, _ in chunk))
+        prefix, logits_PV, prompt_len_P = self._prefill(prompts)
+        index = {prompt: i for i, prompt in enumerate(prompts)}
+        source_R = torch.tensor([index[prompt] for prompt, _ in chunk], device=self.model.device)
+        prefix.set_rows(source_R)
+        cache = DynamicCache()  # generated tokens only; the prompt part lives in ``prefix``
+        R = len(chunk)
+        cache.layers = [_BlockLayer.empty(R, k, v, block) for k, v in zip(prefix.keys, prefix.values, strict=True)]
+        rows_R = torch.arange(R, device=source_R.device)
+        batch = _Batch(prefix, cache, rows_R, torch.ones_like(rows_R, dtype=torch.bool), prompt_len_P[source_R])
+        return batch, logits_PV[source_R]
 
     def _generate_chunk(
         self, chunk: list[tuple[tuple[int, ...], int]], uniforms_RT: torch.Tensor, sampling: SamplingConfig
     ) -> list[Completion]:
-        device, T = self.model.device, sampling.max_new_tokens
-        prompts = list(dict.fromkeys(prompt for prompt, _ in chunk))
-        cache, valid_PW, logits_PV = self._prefill(prompts)
-        # Every sample row starts from its prompt's prefilled KV rows: copy, don't recompute.
-        index = {prompt: i for i, prompt in enumerate(prompts)}
-        source_R = torch.tensor([index[prompt] for prompt, _ in chunk], device=device)
-        width, block = valid_PW.shape[1], min(self.cache_block, T)
-        cache.layers = [self._expand(layer, source_R, width, block) for layer in cache.layers]
-        valid_RW = valid_PW.index_select(0, source_R)
-        mask_RS = torch.zeros((len(chunk), width + T), device=device, dtype=self.model.dtype)
-        mask_RS[:, :width].masked_fill_(~valid_RW, torch.finfo(mask_RS.dtype).min)
-        pad_R = (~valid_RW).sum(-1)
-        next_pos_R = valid_RW.sum(-1)
-        uniforms_RT = uniforms_RT.to(device)
-        tokens_RT = torch.zeros((len(chunk), T), dtype=torch.long, device=device)
-        logprobs_RT = torch.zeros((len(chunk), T), dtype=torch.float32, device=device)
-        lengths = [T] * len(chunk)
-        reasons: list[FinishReason] = ["length"] * len(chunk)
+        device, R, T = self.model.device, len(chunk), sampling.max_new_tokens
+        batch, logits_BV = self._start(chunk, min(self.cache_block, T))
+        tokens_RT = torch.zeros((R, T), dtype=torch.long, device=device)
+        logprobs_RT = torch.zeros((R, T), dtype=torch.float32, device=device)
+        lengths = [T] * R
+        reasons: list[FinishReason] = ["length"] * R
         eos = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
-
-        batch_R = torch.arange(len(chunk), device=device)  # chunk rows still in the decode batch
-        running_R = torch.ones(len(chunk), dtype=torch.bool, device=device)
-        logits_BV = logits_PV.index_select(0, source_R)
-        for step in range(T):
-            if step > 0:
-                slots = cache.get_seq_length() + 1
-                logits_BV = self._forward(
-                    cache,
-                    input_ids=tokens_B[:, None],
-                    attention_mask=mask_RS[:, None, None, :slots],
-                    position_ids=next_pos_R[:, None],
+        uniforms_RT = uniforms_RT.to(device)
+        with _attention_implementation(self.model, SHARED_PREFIX_ATTENTION):
+            for step in range(T):
+                rows_B = batch.rows_B
+                tokens_B, logp_B = sample_tokens(
+                    logits_BV, uniforms_RT[rows_B, step], sampling.temperature, sampling.top_p
                 )
-                next_pos_R = next_pos_R + 1
-            tokens_B, logp_B = sample_tokens(
-                logits_BV, uniforms_RT[batch_R, step], sampling.temperature, sampling.top_p
-            )
-            tokens_RT[batch_R, step], logprobs_RT[batch_R, step] = tokens_B, logp_B
-            stopped_B = running_R & torch.isin(tokens_B, eos)
-            if sampling.stop_strings:
-                stopped_B |= running_R & self._stop_string_hits(tokens_RT, batch_R, step, sampling.stop_strings)
-            for row in batch_R[stopped_B].tolist():
-                lengths[row], reasons[row] = step + 1, "stop"
-            running_R = running_R & ~stopped_B
-            if not bool(running_R.any()):
-                break
-            if self.compact_every and step % self.compact_every == 0 and not bool(running_R.all()):
-                keep_B = running_R.nonzero().squeeze(-1)
-                start = int(pad_R[keep_B].min())
-                for layer in cache.layers:
-                    layer.reshape(keep_B, start, layer.keys.shape[-2] - start)
-                mask_RS = mask_RS.index_select(0, keep_B)[:, start:]
-                pad_R, next_pos_R = pad_R[keep_B] - start, next_pos_R[keep_B]
-                batch_R, tokens_B, running_R = batch_R[keep_B], tokens_B[keep_B], running_R[keep_B]
+                tokens_RT[rows_B, step], logprobs_RT[rows_B, step] = tokens_B, logp_B
+                stopped_B = batch.running_B & torch.isin(tokens_B, eos)
+                if sampling.stop_strings:
+                    stopped_B |= batch.running_B & self._stop_string_hits(
+                        tokens_RT, rows_B, step, sampling.stop_strings
+                    )
+                for row in rows_B[stopped_B].tolist():
+                    lengths[row], reasons[row] = step + 1, "stop"
+                batch.running_B = batch.running_B & ~stopped_B
+                if step + 1 == T or not bool(batch.running_B.any()):
+                    break
+                if self.compact_every and step % self.compact_every == 0 and not bool(batch.running_B.all()):
+                    tokens_B = batch.compact(tokens_B)
+                logits_BV = self._forward(
+                    batch.cache,
+                    input_ids=tokens_B[:, None],
+                    position_ids=batch.next_pos_B[:, None],
+                    attention_mask=batch.prefix.mask_PW[:, None, None, :],  # 4D: transformers builds no mask
+                    shared_prefix=batch.prefix,
+                )
+                batch.next_pos_B = batch.next_pos_B + 1
         return self._completions(tokens_RT, logprobs_RT, lengths, reasons)
-
-    def _expand(self, layer: DynamicLayer, source_R: torch.Tensor, width: int, block: int) -> _BlockLayer:
-        """Prefilled ``[P, H, width, D]`` keys/values -> ``[R, H, width + block, D]`` sample rows."""
-        grown = _BlockLayer(layer.keys, layer.values, width, block)
-        grown.reshape(source_R, 0, width + block)
-        return grown
 
     def _stop_string_hits(
         self, tokens_RT: torch.Tensor, batch_R: torch.Tensor, step: int, stop_strings: list[str]

@@ -1,0 +1,121 @@
+"""Decode attention over a prompt KV cache shared by all samples of the prompt (issue 5).
+
+The ``n`` samples of one prompt attend to the same prompt keys/values. Copying them to
+every sample row makes each decode step read the prompt cache ``n`` times, which is what
+dominated decoding on aggregation prompts (~400 prompt tokens, 4 samples). Here attention
+is split in two exact parts and merged by their log-sum-exp ("cascade" attention):
+
+- prompt part: the queries of a prompt's samples are stacked into one block and attend
+  to that prompt's keys once (``[P, kv_heads, rep * G, W]`` scores, G = most samples of a
+  prompt still decoding);
+- generated part: every sample row attends to its own generated keys (the cache rows).
+
+With each part's score maximum m_i, its sum l_i of exp(s - m_i) and its unnormalised output
+o_i (the sum of exp(s - m_i) v), ``out = sum_i o_i exp(m_i - m) / sum_i l_i exp(m_i - m)`` with
+m = max(m_1, m_2), which is exactly softmax attention over the concatenated keys.
+
+The function is registered as an attention implementation named :data:`SHARED_PREFIX_ATTENTION`;
+the engine selects it only around its decode loop and passes the :class:`SharedPrefix` as a
+forward keyword argument, which transformers hands through to the attention function.
+Without that argument it is plain sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+SHARED_PREFIX_ATTENTION = "spiral_shared_prefix"
+
+
+class SharedPrefix:
+    """The distinct prompts' keys/values (per layer) and which decode rows read which prompt."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask_PW: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        """Per layer ``[P, kv_heads, W, D]``, left-padded prompts."""
+        self.mask_PW = mask_PW
+        """Additive: 0 on prompt tokens, dtype min on left padding."""
+        self.source_R = torch.zeros(0, dtype=torch.long)
+
+    def set_rows(self, source_R: torch.Tensor) -> None:
+        """Rows ``r`` decode prompt ``source_R[r]``; rows of one prompt are contiguous and in prompt order."""
+        self.source_R = source_R
+        P, R = self.mask_PW.shape[0], len(source_R)
+        counts_P = torch.bincount(source_R, minlength=P)
+        first_P = counts_P.cumsum(0) - counts_P
+        self.group = max(int(counts_P.max()), 1)
+        # Row r sits at (prompt, j) of a [P, G] grid; empty grid cells read row 0 and are never read back.
+        self.cell_R = source_R * self.group + torch.arange(R, device=source_R.device) - first_P[source_R]
+        self.row_of_cell = torch.zeros(P * self.group, dtype=torch.long, device=source_R.device)
+        self.row_of_cell[self.cell_R] = torch.arange(R, device=source_R.device)
+
+    def keep(self, keep_B: torch.Tensor) -> None:
+        """Keep decode rows ``keep_B``; drop prompts no row reads and left padding no prompt needs."""
+        source_R = self.source_R[keep_B]
+        used_P, source_R = torch.unique(source_R, return_inverse=True)
+        start = int((self.mask_PW[used_P] != 0).sum(-1).min())
+        if len(used_P) < self.mask_PW.shape[0]:
+            self.keys = [k.index_select(0, used_P) for k in self.keys]
+            self.values = [v.index_select(0, used_P) for v in self.values]
+            self.mask_PW = self.mask_PW.index_select(0, used_P)
+        self.keys = [k[:, :, start:] for k in self.keys]
+        self.values = [v[:, :, start:] for v in self.values]
+        self.mask_PW = self.mask_PW[:, start:]
+        self.set_rows(source_R)
+
+
+def _partial_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised attention of one part: (sum of exp(s - m) v, max m, sum of exp(s - m)), scores in float32."""
+    scores = (query @ key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    return (weights.to(value.dtype) @ value).float(), top, weights.sum(dim=-1, keepdim=True)
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    shared_prefix: SharedPrefix | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """One decode step: ``query [R, H, 1, D]``, this layer's generated ``key``/``value [R, kv_heads, t, D]``.
+
+    Returns ``[R, 1, H, D]`` like the other attention implementations.
+    """
+    if shared_prefix is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    R, H, _, D = query.shape
+    prefix_k, prefix_v = shared_prefix.keys[module.layer_idx], shared_prefix.values[module.layer_idx]
+    P, kv_heads, _, _ = prefix_k.shape
+    rep, G = H // kv_heads, shared_prefix.group
+    scale = scaling if scaling is not None else D**-0.5
+
+    # Prompt part: [P, kv_heads, rep * G, D] queries against [P, kv_heads, W, D] keys.
+    q_cells = query[:, :, 0].index_select(0, shared_prefix.row_of_cell).view(P, G, kv_heads, rep, D)
+    q_cells = q_cells.permute(0, 2, 3, 1, 4).reshape(P, kv_heads, rep * G, D)
+    parts = _partial_attention(q_cells, prefix_k, prefix_v, scale, shared_prefix.mask_PW[:, None, None, :])
+    # Back to rows: [P, kv_heads, rep, G, X] -> [P * G, kv_heads, rep, X] -> [R, kv_heads, rep, X].
+    o1, m1, l1 = (
+        t.view(P, kv_heads, rep, G, -1).permute(0, 3, 1, 2, 4).reshape(P * G, kv_heads, rep, -1)[shared_prefix.cell_R]
+        for t in parts
+    )
+    # Generated part: each row's own keys, [R, kv_heads, rep, D] queries against [R, kv_heads, t, D].
+    o2, m2, l2 = _partial_attention(query.view(R, kv_heads, rep, D), key, value, scale, None)
+
+    top = torch.maximum(m1, m2)
+    w1, w2 = l1 * torch.exp(m1 - top), l2 * torch.exp(m2 - top)
+    out = (o1 * torch.exp(m1 - top) + o2 * torch.exp(m2 - top)) / (w1 + w2)
+    return out.to(query.dtype).view(R, 1, H, D), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)

@@ -1,0 +1,68 @@
+"""End to end through the CLI: warm start for 2 steps, then SPIRAL for 1 step from its export.
+
+The shipped quickstart YAMLs are used with only sizes and paths overridden, so this is
+the pipeline a user runs, shrunk to seconds.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from spiral_lit.cli import main
+
+SMALL = [
+    "--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.val_check_interval", "2",
+    "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
+    "--data.heldout_size", "4", "--data.eval_batch_size", "4",
+    "--data.task.init_args.n_terms", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["spiral_lit"])
+
+
+def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    main(
+        ["fit", "--config", "experiments/quickstart/warmstart.yaml", *SMALL,
+         "--model.init_args.policy.path", str(tiny_policy.path), "--data.batch_size", "8",
+         "--model.init_args.eval.n_samples", "2", "--model.init_args.eval.pass_k", "[1, 2]",
+         "--model.init_args.eval.set_size", "2", "--model.init_args.eval_sampling.max_new_tokens", "8",
+         "--trainer.logger.init_args.save_dir", str(runs)]
+    )  # fmt: skip
+    warm = runs / "warmstart"
+    assert (warm / "config.yaml").is_file()
+    assert (warm / "checkpoints" / "last.ckpt").is_file()
+    assert glob.glob(str(warm / "events.out.tfevents*"))
+    resolved = yaml.safe_load((warm / "config.yaml").read_text())
+    assert resolved["model"]["init_args"]["policy"]["path"] == str(tiny_policy.path)
+    exported = AutoModelForCausalLM.from_pretrained(warm / "hf")
+    before = AutoModelForCausalLM.from_pretrained(tiny_policy.path)
+    changed = [
+        not torch.equal(a, b) for a, b in zip(exported.parameters(), before.parameters(), strict=True)
+    ]
+    assert all(changed)
+
+    main(
+        ["fit", "--config", "experiments/quickstart/spiral.yaml", *SMALL, "--trainer.max_steps", "1",
+         "--model.init_args.policy.path", str(warm / "hf"), "--data.batch_size", "2",
+         "--model.init_args.algorithm.n_search", "4", "--model.init_args.algorithm.n_sets", "2",
+         "--model.init_args.algorithm.set_size", "2", "--model.init_args.algorithm.n_agg", "2",
+         "--model.init_args.search_sampling.max_new_tokens", "8",
+         "--model.init_args.aggregation_sampling.max_new_tokens", "8",
+         "--model.init_args.eval.n_samples", "2", "--model.init_args.eval.pass_k", "[1, 2]",
+         "--model.init_args.eval.set_size", "2", "--trainer.val_check_interval", "1",
+         "--trainer.logger.init_args.save_dir", str(runs)]
+    )  # fmt: skip
+    spiral = runs / "spiral"
+    assert (spiral / "config.yaml").is_file()
+    assert (spiral / "hf" / "model.safetensors").is_file()
