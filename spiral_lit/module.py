@@ -36,6 +36,7 @@ from spiral_lit.experience import (
     advantage_stats,
     aggregation_sequences,
     search_sequences,
+    set_diagnostic_stats,
     set_stats,
     trace_stats,
 )
@@ -43,6 +44,7 @@ from spiral_lit.metrics import majority_vote
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
 from spiral_lit.prompts import PromptConfig
+from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import Completion, SamplingConfig
 from spiral_lit.rollout_text import rollout_markdown
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_aggregations, sample_search
@@ -155,6 +157,7 @@ class SpiralModule(L.LightningModule):
         verifier: VerifierConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        rollout_backend: Backend = "kv_cache",
         max_generate_batch: int = 256,
         log_rollouts_every_n_steps: int = 50,
         seed: int = 0,
@@ -172,6 +175,7 @@ class SpiralModule(L.LightningModule):
             verifier: Reward computation settings.
             optimizer: Optimiser ``class_path``/``init_args``.
             lr_scheduler: Optional scheduler, stepped after every optimiser step.
+            rollout_backend: ``kv_cache`` (own engine, shared-prefix decode) or ``hf`` (``model.generate``).
             max_generate_batch: Sequences per generation call (memory).
             log_rollouts_every_n_steps: How often example rollouts go to TensorBoard as text.
             seed: Base of every rollout seed (derived per step and rank).
@@ -204,7 +208,12 @@ class SpiralModule(L.LightningModule):
         if self.task is None:
             raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
         self.runtime = PolicyRuntime(
-            self.policy_config, self.task, self.prompt_config, self.verifier_config, self.hparams.max_generate_batch
+            self.policy_config,
+            self.task,
+            self.prompt_config,
+            self.verifier_config,
+            self.hparams.max_generate_batch,
+            self.hparams.rollout_backend,
         )
         self.policy = self.runtime.model
         self.policy.train()
@@ -341,6 +350,7 @@ class SpiralModule(L.LightningModule):
             agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
             generated += sum(t.num_tokens for t in agg_flat)
             metrics |= {"reward/aggregation": float(scores.rewards_BKA.mean())} | set_stats(scores.rewards_BKA)
+            metrics |= set_diagnostic_stats(scores.search.extracted, scores.search_BN, agg.sets_BKS, scores.rewards_BKA)
             metrics |= advantage_stats("aggregation", credit.agg_adv_BKA) | trace_stats("aggregation", agg_flat)
             metrics |= _verify_stats("aggregation", scores.aggregation)
         metrics |= {f"train/{k}": v for k, v in update_stats.items()}
@@ -396,18 +406,21 @@ class SpiralModule(L.LightningModule):
             self.logger.experiment.add_text("rollouts", text, self.global_step)
 
     # ----------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: list[Problem], batch_idx: int, stage: str) -> None:
+    def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
+        """Per-problem values of every configured scaffold (evaluation.py; also used by spiral_lit.compare)."""
         assert self.runtime is not None
-        values = self.runtime.evaluate(
-            batch, self.eval_config, self.search_sampling, self.aggregation_sampling, self.eval_config.seed + batch_idx
-        )
-        log_eval_metrics(self, self.eval_metrics, stage, values)
+        return self.runtime.evaluate(batch, self.eval_config, self.search_sampling, self.aggregation_sampling)
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
 
     def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
+
+    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
+        """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
+        assert self.runtime is not None
+        return self.runtime.predict(batch, self.eval_config, self.search_sampling, self.aggregation_sampling)
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:

@@ -29,6 +29,7 @@ from spiral_lit.evaluation import EvalConfig
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
 from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.tasks.base import Problem, Task
 
@@ -79,6 +80,7 @@ class WarmStartModule(L.LightningModule):
         eval: EvalConfig | None = None,
         eval_sampling: SamplingConfig | None = None,
         verifier: VerifierConfig | None = None,
+        rollout_backend: Backend = "kv_cache",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -97,6 +99,7 @@ class WarmStartModule(L.LightningModule):
             eval: Held-out evaluation (validation/test).
             eval_sampling: Sampling for evaluation traces (both roles).
             verifier: Reward computation settings.
+            rollout_backend: Engine for evaluation rollouts: ``kv_cache`` or ``hf``.
             optimizer: Optimiser ``class_path``/``init_args``.
             lr_scheduler: Optional scheduler ``class_path``/``init_args`` (stepped every step).
             seed: Seed of the example mixing.
@@ -124,7 +127,13 @@ class WarmStartModule(L.LightningModule):
             return
         if self.task is None:
             raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
-        self.runtime = PolicyRuntime(self.policy_config, self.task, self.prompt_config, self.verifier_config)
+        self.runtime = PolicyRuntime(
+            self.policy_config,
+            self.task,
+            self.prompt_config,
+            self.verifier_config,
+            backend=self.hparams.rollout_backend,
+        )
         self.policy = self.runtime.model
         self.policy.train()
 
@@ -179,18 +188,21 @@ class WarmStartModule(L.LightningModule):
         self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
         self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))
 
-    def _evaluate(self, batch: list[Problem], batch_idx: int, stage: str) -> None:
+    def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
+        """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
         assert self.runtime is not None
-        values = self.runtime.evaluate(
-            batch, self.eval_config, self.eval_sampling, self.eval_sampling, self.eval_config.seed + batch_idx
-        )
-        log_eval_metrics(self, self.eval_metrics, stage, values)
+        return self.runtime.evaluate(batch, self.eval_config, self.eval_sampling, self.eval_sampling)
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
 
     def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
+
+    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
+        """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
+        assert self.runtime is not None
+        return self.runtime.predict(batch, self.eval_config, self.eval_sampling, self.eval_sampling)
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
