@@ -1,0 +1,124 @@
+"""Where one SPIRAL step spends its time (issue 5): seconds per phase and the share of each.
+
+Run: ``python benchmarks/train_step.py --model runs/quickstart/warmstart/hf --steps 5``
+(without ``--model`` it builds the quickstart's tiny model with random weights in a temp dir).
+Prints a table and writes JSON (``--out``).
+
+Phases, as ``SpiralModule.training_step`` runs them, with the same functions:
+generate (search traces, sets, aggregation traces), verify, log-probs (the training
+forward pass), backward, optimiser step. The update is timed per phase here, which
+``PolicyUpdater`` fuses per micro-batch; its arithmetic is the same. The first step is
+a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spiral_lit.algorithms import policy_loss, sample_sets_batch, spiral_advantages, token_logprobs
+from spiral_lit.batching import length_buckets, pack
+from spiral_lit.experience import aggregation_sequences, search_sequences
+from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
+from spiral_lit.policy import PolicyRuntime, VerifierConfig
+from spiral_lit.prompts import PromptConfig
+from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.scaffolds import sample_aggregations, sample_search
+from spiral_lit.tasks import ChainSumTask
+from spiral_lit.tiny import tokenizer_corpus
+
+PHASES = ("generate", "verify", "logprobs", "backward", "optimizer")
+
+
+def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse.Namespace, step: int) -> dict:
+    seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+    task = rt.task
+    problems = [task.problem(step * args.prompts + i, "train") for i in range(args.prompts)]
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    t = time.perf_counter()
+    search = sample_search(rt.engine, rt.renderer, problems, args.n_search, sampling, seed=step)
+    generator = torch.Generator().manual_seed(step)
+    sets_BKS = sample_sets_batch(len(problems), args.n_search, args.n_sets, args.set_size, generator)
+    agg = sample_aggregations(rt.engine, rt.renderer, problems, search.traces, sets_BKS, args.n_agg, sampling, step)
+    seconds["generate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    texts = [c.text for per_problem in agg.traces for per_set in per_problem for c in per_set]
+    result = rt.verifier.score([p for p in problems for _ in range(args.n_sets * args.n_agg)], texts)
+    rewards_BKA = torch.tensor(result.rewards).view(len(problems), args.n_sets, args.n_agg)
+    seconds["verify"] = time.perf_counter() - t
+    search_adv, agg_adv = spiral_advantages(rewards_BKA, sets_BKS, args.n_search)
+    keep = torch.ones(len(problems), dtype=torch.bool)
+    sequences = search_sequences(search, search_adv, keep) + aggregation_sequences(agg, agg_adv, keep)
+    lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in sequences]
+    n_tokens = torch.tensor(float(sum(s.completion.num_tokens for s in sequences)))
+    for rows in length_buckets(lengths, args.micro_batch_size, args.micro_batch_tokens):
+        chosen = [sequences[i] for i in rows]
+        batch = pack([s.prompt_ids for s in chosen], [s.completion.token_ids for s in chosen],
+                     rt.tokenizer.pad_token_id, {"old": [s.completion.logprobs for s in chosen]})  # fmt: skip
+        t = time.perf_counter()
+        logits = rt.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
+        logp = token_logprobs(logits, batch.targets_BT1)
+        adv = torch.tensor([s.advantage for s in chosen])
+        # normaliser = kept tokens of the whole step, as PolicyUpdater computes it
+        loss, _ = policy_loss(logp, batch.values_BT1["old"], adv, batch.completion_mask_BT1, n_tokens)
+        seconds["logprobs"] += time.perf_counter() - t
+        t = time.perf_counter()
+        loss.backward()
+        seconds["backward"] += time.perf_counter() - t
+    t = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(rt.model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds["optimizer"] = time.perf_counter() - t
+    generated = sum(s.completion.num_tokens for s in sequences)
+    return {"seconds": seconds, "generated_tokens": generated, "sequences": len(sequences)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=str, default=None, help="HF directory (default: a random tiny model)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n-search", type=int, default=8)
+    parser.add_argument("--n-sets", type=int, default=4)
+    parser.add_argument("--set-size", type=int, default=4)
+    parser.add_argument("--n-agg", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--micro-batch-size", type=int, default=128)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.json"))
+    args = parser.parse_args()
+    task = ChainSumTask(n_terms=4, digits=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            build_tiny_policy(tmp, tokenizer_corpus(task, PromptConfig(), 500), TinyModelConfig())
+            path = tmp
+        rt = PolicyRuntime(PolicyConfig(path), task, PromptConfig(), VerifierConfig(num_workers=1))
+        rt.model.train()
+        optimizer = torch.optim.AdamW(rt.model.parameters(), lr=1e-6)
+        runs = [one_step(rt, optimizer, args, step) for step in range(args.steps + 1)][1:]
+        rt.close()
+    median = {p: statistics.median(r["seconds"][p] for r in runs) for p in PHASES}
+    total = sum(median.values())
+    print(f"model {args.model or 'random tiny'}; {args.prompts} prompts x ({args.n_search} search + "
+          f"{args.n_sets * args.n_agg} aggregation) traces; median of {args.steps} steps")  # fmt: skip
+    print(f"{'phase':<10} {'seconds':>8} {'share':>7}")
+    for phase in PHASES:
+        print(f"{phase:<10} {median[phase]:8.3f} {median[phase] / total:7.1%}")
+    print(f"{'total':<10} {total:8.3f}")
+    tokens = statistics.median(r["generated_tokens"] for r in runs)
+    print(f"generated tokens per step {tokens:.0f}; generate tokens/s {tokens / median['generate']:.0f}")
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "median_seconds": median, "total": total,
+              "share": {p: median[p] / total for p in PHASES}, "steps": runs}  # fmt: skip
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
