@@ -1,21 +1,30 @@
-"""The LightningDataModule: an endless, sharded, resumable stream of training problems
-and a fixed held-out split that never overlaps it.
+"""The LightningDataModule: an endless, sharded, resumable stream of training problems,
+a fixed held-out split that never overlaps it, and (for ``predict``) problems read from a JSONL file.
 
 Batches are plain lists of :class:`~spiral_lit.tasks.base.Problem`; prompts are built by
 the LightningModule because the aggregation prompts depend on the policy's own rollouts.
 The stream's position (batches consumed on this rank) is saved in checkpoints through
 ``state_dict`` and counted in ``on_before_batch_transfer``, which runs when a batch is
 consumed, not when the loader prefetches it, so a resume neither repeats nor skips.
+
+Under DDP the held-out split is sharded without padding (rank r evaluates problems r,
+r + world, ...): Lightning's default ``DistributedSampler`` would repeat problems to even out
+the ranks, counting them twice whenever the world size does not divide ``heldout_size``.
+Ranks may then run one batch fewer than others, which evaluation allows (it has no per-batch
+collective; metrics are summed once per epoch), so the means are exact (issue 4).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from spiral_lit.tasks.base import Problem, Task
@@ -56,7 +65,7 @@ class ProblemStream(IterableDataset):
 
 
 class HeldoutProblems(Dataset):
-    """The fixed evaluation split (map-style, so Lightning shards it with a distributed sampler)."""
+    """A fixed list of problems, the held-out split or a predict file (map-style, so it can be sharded)."""
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
@@ -68,19 +77,60 @@ class HeldoutProblems(Dataset):
         return self.problems[index]
 
 
+def read_predict_problems(path: str) -> list[Problem]:
+    """Problems from a JSONL file, one object per line: ``question`` (required), ``answer`` and ``id`` (optional).
+
+    A row without ``answer`` gets ``metadata["has_reference"] = False`` (no ``correct`` in the output); a row
+    without ``id`` gets ``predict/<row index>``. Errors name the file, the line and the key.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.predict_path={path!r}: no such file")
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"data.predict_path={path!r}, line {line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise ValueError(f'{where}: a row must be a JSON object with a string "question"')
+        uid = str(row.get("id", f"predict/{len(problems)}"))
+        if uid in first_line:
+            raise ValueError(f'{where}: "id" {uid!r} repeats line {first_line[uid]}')
+        first_line[uid] = line_no
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise ValueError(f'{where}: "answer" must be a string or a number, got {type(answer).__name__}')
+        metadata = {"has_reference": answer is not None}
+        problems.append(Problem(uid, row["question"], "" if answer is None else str(answer), metadata=metadata))
+    return problems
+
+
 class ProblemDataModule(L.LightningDataModule):
     """Training stream and held-out split of one task."""
 
     def __init__(
-        self, task: Task, batch_size: int = 4, heldout_size: int = 200, eval_batch_size: int = 50, seed: int = 0
+        self,
+        task: Task,
+        batch_size: int = 4,
+        heldout_size: int = 200,
+        eval_batch_size: int = 50,
+        seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
         """
         Args:
             task: Where problems and their verifier come from (``class_path`` in YAML).
             batch_size: Prompts per training step on each rank.
             heldout_size: Problems in the fixed validation/test split.
-            eval_batch_size: Problems per evaluation batch.
+            eval_batch_size: Problems per evaluation (and predict) batch.
             seed: Shuffling seed for finite datasets.
+            predict_path: JSONL file of problems for ``predict``: one object per line with ``question``
+                and optionally ``answer`` (then scored) and ``id``.
         """
         super().__init__()
         for key, value in {
@@ -104,6 +154,7 @@ class ProblemDataModule(L.LightningDataModule):
         )
         self.heldout = [task.problem(i, "heldout") for i in range(heldout_size)]
         self._excluded = frozenset(p.question for p in self.heldout)
+        self.predict_problems = read_predict_problems(predict_path) if predict_path is not None else None
         self.consumed_batches = 0
 
     def train_dataloader(self) -> DataLoader:
@@ -115,13 +166,30 @@ class ProblemDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=_as_list)
 
     def _heldout_loader(self) -> DataLoader:
-        return DataLoader(HeldoutProblems(self.heldout), batch_size=self.eval_batch_size, collate_fn=_as_list)
+        dataset = HeldoutProblems(self.heldout)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world == 1:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=_as_list)
+        if len(dataset) < world:
+            raise ValueError(f"data.heldout_size={len(dataset)} is smaller than the {world} processes evaluating it")
+        # Unpadded sharding (module docstring): every held-out problem is evaluated exactly once.
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
+        )
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_as_list)
 
     def val_dataloader(self) -> DataLoader:
         return self._heldout_loader()
 
     def test_dataloader(self) -> DataLoader:
         return self._heldout_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_problems is None:
+            raise ValueError("data.predict_path is not set: predict reads its problems from a JSONL file")
+        # Lightning shards it over ranks without padding (UnrepeatedDistributedSamplerWrapper).
+        dataset = HeldoutProblems(self.predict_problems)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=_as_list)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:

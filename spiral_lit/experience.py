@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from spiral_lit.metrics import gather_sets, set_diagnostics
 from spiral_lit.rollout.base import Completion
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout
 from spiral_lit.update import TrainSequence
@@ -64,3 +65,19 @@ def set_stats(rewards_BKA: torch.Tensor) -> dict[str, float]:
         "sets/score_mean": float(scores_BK.mean()),
         "sets/score_std": float(scores_BK.std(dim=-1, unbiased=False).mean()),
     }
+
+
+def set_diagnostic_stats(
+    search_answers: list[str | None], search_BN: torch.Tensor, sets_BKS: torch.Tensor, rewards_BKA: torch.Tensor
+) -> dict[str, float]:
+    """Step means of the aggregation diagnostics (:func:`spiral_lit.metrics.set_diagnostics`) over all sets.
+
+    ``search_answers``: the B * N extracted answers of the search traces, problem-major; rewards >= 1 count as
+    correct. Recovery/override are left out of a step where no set had a wrong/right majority.
+    """
+    B, N = search_BN.shape
+    answers_BN = [search_answers[b * N : (b + 1) * N] for b in range(B)]
+    correct_BKS = (search_BN >= 1.0).gather(1, sets_BKS.reshape(B, -1)).view_as(sets_BKS)
+    diag = set_diagnostics(gather_sets(answers_BN, sets_BKS), correct_BKS, rewards_BKA >= 1.0)
+    means = {f"sets/{key.removeprefix('set_')}": values.nanmean() for key, values in diag.items() if key != "accuracy"}
+    return {key: float(value) for key, value in means.items() if not value.isnan()}

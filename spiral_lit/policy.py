@@ -6,6 +6,7 @@ model there) and shared by training and evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from spiral_lit.evaluation import EvalConfig, evaluate_problems
 from spiral_lit.models import PolicyConfig, load_policy
+from spiral_lit.predict import predict_problems
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import Backend, RolloutEngine, SamplingConfig, make_engine
 from spiral_lit.tasks.base import Problem, Task
@@ -56,10 +58,22 @@ class PolicyRuntime:
         config: EvalConfig,
         search_sampling: SamplingConfig,
         aggregation_sampling: SamplingConfig,
-        seed: int,
     ) -> dict[str, torch.Tensor]:
+        """Per-problem metric values of every configured scaffold (:mod:`spiral_lit.evaluation`)."""
         return evaluate_problems(
-            self.engine, self.renderer, self.verifier, problems, config, search_sampling, aggregation_sampling, seed
+            self.engine, self.renderer, self.verifier, problems, config, search_sampling, aggregation_sampling
+        )
+
+    def predict(
+        self,
+        problems: list[Problem],
+        config: EvalConfig,
+        search_sampling: SamplingConfig,
+        aggregation_sampling: SamplingConfig,
+    ) -> list[dict[str, Any]]:
+        """One answer record per problem with ``config.predict_scaffold`` (:mod:`spiral_lit.predict`)."""
+        return predict_problems(
+            self.engine, self.renderer, self.verifier, problems, config, search_sampling, aggregation_sampling
         )
 
     def close(self) -> None:
@@ -69,12 +83,17 @@ class PolicyRuntime:
 def log_eval_metrics(
     module: L.LightningModule, metrics: torch.nn.ModuleDict, stage: str, values: dict[str, torch.Tensor]
 ) -> None:
-    """Average per-problem values with torchmetrics (correct over ranks) and log them as ``{stage}/{name}``."""
+    """Average per-problem values with torchmetrics and log them as ``{stage}/{name}``.
+
+    Each metric keeps a sum and a count (float64), summed over ranks when computed, so N processes
+    give the mean over all problems that 1 process gives. NaN values (a rate undefined for that
+    problem or set, e.g. recovery where the majority was right) are left out of the mean.
+    """
     for name, per_problem in values.items():
         key = f"{stage}/{name}"
         slot = key.replace("/", "__").replace("@", "_at_").replace(".", "_")
         if slot not in metrics:
-            metrics[slot] = torchmetrics.MeanMetric().to(module.device)
+            metrics[slot] = torchmetrics.MeanMetric(nan_strategy="ignore").set_dtype(torch.float64).to(module.device)
         metric = metrics[slot]
         metric.update(per_problem.to(module.device))
         module.log(

@@ -1,23 +1,39 @@
 """Compositions of the three compute primitives over one rollout engine.
 
 - parallel search: ``n`` independent traces per problem;
-- aggregation: one prompt per set of earlier traces, ``n_agg`` traces per prompt.
+- aggregation: one prompt per set of earlier traces, ``n_agg`` traces per prompt;
+- recursive self-aggregation (RSA, method.md section 6): rounds of aggregation, each new
+  population member reading a random subset of the previous population.
 
 Used by training (the SPIRAL rollout, method.md section 2) and evaluation alike, so the
-two never drift apart. Seeds are derived from (seed, phase) by the caller; candidate
-order uses a ``random.Random`` seeded per (seed, problem, set).
+two never drift apart. Seeds are derived from (seed, phase) by the caller. Training passes
+one seed per call; evaluation passes one seed per problem (derived from the problem's uid
+with :func:`stable_seed`), so that a problem's rollouts, candidate orders and RSA sets do
+not depend on which batch or rank it lands in (issue 4).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
 import torch
 
+from spiral_lit.algorithms import sample_member_sets
 from spiral_lit.prompts import PromptRenderer
-from spiral_lit.rollout.base import Completion, RolloutEngine, SamplingConfig
+from spiral_lit.rollout.base import Completion, RolloutEngine, SamplingConfig, Seed
 from spiral_lit.tasks.base import Problem
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (joined by ``/``), the same in every process and run.
+
+    Python's ``hash()`` of a str is salted per process (PYTHONHASHSEED), so two DDP ranks would
+    disagree; a cryptographic digest does not.
+    """
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
@@ -48,8 +64,9 @@ def sample_search(
     problems: list[Problem],
     n: int,
     sampling: SamplingConfig,
-    seed: int,
+    seed: Seed,
 ) -> SearchRollout:
+    """``n`` search traces per problem; ``seed``: one for the call, or one per problem."""
     prompts = [renderer.search(p) for p in problems]
     return SearchRollout(prompts, engine.generate(prompts, n, sampling, seed))
 
@@ -62,21 +79,56 @@ def sample_aggregations(
     sets_BKS: torch.Tensor,
     n_agg: int,
     sampling: SamplingConfig,
-    seed: int,
+    seed: Seed,
 ) -> AggregationRollout:
-    """One aggregation prompt per set (problem + its candidates), ``n_agg`` samples each."""
+    """One aggregation prompt per set (problem + its candidates), ``n_agg`` samples each.
+
+    ``seed``: one for the call (candidate order seeded per (seed, batch position, set)), or one
+    per problem (candidate order and sampling seeded per (problem seed, set), whatever the batch).
+    """
     B, K, _ = sets_BKS.shape
+    per_problem = isinstance(seed, list)
+
+    def order_rng(b: int, k: int) -> random.Random:
+        return random.Random(f"{seed[b]}/{k}" if per_problem else f"{seed}/{b}/{k}")
+
     prompts = [
         [
-            renderer.aggregation(
-                problem,
-                [candidates[b][int(i)].token_ids for i in sets_BKS[b, k]],
-                random.Random(f"{seed}/{b}/{k}"),
-            )
+            renderer.aggregation(problem, [candidates[b][int(i)].token_ids for i in sets_BKS[b, k]], order_rng(b, k))
             for k in range(K)
         ]
         for b, problem in enumerate(problems)
     ]
-    flat = engine.generate([p for per_problem in prompts for p in per_problem], n_agg, sampling, seed)
+    engine_seed = [stable_seed(seed[b], "set", k) for b in range(B) for k in range(K)] if per_problem else seed
+    flat = engine.generate([p for per_problem in prompts for p in per_problem], n_agg, sampling, engine_seed)
     traces = [flat[b * K : (b + 1) * K] for b in range(B)]
     return AggregationRollout(sets_BKS, prompts, traces)
+
+
+def recursive_aggregation(
+    engine: RolloutEngine,
+    renderer: PromptRenderer,
+    problems: list[Problem],
+    population: list[list[Completion]],
+    rounds: int,
+    set_size: int,
+    sampling: SamplingConfig,
+    seeds: list[int],
+) -> list[AggregationRollout]:
+    """RSA (method.md section 6): ``rounds`` rounds over the initial ``population`` ``[B][N]``.
+
+    In round t each of the N new members aggregates its own uniformly random ``set_size``-subset
+    of the population of round t - 1 (one aggregation trace per member). Returns one rollout per
+    round, ``sets_BKS`` ``[B, N, set_size]`` and ``traces`` ``[B][N][1]``; round t's population is
+    ``[[s[0] for s in per_problem] for per_problem in rounds[t - 1].traces]``. ``seeds``: one per problem.
+    """
+    out: list[AggregationRollout] = []
+    for t in range(1, rounds + 1):
+        N = len(population[0])
+        generators = [torch.Generator().manual_seed(stable_seed(s, "rsa_sets", t)) for s in seeds]
+        sets_BNK = torch.stack([sample_member_sets(N, N, set_size, g) for g in generators])
+        round_seeds = [stable_seed(s, "rsa", t) for s in seeds]
+        agg = sample_aggregations(engine, renderer, problems, population, sets_BNK, 1, sampling, round_seeds)
+        out.append(agg)
+        population = [[per_set[0] for per_set in per_problem] for per_problem in agg.traces]
+    return out

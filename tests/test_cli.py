@@ -47,9 +47,7 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     assert resolved["model"]["init_args"]["policy"]["path"] == str(tiny_policy.path)
     exported = AutoModelForCausalLM.from_pretrained(warm / "hf")
     before = AutoModelForCausalLM.from_pretrained(tiny_policy.path)
-    changed = [
-        not torch.equal(a, b) for a, b in zip(exported.parameters(), before.parameters(), strict=True)
-    ]
+    changed = [not torch.equal(a, b) for a, b in zip(exported.parameters(), before.parameters(), strict=True)]
     assert all(changed)
 
     main(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral_lit.data import ProblemDataModule, ProblemStream, train_indices
+from spiral_lit.data import ProblemDataModule, ProblemStream, read_predict_problems, train_indices
 from spiral_lit.tasks import ChainSumTask, MathDatasetTask, Problem
 
 
@@ -136,3 +136,55 @@ def test_math_task_with_a_missing_file_fails_first(tmp_path: Path) -> None:
     # Checked before the other arguments: heldout_split with a file would otherwise be a ValueError.
     with pytest.raises(FileNotFoundError, match="nope/train.jsonl"):
         MathDatasetTask(missing, heldout_split="test", question_column="no_such_column")
+
+
+def test_heldout_is_sharded_over_ranks_without_repeats() -> None:
+    """5 problems on 2 ranks: 3 + 2, each evaluated once (DistributedSampler would repeat problem 0)."""
+    dm = ProblemDataModule(ChainSumTask(), heldout_size=5, eval_batch_size=2)
+    shards = []
+    for rank in (0, 1):
+        dm.trainer = _TrainerStub(global_rank=rank, world_size=2, training=False)
+        shards.append([p for batch in dm.val_dataloader() for p in batch])
+    assert _uids(shards[0]) == [f"chain_sum/heldout/{i}" for i in (0, 2, 4)]
+    assert _uids(shards[1]) == [f"chain_sum/heldout/{i}" for i in (1, 3)]
+    dm.trainer = _TrainerStub(global_rank=0, world_size=8, training=False)
+    with pytest.raises(ValueError, match=r"data\.heldout_size=5 is smaller than the 8 processes"):
+        dm.test_dataloader()
+
+
+def test_predict_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "problems.jsonl"
+    rows = [{"id": "q1", "question": "What is 1+2?", "answer": 3}, {"question": "What is 2+2?"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    dm = ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(path))
+    problems = [p for batch in dm.predict_dataloader() for p in batch]
+    assert [(p.uid, p.question, p.answer) for p in problems] == [
+        ("q1", "What is 1+2?", "3"),
+        ("predict/1", "What is 2+2?", ""),
+    ]
+    assert [p.metadata["has_reference"] for p in problems] == [True, False]
+    with pytest.raises(ValueError, match=r"data\.predict_path is not set"):
+        ProblemDataModule(ChainSumTask(), heldout_size=2).predict_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('{"question": "ok"}\n{"question": "x",\n', r"line 2: not valid JSON"),
+        ('{"question": "ok"}\n\n{"answer": "3"}\n', r'line 3: a row must be a JSON object with a string "question"'),
+        ('["question"]\n', r"line 1: a row must be a JSON object"),
+        ('{"question": "a", "answer": [1]}\n', r'line 1: "answer" must be a string or a number'),
+        ('{"id": 7, "question": "a"}\n{"id": "7", "question": "b"}\n', r"line 2: \"id\" '7' repeats line 1"),
+    ],
+)
+def test_bad_predict_rows_name_the_file_line_and_key(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match) as error:
+        read_predict_problems(str(path))
+    assert "bad.jsonl" in str(error.value)
+
+
+def test_missing_predict_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.predict_path=.*nope\.jsonl"):
+        ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(tmp_path / "nope.jsonl"))

@@ -1,4 +1,4 @@
-"""pass@k and majority vote (method.md section 6)."""
+"""pass@k, majority vote and aggregation diagnostics (method.md section 6; issue 4)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 from fractions import Fraction
 
 import pytest
+import torch
 
-from spiral_lit.metrics import majority_vote, majority_vote_correct, pass_at_k
+from spiral_lit.metrics import gather_sets, majority_vote, majority_vote_correct, pass_at_k, set_diagnostics
 
 
 def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -74,3 +75,51 @@ def test_majority_vote_correct() -> None:
     assert majority_vote_correct([None, None], [False, False]) is False
     with pytest.raises(ValueError, match="same length"):
         majority_vote_correct(["1"], [True, False])
+
+
+def test_gather_sets_picks_each_sets_members() -> None:
+    sets_BKS = torch.tensor([[[0, 2], [1, 2]], [[1, 0], [2, 2]]])
+    assert gather_sets([["a", "b", "c"], ["x", "y", "z"]], sets_BKS) == [
+        [["a", "c"], ["b", "c"]],
+        [["y", "x"], ["z", "z"]],
+    ]
+
+
+def _nan_equal(actual: torch.Tensor, expected: list[list[float]]) -> bool:
+    return torch.equal(actual.isnan(), torch.tensor(expected).isnan()) and torch.allclose(
+        actual.nan_to_num(-1.0), torch.tensor(expected).nan_to_num(-1.0)
+    )
+
+
+def test_set_diagnostics_on_hand_built_sets() -> None:
+    nan = math.nan
+    # Set 0: majority "5" is right, one of two aggregations goes wrong (override 0.5).
+    # Set 1: majority "7" is wrong, both aggregations find the lone right "5" (recovery 1).
+    # Set 2: no candidate is right and two are unparsed; the aggregations stay wrong (recovery 0).
+    answers = [[["5", "5", "7"], ["7", "7", "5"], [None, None, "9"]]]
+    candidate_correct = torch.tensor([[[True, True, False], [False, False, True], [False, False, False]]])
+    aggregation_correct = torch.tensor([[[True, False], [True, True], [False, False]]])
+    diag = set_diagnostics(answers, candidate_correct, aggregation_correct)
+    assert _nan_equal(diag["set_oracle"], [[1.0, 1.0, 0.0]])
+    assert _nan_equal(diag["set_majority"], [[1.0, 0.0, 0.0]])
+    assert _nan_equal(diag["accuracy"], [[0.5, 1.0, 0.0]])
+    assert _nan_equal(diag["recovery"], [[nan, 1.0, 0.0]])
+    assert _nan_equal(diag["override"], [[0.5, nan, nan]])
+    assert _nan_equal(diag["distinct_answers"], [[2.0, 2.0, 1.0]])
+    # Rates over the sets where they are defined, as a NaN-skipping mean gives them.
+    assert float(diag["recovery"].nanmean()) == 0.5
+    assert float(diag["override"].nanmean()) == 0.5
+
+
+def test_set_diagnostics_majority_tie_uses_the_first_answer() -> None:
+    # "1" and "2" tie; "1" appeared first and is wrong, so the majority is wrong although "2" is right.
+    diag = set_diagnostics([[["1", "2"]]], torch.tensor([[[False, True]]]), torch.tensor([[[True]]]))
+    assert diag["set_majority"].item() == 0.0 and diag["set_oracle"].item() == 1.0
+    assert diag["recovery"].item() == 1.0 and diag["override"].isnan().item()
+
+
+def test_set_diagnostics_checks_shapes() -> None:
+    with pytest.raises(ValueError, match="answers_BKS"):
+        set_diagnostics([[["1"]]], torch.zeros(1, 1, 2, dtype=torch.bool), torch.zeros(1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="aggregation_correct_BKA"):
+        set_diagnostics([[["1"]]], torch.zeros(1, 1, 1, dtype=torch.bool), torch.zeros(1, 2, 1, dtype=torch.bool))

@@ -76,6 +76,7 @@ EXPECTED_METRICS = {
         "advantage/aggregation_mean", "advantage/aggregation_std", "advantage/aggregation_min",
         "advantage/aggregation_max", "train/loss/aggregation", "train/entropy/aggregation",
         "length/aggregation", "truncated/aggregation", "tokens/aggregation",
+        "sets/oracle", "sets/majority", "sets/distinct_answers",
     ],
 }  # fmt: skip
 

@@ -19,7 +19,7 @@ from spiral_lit.algorithms.losses import (
     token_entropy,
     token_logprobs,
 )
-from spiral_lit.algorithms.sets import sample_sets, sample_sets_batch
+from spiral_lit.algorithms.sets import sample_member_sets, sample_sets, sample_sets_batch
 
 __all__ = [
     "LossType",
@@ -30,6 +30,7 @@ __all__ = [
     "length_gate",
     "loss_normaliser",
     "policy_loss",
+    "sample_member_sets",
     "sample_sets",
     "sample_sets_batch",
     "spiral_advantages",

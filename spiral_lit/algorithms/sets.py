@@ -86,3 +86,21 @@ def sample_sets_batch(
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1")
     return torch.stack([sample_sets(n_search, n_sets, set_size, generator) for _ in range(batch)])
+
+
+def sample_member_sets(
+    n_members: int, population: int, set_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Recursive self-aggregation's sets (method.md section 6): LongTensor ``[n_members, set_size]``.
+
+    Each new member draws its own uniformly random ``set_size``-subset of ``range(population)``
+    (indices ascending), independently of the others: unlike :func:`sample_sets`, two members
+    may read the same set, as in RSA, where K-subsets of N are drawn with replacement across members.
+    """
+    if n_members < 1 or population < 1 or not 1 <= set_size <= population:
+        raise ValueError(
+            f"n_members={n_members}, population={population} must be >= 1 and set_size={set_size} in [1, population]"
+        )
+    # argsort of iid uniforms is a uniform random permutation per row; its first set_size entries a uniform subset.
+    order_MP = torch.rand((n_members, population), generator=generator).argsort(dim=-1)
+    return order_MP[:, :set_size].sort(dim=-1).values

@@ -7,7 +7,7 @@ from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from spiral_lit.rollout.base import Completion, FinishReason, RolloutEngine, SamplingConfig
+from spiral_lit.rollout.base import Completion, FinishReason, RolloutEngine, SamplingConfig, Seed
 from spiral_lit.rollout.engine import KVCacheEngine
 from spiral_lit.rollout.hf import HFGenerateEngine
 
@@ -34,5 +34,6 @@ __all__ = [
     "KVCacheEngine",
     "RolloutEngine",
     "SamplingConfig",
+    "Seed",
     "make_engine",
 ]

@@ -54,9 +54,24 @@ class Completion:
         return len(self.token_ids)
 
 
+Seed = int | list[int]
+"""One seed for the whole request, or one per prompt (``len(prompts)`` of them)."""
+
+
 class RolloutEngine(Protocol):
-    """Generates ``n`` completions for each prompt; the same seed gives the same completions."""
+    """Generates ``n`` completions for each prompt; the same seed gives the same completions.
+
+    With one seed per prompt, a prompt's completions do not depend on the other prompts of the
+    request either (up to floating point, see :mod:`spiral_lit.rollout.engine`): evaluation relies
+    on it so that a problem's rollouts are the same whichever batch or rank it lands in (issue 4).
+    """
 
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: Seed
     ) -> list[list[Completion]]: ...
+
+
+def check_seeds(prompts: list[list[int]], seed: Seed) -> None:
+    """Raise unless ``seed`` is an int or a list with one seed per prompt."""
+    if isinstance(seed, list) and len(seed) != len(prompts):
+        raise ValueError(f"generate: got {len(seed)} seeds for {len(prompts)} prompts; give one per prompt or an int")

@@ -17,7 +17,8 @@ What it does that ``model.generate`` (:mod:`spiral_lit.rollout.hf`) does not:
 
 Sampling (:mod:`spiral_lit.rollout.sampling`) is inverse-CDF with one uniform number per
 (prompt index, sample index, step), drawn up front from a ``torch.Generator`` seeded with
-``seed``; the global RNG is never touched. The same request and seed give the same
+``seed`` (or, given one seed per prompt, from each prompt's own generator, so a prompt's draws
+do not depend on the rest of the request); the global RNG is never touched. The same request and seed give the same
 rollouts, and a row's draws do not depend on which rows share its batch: neither
 ``max_batch_size`` chunking nor compaction changes which uniform a row uses. What can still
 couple rows is floating point: a row's logits come from a batch whose size and padding
@@ -43,8 +44,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from spiral_lit.rollout.attention import SHARED_PREFIX_ATTENTION, SharedPrefix
-from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig
-from spiral_lit.rollout.sampling import sample_tokens
+from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig, Seed
+from spiral_lit.rollout.sampling import draw_uniforms, sample_tokens
 
 
 class _BlockLayer(DynamicLayer):
@@ -160,12 +161,13 @@ class KVCacheEngine:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._last_logit_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[list[Completion]]:
-        """``n`` completions per prompt, grouped per prompt in input order."""
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: Seed
+    ) -> list[list[Completion]]:
+        """``n`` completions per prompt, grouped per prompt in input order; ``seed``: one, or one per prompt."""
         if _is_sharded(self.model):
             raise NotImplementedError("KVCacheEngine cannot decode an FSDP-sharded model; use rollout backend 'hf'")
-        generator = torch.Generator().manual_seed(seed)
-        uniforms_RT = torch.rand((len(prompts) * n, sampling.max_new_tokens), generator=generator)
+        uniforms_RT = draw_uniforms(len(prompts), n, sampling.max_new_tokens, seed)
         # Output rows (prompt i, sample j) -> row i * n + j, grouped by distinct prompt, longest prompt first,
         # so a chunk holds whole prompts where possible and prompts of similar length.
         distinct: dict[tuple[int, ...], list[int]] = {}

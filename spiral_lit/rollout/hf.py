@@ -20,7 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from spiral_lit.rollout.base import Completion, SamplingConfig
+from spiral_lit.rollout.base import Completion, SamplingConfig, Seed, check_seeds
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -109,18 +109,28 @@ class HFGenerateEngine:
             reason = "stop"
         return Completion(token_ids=ids, logprobs=logprobs[: len(ids)].clone(), finish_reason=reason, text=text)
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[list[Completion]]:
-        """``n`` completions per prompt, grouped per prompt in input order."""
-        rows = [p for p in prompts for _ in range(n)]
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: Seed
+    ) -> list[list[Completion]]:
+        """``n`` completions per prompt, grouped per prompt in input order.
+
+        ``model.generate`` draws from the global RNG, so one seed per prompt means one ``generate``
+        call per prompt (seeded with it): slower, but a prompt's samples then depend on nothing else.
+        """
+        check_seeds(prompts, seed)
+        # (prompt indices, seed) per group of rows sampled after one manual_seed.
+        groups = [(range(len(prompts)), seed)] if isinstance(seed, int) else [([i], s) for i, s in enumerate(seed)]
         was_training = self.model.training
         self.model.eval()
         out: list[Completion] = []
         try:
             cuda = [self.model.device] if self.model.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(seed)
-                for start in range(0, len(rows), self.max_batch_size):
-                    out.extend(self._generate_chunk(rows[start : start + self.max_batch_size], sampling))
+                for indices, group_seed in groups:
+                    torch.manual_seed(group_seed)
+                    rows = [prompts[i] for i in indices for _ in range(n)]
+                    for start in range(0, len(rows), self.max_batch_size):
+                        out.extend(self._generate_chunk(rows[start : start + self.max_batch_size], sampling))
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -12,6 +12,21 @@ from __future__ import annotations
 import torch
 
 
+def draw_uniforms(num_prompts: int, n: int, steps: int, seed: int | list[int]) -> torch.Tensor:
+    """Uniforms ``[num_prompts * n, steps]`` for inverse-CDF sampling; row ``i * n + j`` is (prompt i, sample j).
+
+    An int seeds one generator for the whole request; a list gives prompt i its own generator
+    seeded with ``seed[i]``, so its rows do not depend on the other prompts of the request.
+    """
+    if isinstance(seed, int):
+        return torch.rand((num_prompts * n, steps), generator=torch.Generator().manual_seed(seed))
+    if len(seed) != num_prompts:
+        raise ValueError(f"got {len(seed)} seeds for {num_prompts} prompts; give one per prompt or an int")
+    if not seed:
+        return torch.empty((0, steps))
+    return torch.cat([torch.rand((n, steps), generator=torch.Generator().manual_seed(s)) for s in seed])
+
+
 def sampler_logprobs(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) in float32, T = 1 for greedy: the quantity the trainer recomputes."""
     return torch.log_softmax(logits_BV.float() / (temperature if temperature > 0 else 1.0), dim=-1)

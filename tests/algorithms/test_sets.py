@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from spiral_lit.algorithms import sample_sets, sample_sets_batch
+from spiral_lit.algorithms import sample_member_sets, sample_sets, sample_sets_batch
 from spiral_lit.algorithms.sets import _sample_sets_enumerate, _sample_sets_rejection
 
 SAMPLERS = [_sample_sets_enumerate, _sample_sets_rejection]
@@ -123,3 +123,23 @@ def test_sample_sets_errors(n_search: int, n_sets: int, set_size: int, match: st
 def test_sample_sets_batch_rejects_empty_batch() -> None:
     with pytest.raises(ValueError, match="batch=0"):
         sample_sets_batch(0, 8, 4, 4)
+
+
+def test_member_sets_are_independent_uniform_subsets() -> None:
+    """RSA (method.md section 6): each member reads its own uniform K-subset; members may share one."""
+    generator = torch.Generator().manual_seed(0)
+    sets_MK = sample_member_sets(20000, 4, 2, generator)
+    assert sets_MK.shape == (20000, 2) and sets_MK.dtype == torch.long
+    assert bool((sets_MK[:, 0] < sets_MK[:, 1]).all())  # distinct members within a set, ascending
+    counts = Counter(map(tuple, sets_MK.tolist()))
+    assert set(counts) == set(itertools.combinations(range(4), 2))  # repeats across members are allowed
+    assert all(abs(c / 20000 - 1 / 6) < 0.015 for c in counts.values())  # uniform over the C(4, 2) = 6 subsets
+    again = sample_member_sets(20000, 4, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(sets_MK, again)
+
+
+def test_member_sets_of_the_whole_population_and_bad_sizes() -> None:
+    assert sample_member_sets(3, 4, 4).tolist() == [[0, 1, 2, 3]] * 3
+    for args in [(0, 4, 2), (2, 4, 5), (2, 4, 0)]:
+        with pytest.raises(ValueError, match="set_size"):
+            sample_member_sets(*args)

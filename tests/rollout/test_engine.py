@@ -240,3 +240,16 @@ def test_make_engine_dispatches_on_backend(policy) -> None:
     assert isinstance(make_engine("hf", model, tokenizer, 8), HFGenerateEngine)
     with pytest.raises(ValueError, match="backend='vllm'"):
         make_engine("vllm", model, tokenizer)  # type: ignore[arg-type]
+
+
+def test_one_seed_per_prompt_makes_a_prompts_samples_independent_of_the_others(policy, prompts) -> None:
+    """Evaluation's guarantee (issue 4): a prompt's rollouts do not depend on its batch (up to floating point)."""
+    model, tokenizer = policy
+    engine = KVCacheEngine(model, tokenizer)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0)
+    together = engine.generate(prompts, n=2, sampling=sampling, seed=[5, 6, 7, 8])
+    alone = engine.generate(prompts[1:2], n=2, sampling=sampling, seed=[6])
+    reordered = engine.generate([prompts[3], prompts[1]], n=2, sampling=sampling, seed=[8, 6])
+    assert _ids(alone) == _ids(together)[1:2]
+    assert _ids(reordered) == [_ids(together)[3], _ids(together)[1]]
+    assert _ids(together)[0] != _ids(engine.generate(prompts[:1], n=2, sampling=sampling, seed=[9]))[0]

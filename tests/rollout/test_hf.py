@@ -168,3 +168,17 @@ def test_generate_restores_training_mode(policy, prompts) -> None:
         assert model.training
     finally:
         model.eval()
+
+
+def test_one_seed_per_prompt_makes_a_prompts_samples_independent_of_the_others(policy, prompts) -> None:
+    model, tokenizer = policy
+    engine = HFGenerateEngine(model, tokenizer)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    together = engine.generate(prompts, n=2, sampling=sampling, seed=[5, 6, 7])
+    alone = engine.generate(prompts[1:2], n=2, sampling=sampling, seed=[6])
+    reordered = engine.generate([prompts[2], prompts[1]], n=2, sampling=sampling, seed=[7, 6])
+    ids = [[c.token_ids for c in group] for group in together]
+    assert [[c.token_ids for c in group] for group in alone] == ids[1:2]
+    assert [[c.token_ids for c in group] for group in reordered] == [ids[2], ids[1]]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        engine.generate(prompts, n=1, sampling=sampling, seed=[1, 2])

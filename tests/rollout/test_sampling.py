@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spiral_lit.rollout.sampling import sample_tokens
+from spiral_lit.rollout.sampling import draw_uniforms, sample_tokens
 
 
 def _logits(probs: list[float]) -> torch.Tensor:
@@ -57,3 +57,14 @@ def test_frequencies_follow_the_distribution() -> None:
     uniforms = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
     tokens, _ = sample_tokens(probs.log().expand(20_000, -1), uniforms, temperature=1.0, top_p=1.0)
     torch.testing.assert_close(torch.bincount(tokens, minlength=3) / 20_000, probs, atol=0.015, rtol=0)
+
+
+def test_uniforms_with_one_seed_per_prompt_come_from_each_prompts_own_generator() -> None:
+    together = draw_uniforms(3, 2, 5, [11, 22, 33])
+    assert together.shape == (6, 5)
+    for i, seed in enumerate([11, 22, 33]):
+        alone = torch.rand((2, 5), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(together[2 * i : 2 * i + 2], alone)  # rows of prompt i, whatever the others are
+    assert torch.equal(draw_uniforms(2, 3, 4, 7), torch.rand((6, 4), generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        draw_uniforms(3, 1, 4, [1, 2])
