@@ -42,7 +42,13 @@ from spiral_lit.experience import (
 )
 from spiral_lit.metrics import majority_vote
 from spiral_lit.models import PolicyConfig
-from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
+from spiral_lit.policy import (
+    PolicyRuntime,
+    VerifierConfig,
+    clip_and_step,
+    configure_policy_optimizers,
+    log_eval_metrics,
+)
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import Completion, SamplingConfig
@@ -222,13 +228,7 @@ class SpiralModule(L.LightningModule):
             object.__setattr__(self, "reference", copy.deepcopy(self.policy).eval().requires_grad_(False))
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.policy.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
 
     def _updater(self) -> PolicyUpdater:
         assert self.runtime is not None
@@ -369,17 +369,8 @@ class SpiralModule(L.LightningModule):
         return bool(self.trainer.strategy.reduce(flag, reduce_op="min") > 0.5)
 
     def _update(self, sequences: list[TrainSequence]) -> dict[str, float]:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-
         def step() -> None:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.update_config.max_grad_norm, gradient_clip_algorithm="norm"
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
+            clip_and_step(self, self.update_config.max_grad_norm)
 
         # With no sequence (every prompt dropped) the step still runs, so ranks and step counts stay aligned.
         stats = self._updater().update(sequences, self.manual_backward, step, self.device, self._step_seed(6))

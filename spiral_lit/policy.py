@@ -104,3 +104,24 @@ def log_eval_metrics(
             batch_size=len(per_problem),
             metric_attribute=f"eval_metrics.{slot}",
         )
+
+
+def configure_policy_optimizers(
+    module: L.LightningModule, optimizer_factory: Any, scheduler_factory: Any | None
+) -> Any:
+    """``configure_optimizers`` of both modules: the YAML's optimiser (and scheduler, stepped per step)."""
+    optimizer = optimizer_factory(module.policy.parameters())
+    if scheduler_factory is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}
+
+
+def clip_and_step(module: L.LightningModule, max_grad_norm: float) -> None:
+    """One optimiser step under manual optimisation: clip, step, zero the gradients, step the scheduler."""
+    optimizer = module.optimizers()
+    module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = module.lr_schedulers()
+    if scheduler is not None:
+        scheduler.step()

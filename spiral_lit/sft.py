@@ -27,7 +27,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from spiral_lit.batching import length_buckets, pack
 from spiral_lit.evaluation import EvalConfig
 from spiral_lit.models import PolicyConfig
-from spiral_lit.policy import PolicyRuntime, VerifierConfig, log_eval_metrics
+from spiral_lit.policy import (
+    PolicyRuntime,
+    VerifierConfig,
+    clip_and_step,
+    configure_policy_optimizers,
+    log_eval_metrics,
+)
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
@@ -138,18 +144,11 @@ class WarmStartModule(L.LightningModule):
         self.policy.train()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.policy.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
         assert self.runtime is not None
         start = time.perf_counter()
-        optimizer = self.optimizers()
         rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
         prompts, targets, roles = warm_start_examples(
             batch,
@@ -176,12 +175,7 @@ class WarmStartModule(L.LightningModule):
             role_tokens.index_add_(0, role_B, mask.sum(1).float())
             # Token mean over the whole batch, so the micro-batch split does not change the gradient.
             self.manual_backward(per_seq_B.sum() / n_tokens)
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        clip_and_step(self, self.hparams.max_grad_norm)
         role_tokens = role_tokens.clamp(min=1)
         self.log("train/loss", role_loss.sum() / role_tokens.sum(), prog_bar=True)
         self.log("train/loss_search", role_loss[0] / role_tokens[0])
