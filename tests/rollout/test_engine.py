@@ -6,9 +6,8 @@ import random
 
 import pytest
 import torch
+from rollout_checks import EOSOnStep, training_logprobs
 
-from spiral_lit.algorithms import token_logprobs
-from spiral_lit.batching import pack
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import HFGenerateEngine, KVCacheEngine, SamplingConfig, make_engine
 from spiral_lit.rollout.engine import _BlockLayer
@@ -35,30 +34,6 @@ def prompts(policy) -> list[list[int]]:
     ]
     assert len({len(p) for p in out}) == 4
     return out
-
-
-def _training_logprobs(model, prompts, completions, temperature: float) -> list[torch.Tensor]:
-    """The trainer's log-probabilities of each completion: one right-padded forward, ``token_logprobs`` at T."""
-    batch = pack(prompts, completions, pad_id=0)
-    with torch.no_grad():
-        logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
-    logp_BT = token_logprobs(logits_BTV, batch.targets_BT1, temperature)
-    return [logp_BT[i][batch.completion_mask_BT1[i]] for i in range(len(prompts))]
-
-
-class _EOSOnStep:
-    """lm_head forward hook: EOS is forbidden everywhere except row ``row`` at forward call ``step`` (forced)."""
-
-    def __init__(self, eos_id: int, row: int, step: int) -> None:
-        self.eos_id, self.row, self.step, self.calls = eos_id, row, step, 0
-
-    def __call__(self, module, inputs, logits_BTV: torch.Tensor) -> torch.Tensor:
-        self.calls += 1  # call 1 is the prefill, which picks the first new token
-        logits_BTV = logits_BTV.clone()
-        logits_BTV[:, -1, self.eos_id] = -1e4
-        if self.calls == self.step:
-            logits_BTV[self.row, -1, self.eos_id] = 1e4
-        return logits_BTV
 
 
 class _EOSBias:
@@ -96,7 +71,7 @@ def test_greedy_equals_model_generate_and_hf_engine(policy, prompts) -> None:
             reference = reference[: reference.index(tokenizer.eos_token_id) + 1]
         assert [c.token_ids for c in group] == [reference, reference]
         # At temperature 0 the recorded log-probs are of the untempered distribution.
-        (want,) = _training_logprobs(model, [prompt], [group[0].token_ids], 1.0)
+        (want,) = training_logprobs(model, [prompt], [group[0].token_ids], 1.0)
         torch.testing.assert_close(group[0].logprobs, want, atol=1e-4, rtol=0)
 
 
@@ -106,7 +81,7 @@ def test_sampler_logprobs_match_a_training_forward(policy, prompts, temperature:
     sampling = SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p)
     out = KVCacheEngine(model, tokenizer).generate(prompts, n=3, sampling=sampling, seed=7)
     rows = [(p, c) for p, group in zip(prompts, out, strict=True) for c in group]
-    expected = _training_logprobs(model, [p for p, _ in rows], [c.token_ids for _, c in rows], temperature)
+    expected = training_logprobs(model, [p for p, _ in rows], [c.token_ids for _, c in rows], temperature)
     for (prompt, completion), want in zip(rows, expected, strict=True):
         assert completion.logprobs.dtype == torch.float32
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
@@ -136,7 +111,7 @@ def test_same_seed_same_rollouts_different_seed_different(policy, prompts) -> No
 def test_eos_gives_stop_and_budget_gives_length(policy, prompts) -> None:
     model, tokenizer = policy
     eos = tokenizer.eos_token_id
-    handle = model.lm_head.register_forward_hook(_EOSOnStep(eos, row=0, step=3))
+    handle = model.lm_head.register_forward_hook(EOSOnStep(eos, row=0, step=3))
     try:
         (group,) = KVCacheEngine(model, tokenizer).generate(prompts[:1], n=2, sampling=SamplingConfig(7), seed=0)
     finally:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rollout_checks import EOSOnStep, training_logprobs
 
-from spiral_lit.batching import pack
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import HFGenerateEngine, SamplingConfig
 from spiral_lit.tasks import ChainSumTask
@@ -28,16 +28,6 @@ def prompts(policy) -> list[list[int]]:
     ]
     assert len({len(p) for p in out}) == 3
     return out
-
-
-def _training_logprobs(model, prompts, completions, temperature: float) -> list[torch.Tensor]:
-    """log_softmax(logits / T) at each completion token, from one right-padded forward pass (as the trainer does)."""
-    batch = pack(prompts, completions, pad_id=0)
-    with torch.no_grad():
-        logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
-    logp_BT = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    logp_BT = logp_BT.gather(-1, batch.targets_BT1.unsqueeze(-1)).squeeze(-1)
-    return [logp_BT[i][batch.completion_mask_BT1[i]] for i in range(len(prompts))]
 
 
 def test_n_completions_per_prompt_in_order(policy, prompts) -> None:
@@ -83,7 +73,7 @@ def test_sampler_logprobs_match_a_training_forward(policy, prompts, temperature:
     engine = HFGenerateEngine(model, tokenizer)
     out = engine.generate(prompts, n=2, sampling=SamplingConfig(max_new_tokens=10, temperature=temperature), seed=7)
     rows = [(p, c) for p, group in zip(prompts, out, strict=True) for c in group]
-    expected = _training_logprobs(model, [p for p, _ in rows], [c.token_ids for _, c in rows], temperature)
+    expected = training_logprobs(model, [p for p, _ in rows], [c.token_ids for _, c in rows], temperature)
     for (prompt, completion), want in zip(rows, expected, strict=True):
         # Includes the shorter prompts, which were left-padded during generation.
         torch.testing.assert_close(completion.logprobs, want, atol=1e-4, rtol=0, msg=f"prompt length {len(prompt)}")
@@ -107,30 +97,15 @@ def test_greedy_equals_model_generate(policy, prompts) -> None:
             reference = reference[: reference.index(tokenizer.eos_token_id) + 1]
         assert completion.token_ids == reference
         # At temperature 0 the recorded log-probs are of the untempered distribution.
-        (want,) = _training_logprobs(model, [prompt], [completion.token_ids], 1.0)
+        (want,) = training_logprobs(model, [prompt], [completion.token_ids], 1.0)
         torch.testing.assert_close(completion.logprobs, want, atol=1e-4, rtol=0)
-
-
-class _EOSOnStep:
-    """lm_head forward hook: EOS is forbidden everywhere except row ``row`` at decoding step ``step`` (forced)."""
-
-    def __init__(self, eos_id: int, row: int, step: int) -> None:
-        self.eos_id, self.row, self.step, self.calls = eos_id, row, step, 0
-
-    def __call__(self, module, inputs, logits_BTV: torch.Tensor) -> torch.Tensor:
-        self.calls += 1  # call 1 is the prefill, which picks the first new token
-        logits_BTV = logits_BTV.clone()
-        logits_BTV[:, -1, self.eos_id] = -1e4
-        if self.calls == self.step:
-            logits_BTV[self.row, -1, self.eos_id] = 1e4
-        return logits_BTV
 
 
 def test_eos_gives_stop_and_budget_gives_length(policy, prompts) -> None:
     model, tokenizer = policy
     eos = tokenizer.eos_token_id
     engine = HFGenerateEngine(model, tokenizer)
-    handle = model.lm_head.register_forward_hook(_EOSOnStep(eos, row=0, step=3))
+    handle = model.lm_head.register_forward_hook(EOSOnStep(eos, row=0, step=3))
     try:
         (group,) = engine.generate(prompts[:1], n=2, sampling=SamplingConfig(max_new_tokens=7), seed=0)
     finally:
