@@ -40,6 +40,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from spiral_lit.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import HFGenerateEngine, KVCacheEngine, RolloutEngine, SamplingConfig
+from spiral_lit.rollout.decode import fused_decode_refusal
 from spiral_lit.tasks import ChainSumTask
 from spiral_lit.tiny import tokenizer_corpus
 
@@ -124,6 +125,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {name}: {n_params / 1e6:.2f}M parameters")
         ban_eos(model, tokenizer.eos_token_id)
+        refusal = fused_decode_refusal(model)
+        print(f"  kv_cache decode step: {'fused (rollout/decode.py)' if refusal is None else refusal}")
         engines: dict[str, RolloutEngine] = {
             "hf": HFGenerateEngine(model, tokenizer),
             "kv_cache": KVCacheEngine(model, tokenizer),

@@ -1,7 +1,8 @@
-"""Where one SPIRAL step spends its time (issue 5): seconds per phase and the share of each.
+"""Where one SPIRAL (or GRPO) step spends its time (issue 5): seconds per phase and the share of each.
 
 Run: ``python benchmarks/train_step.py --model runs/quickstart/warmstart/hf --steps 5``
 (without ``--model`` it builds the quickstart's tiny model with random weights in a temp dir).
+``--algorithm grpo`` trains on the search traces only (no sets, no aggregation).
 Prints a table and writes JSON (``--out``).
 
 Phases, as ``SpiralModule.training_step`` runs them, with the same functions:
@@ -9,6 +10,10 @@ generate (search traces, sets, aggregation traces), verify, log-probs (the train
 forward pass), backward, optimiser step. The update is timed per phase here, which
 ``PolicyUpdater`` fuses per micro-batch; its arithmetic is the same. The first step is
 a warm-up and is not counted.
+
+``--shared-prefix both`` (the default) runs the update of every step twice on the same traces, with
+``update.shared_prefix`` off and on (spiral_lit/prefix_forward.py: each distinct prompt encoded once), in
+alternating order, and reports both; the phase table shows the ``on`` run.
 """
 
 from __future__ import annotations
@@ -22,47 +27,46 @@ from pathlib import Path
 
 import torch
 
-from spiral_lit.algorithms import policy_loss, sample_sets_batch, spiral_advantages, token_logprobs
-from spiral_lit.batching import length_buckets, pack
+from spiral_lit.algorithms import grpo_advantages, policy_loss, sample_sets_batch, spiral_advantages, token_logprobs
+from spiral_lit.batching import length_buckets, pack, prefix_buckets
 from spiral_lit.experience import aggregation_sequences, search_sequences
 from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
 from spiral_lit.policy import PolicyRuntime, VerifierConfig
+from spiral_lit.prefix_forward import cache_forward, pack_shared_prefix, shared_prefix_logits
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.scaffolds import sample_aggregations, sample_search
 from spiral_lit.tasks import ChainSumTask
 from spiral_lit.tiny import tokenizer_corpus
+from spiral_lit.update import TrainSequence
 
 PHASES = ("generate", "verify", "logprobs", "backward", "optimizer")
+MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
 
 
-def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse.Namespace, step: int) -> dict:
-    seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-    task = rt.task
-    problems = [task.problem(step * args.prompts + i, "train") for i in range(args.prompts)]
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    t = time.perf_counter()
-    search = sample_search(rt.engine, rt.renderer, problems, args.n_search, sampling, seed=step)
-    generator = torch.Generator().manual_seed(step)
-    sets_BKS = sample_sets_batch(len(problems), args.n_search, args.n_sets, args.set_size, generator)
-    agg = sample_aggregations(rt.engine, rt.renderer, problems, search.traces, sets_BKS, args.n_agg, sampling, step)
-    seconds["generate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    texts = [c.text for per_problem in agg.traces for per_set in per_problem for c in per_set]
-    result = rt.verifier.score([p for p in problems for _ in range(args.n_sets * args.n_agg)], texts)
-    rewards_BKA = torch.tensor(result.rewards).view(len(problems), args.n_sets, args.n_agg)
-    seconds["verify"] = time.perf_counter() - t
-    search_adv, agg_adv = spiral_advantages(rewards_BKA, sets_BKS, args.n_search)
-    keep = torch.ones(len(problems), dtype=torch.bool)
-    sequences = search_sequences(search, search_adv, keep) + aggregation_sequences(agg, agg_adv, keep)
-    lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in sequences]
+def update_seconds(rt: PolicyRuntime, sequences: list[TrainSequence], args: argparse.Namespace, shared: bool) -> dict:
+    """Forward and backward seconds of the update over ``sequences`` (gradients accumulate into the model)."""
+    seconds = {"logprobs": 0.0, "backward": 0.0}
+    pad = rt.tokenizer.pad_token_id
     n_tokens = torch.tensor(float(sum(s.completion.num_tokens for s in sequences)))
-    for rows in length_buckets(lengths, args.micro_batch_size, args.micro_batch_tokens):
+    if shared:
+        forward = cache_forward(rt.model)
+        prompts, lengths = [s.prompt_ids for s in sequences], [s.completion.num_tokens for s in sequences]
+        buckets = prefix_buckets(prompts, lengths, args.micro_batch_size, args.micro_batch_tokens)
+    else:
+        lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in sequences]
+        buckets = length_buckets(lengths, args.micro_batch_size, args.micro_batch_tokens)
+    for rows in buckets:
         chosen = [sequences[i] for i in rows]
-        batch = pack([s.prompt_ids for s in chosen], [s.completion.token_ids for s in chosen],
-                     rt.tokenizer.pad_token_id, {"old": [s.completion.logprobs for s in chosen]})  # fmt: skip
+        inputs = ([s.prompt_ids for s in chosen], [s.completion.token_ids for s in chosen], pad,
+                  {"old": [s.completion.logprobs for s in chosen]})  # fmt: skip
         t = time.perf_counter()
-        logits = rt.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
+        if shared:
+            batch = pack_shared_prefix(*inputs)
+            logits = shared_prefix_logits(rt.model, batch, forward)
+        else:
+            batch = pack(*inputs)
+            logits = rt.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
         logp = token_logprobs(logits, batch.targets_BT1)
         adv = torch.tensor([s.advantage for s in chosen])
         # normaliser = kept tokens of the whole step, as PolicyUpdater computes it
@@ -71,13 +75,54 @@ def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse
         t = time.perf_counter()
         loss.backward()
         seconds["backward"] += time.perf_counter() - t
+    return seconds
+
+
+def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse.Namespace, step: int) -> dict:
+    seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+    task = rt.task
+    problems = [task.problem(step * args.prompts + i, "train") for i in range(args.prompts)]
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    keep = torch.ones(len(problems), dtype=torch.bool)
+    t = time.perf_counter()
+    search = sample_search(rt.engine, rt.renderer, problems, args.n_search, sampling, seed=step)
+    if args.algorithm == "grpo":
+        seconds["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        texts = [c.text for per_problem in search.traces for c in per_problem]
+        result = rt.verifier.score([p for p in problems for _ in range(args.n_search)], texts)
+        seconds["verify"] = time.perf_counter() - t
+        search_adv = grpo_advantages(torch.tensor(result.rewards).view(len(problems), args.n_search))
+        sequences = search_sequences(search, search_adv, keep)
+    else:
+        generator = torch.Generator().manual_seed(step)
+        sets_BKS = sample_sets_batch(len(problems), args.n_search, args.n_sets, args.set_size, generator)
+        agg = sample_aggregations(rt.engine, rt.renderer, problems, search.traces, sets_BKS, args.n_agg, sampling, step)
+        seconds["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        texts = [c.text for per_problem in agg.traces for per_set in per_problem for c in per_set]
+        result = rt.verifier.score([p for p in problems for _ in range(args.n_sets * args.n_agg)], texts)
+        rewards_BKA = torch.tensor(result.rewards).view(len(problems), args.n_sets, args.n_agg)
+        seconds["verify"] = time.perf_counter() - t
+        search_adv, agg_adv = spiral_advantages(rewards_BKA, sets_BKS, args.n_search)
+        sequences = search_sequences(search, search_adv, keep) + aggregation_sequences(agg, agg_adv, keep)
+    modes = MODES[args.shared_prefix]
+    update = {}
+    for mode in modes if step % 2 == 0 else modes[::-1]:  # alternate the order: neither mode always runs first
+        optimizer.zero_grad(set_to_none=True)
+        update[mode] = update_seconds(rt, sequences, args, shared=mode == "on")
+    seconds.update(update[modes[-1]])
     t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(rt.model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds["optimizer"] = time.perf_counter() - t
     generated = sum(s.completion.num_tokens for s in sequences)
-    return {"seconds": seconds, "generated_tokens": generated, "sequences": len(sequences)}
+    prompt_tokens = sum(len(s.prompt_ids) for s in sequences)
+    distinct_prompt_tokens = sum(len(p) for p in {tuple(s.prompt_ids) for s in sequences})
+    return {"seconds": seconds, "update_seconds": update, "generated_tokens": generated,
+            "prompt_tokens": prompt_tokens, "distinct_prompt_tokens": distinct_prompt_tokens,
+            "sequences": len(sequences)}  # fmt: skip
 
 
 def main() -> None:
@@ -92,8 +137,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--micro-batch-size", type=int, default=128)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--algorithm", choices=("spiral", "grpo"), default="spiral")
+    parser.add_argument("--shared-prefix", choices=tuple(MODES), default="both", help="update.shared_prefix")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.json"))
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     task = ChainSumTask(n_terms=4, digits=2)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
@@ -107,16 +157,32 @@ def main() -> None:
         rt.close()
     median = {p: statistics.median(r["seconds"][p] for r in runs) for p in PHASES}
     total = sum(median.values())
-    print(f"model {args.model or 'random tiny'}; {args.prompts} prompts x ({args.n_search} search + "
-          f"{args.n_sets * args.n_agg} aggregation) traces; median of {args.steps} steps")  # fmt: skip
+    n_agg = args.n_sets * args.n_agg if args.algorithm == "spiral" else 0
+    print(f"model {args.model or 'random tiny'}; {args.algorithm}: {args.prompts} prompts x ({args.n_search} search + "
+          f"{n_agg} aggregation) traces; median of {args.steps} steps; {torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'phase':<10} {'seconds':>8} {'share':>7}")
     for phase in PHASES:
         print(f"{phase:<10} {median[phase]:8.3f} {median[phase] / total:7.1%}")
     print(f"{'total':<10} {total:8.3f}")
     tokens = statistics.median(r["generated_tokens"] for r in runs)
     print(f"generated tokens per step {tokens:.0f}; generate tokens/s {tokens / median['generate']:.0f}")
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "median_seconds": median, "total": total,
-              "share": {p: median[p] / total for p in PHASES}, "steps": runs}  # fmt: skip
+    prompt_tokens = statistics.median(r["prompt_tokens"] for r in runs)
+    distinct = statistics.median(r["distinct_prompt_tokens"] for r in runs)
+    print(f"prompt tokens per step {prompt_tokens:.0f}, of distinct prompts {distinct:.0f}")
+    update = {}
+    for mode in MODES[args.shared_prefix]:
+        per_step = [sum(r["update_seconds"][mode].values()) for r in runs]
+        update[mode] = {"median": statistics.median(per_step), "min": min(per_step), "max": max(per_step)}
+        print(f"update (forward + backward), shared_prefix {mode:<3}: median {update[mode]['median']:.3f} s "
+              f"(min {update[mode]['min']:.3f}, max {update[mode]['max']:.3f})")  # fmt: skip
+    if len(update) == 2:
+        ratios = [sum(r["update_seconds"]["off"].values()) / sum(r["update_seconds"]["on"].values()) for r in runs]
+        update["speedup_off_over_on"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        print(f"speed-up off/on per step: median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
+              "median_seconds": median, "total": total, "share": {p: median[p] / total for p in PHASES},
+              "update_seconds": update, "steps": runs}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2))
 
 

@@ -87,3 +87,43 @@ def length_buckets(lengths: Sequence[int], micro_batch_size: int, max_tokens: in
         else:
             buckets.append([i])
     return buckets
+
+
+def prefix_buckets(
+    prompts: Sequence[Sequence[int]],
+    completion_lengths: Sequence[int],
+    micro_batch_size: int,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Indices grouped into micro-batches for the shared-prefix forward (:mod:`spiral_lit.prefix_forward`).
+
+    Rows with the same prompt go to the same micro-batch, so the prompt is encoded once for all of them; prompts
+    go longest first (an OOM shows early), rows of a prompt longest completion first. A micro-batch holds at most
+    ``micro_batch_size`` rows and, when ``max_tokens`` is set, at most ``max_tokens`` tokens as that forward runs
+    them: distinct prompts x (longest prompt - 1) + rows x longest completion. A prompt's rows that do not fit
+    continue in the next micro-batch (which encodes the prompt again).
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    buckets: list[list[int]] = []
+    n_prompts = prefix = suffix = 0  # of the last bucket: distinct prompts, longest prompt - 1, longest completion
+    for prompt, rows in sorted(groups.items(), key=lambda kv: -len(kv[0])):
+        new_prompt = True
+        for i in sorted(rows, key=lambda i: -completion_lengths[i]):
+            suffix_i = max(completion_lengths[i], 1)
+            fits = bool(buckets) and len(buckets[-1]) < micro_batch_size
+            if fits and max_tokens is not None:
+                # Prompts come longest first, so the bucket's longest prompt is its first one.
+                tokens = (n_prompts + new_prompt) * prefix + (len(buckets[-1]) + 1) * max(suffix, suffix_i)
+                fits = tokens <= max_tokens
+            if fits:
+                buckets[-1].append(i)
+                n_prompts, suffix = n_prompts + new_prompt, max(suffix, suffix_i)
+            else:
+                buckets.append([i])
+                n_prompts, prefix, suffix = 1, len(prompt) - 1, suffix_i
+            new_prompt = False
+    return buckets

@@ -1,29 +1,55 @@
-"""Callbacks that every run uses: Hugging Face export of the policy; predict's JSONL writer."""
+"""Callbacks that every run uses: exact resume and a clean stop on SIGTERM/SIGINT (issue 7), Hugging Face
+export of the policy, predict's JSONL writer.
+
+The CLI adds :class:`ResumeState` and :class:`GracefulStop` to every run (with
+:class:`~spiral_lit.checkpointing.AtomicCheckpointIO`); a script that builds its own ``Trainer`` adds them itself.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from spiral_lit.checkpointing import gather_per_rank, own_rank_entry, reseed_global_rngs, rng_states, set_rng_states
 
 
-def export_policy(module: L.LightningModule, out_dir: str | Path) -> Path:
-    """Write the policy and tokenizer with ``save_pretrained`` into ``out_dir`` atomically.
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
-    Written to a sibling temporary directory first and renamed, so a crash never leaves a
-    half-written model where the next stage will look for one.
+
+def export_policy(module: L.LightningModule, out_dir: str | Path, merge_lora: bool = False) -> Path:
+    """Write the policy, its tokenizer and chat template with ``save_pretrained`` into ``out_dir`` atomically.
+
+    A LoRA policy (a ``peft.PeftModel``) is written as its adapter (``adapter_config.json`` naming the base
+    model), or, with ``merge_lora``, merged into a copy of the base weights as a plain model; ``merge_lora``
+    is ignored for a policy without an adapter. Written to a sibling temporary directory first and renamed,
+    so a crash never leaves a half-written model where the next stage will look for one.
     """
+    policy = module.policy
+    if merge_lora and _is_peft(policy):
+        policy = copy.deepcopy(policy).merge_and_unload()  # a copy: the module keeps training its adapter
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp)
     module.runtime.tokenizer.save_pretrained(tmp)
     if out.exists():
         old = out.with_name(out.name + ".old")
@@ -37,20 +63,145 @@ def export_policy(module: L.LightningModule, out_dir: str | Path) -> Path:
 
 
 class HFExport(L.Callback):
-    """At the end of ``fit``, export the policy as a Hugging Face directory the next stage loads."""
+    """At the end of ``fit``, export the policy as a Hugging Face directory the next stage loads.
+
+    From any checkpoint instead: ``python -m spiral_lit.export --config X.yaml --ckpt_path CKPT --out DIR``.
+    """
+
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = False) -> None:
+        """
+        Args:
+            dirpath: Output directory; default ``<log_dir>/hf``.
+            merge_lora: Merge a LoRA adapter into the base weights (a plain model); otherwise the adapter is
+                written on its own. Ignored without an adapter.
+        """
+        self.dirpath = dirpath
+        self.merge_lora = merge_lora
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir is a broadcast under DDP: every rank must ask for it, and only rank 0 writes.
+        out = self.dirpath or os.path.join(trainer.log_dir or ".", "hf")
+        if trainer.is_global_zero:
+            path = export_policy(pl_module, out, merge_lora=self.merge_lora)
+            print(f"[spiral_lit] exported the policy to {path}")
+        trainer.strategy.barrier("spiral_lit.hf_export")
+
+
+class ResumeState(L.Callback):
+    """Makes ``fit --ckpt_path`` continue as if the run had never stopped (issue 7).
+
+    Checkpoints hold the torch, CUDA, Python and NumPy RNG states of every rank, restored on load.
+    On its own that is not enough: between a checkpoint and the next step an uninterrupted run may draw
+    from the global RNGs (a DataLoader iterator draws its base seed, validation may run) where a resumed
+    one does not. So each training batch also seeds the global RNGs from (seed, batch index, rank), and
+    whatever draws from them inside a step (dropout, LoRA dropout) draws the same numbers in both runs.
+    spiral_lit's own sampling never uses the global RNGs (every draw has an explicit seed).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        """
+        Args:
+            seed: Base of the per-batch seeds; default the run's ``seed_everything`` value (0 without one).
+        """
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # total_batch_idx counts batches over all epochs and is part of the checkpointed loop state.
+        reseed_global_rngs(self.seed, trainer.fit_loop.total_batch_idx, trainer.global_rank)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states_per_rank"] = gather_per_rank(rng_states(), trainer.world_size)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank:
+            states = own_rank_entry(per_rank, trainer.global_rank, trainer.world_size, "RNG states")
+            if states is not None:
+                set_rng_states(states)
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM or SIGINT (Ctrl-C) stop training at the end of the current step with a resumable checkpoint.
+
+    Lightning stops its loop after a step when ``trainer.received_sigterm`` is set, raising ``SIGTERMException``
+    on every rank. Its own SIGTERM handler sets that flag on the signalled rank at once and, under DDP,
+    broadcasts from inside the handler: a collective at an arbitrary point of the step, which can deadlock
+    against the step's own collectives, and a rank that stops while the others go on. So during training this
+    callback handles both signals itself: a handler only records the signal; at the end of every step the ranks
+    agree (one all-reduce of a scalar) whether any was signalled, and only then is Lightning's flag set, on every
+    rank at the same point, so Lightning ends the run right after this step's logging. On that exception
+    ``last.ckpt`` is saved into the run's ``ModelCheckpoint`` directory, where ``--ckpt_path last`` finds it,
+    and the process exits with status 128 + the signal number. A second Ctrl-C aborts at once. Other
+    exceptions save nothing: they may strike mid-step, and ``last.ckpt`` must only ever hold a step boundary.
+    """
 
     def __init__(self, dirpath: str | None = None) -> None:
         """
         Args:
-            dirpath: Output directory; default ``<log_dir>/hf``.
+            dirpath: Where ``last.ckpt`` goes when the run has no ``ModelCheckpoint``; default
+                ``<default_root_dir>/checkpoints``.
         """
         self.dirpath = dirpath
+        self._received: int | None = None
+        self._stopped_by: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    @rank_zero_only
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        out = self.dirpath or os.path.join(trainer.log_dir or ".", "hf")
-        path = export_policy(pl_module, out)
-        print(f"[spiral_lit] exported the policy to {path}")
+    def checkpoint_path(self, trainer: L.Trainer) -> str:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+        return os.path.join(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"), "last.ckpt")
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now
+        if self._received is None:
+            self._received = signum  # no printing here: the signal may have interrupted a write to stdout
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._received = self._stopped_by = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Every rank passes here once per step: agree on whether any rank was signalled.
+        received = torch.tensor(float(self._received or 0), device=pl_module.device)
+        signum = int(trainer.strategy.reduce(received, reduce_op="max"))
+        if signum and self._stopped_by is None:
+            self._stopped_by = signum
+            trainer._signal_connector.received_sigterm = True  # Lightning ends the loop after this step
+            rank_zero_info(f"[spiral_lit] {signal.Signals(signum).name}: stopping after this step with a checkpoint")
+
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException):
+            return
+        stopped_by = signal.Signals(self._stopped_by or signal.SIGTERM)
+        path = self.checkpoint_path(trainer)
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            # Recorded in the checkpoint, so the resumed run's ModelCheckpoint overwrites this file (not last-v1).
+            trainer.checkpoint_callback.last_model_path = path
+        trainer.save_checkpoint(path)  # every rank calls it, as Lightning requires; rank 0 writes
+        rank_zero_info(
+            f"[spiral_lit] {stopped_by.name} at global step {trainer.global_step}: saved {path}; continue with the "
+            "same command and `--ckpt_path last`"
+        )
+        exception.code = 128 + int(stopped_by)  # the exit status a shell expects of a process stopped by a signal
 
 
 class PredictionWriter(BasePredictionWriter):

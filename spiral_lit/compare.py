@@ -34,6 +34,7 @@ from jsonargparse import ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from spiral_lit.checkpointing import load_checkpoint_file
 from spiral_lit.cli import main as cli_main
 from spiral_lit.plots import FIGURES, curve_rows
 
@@ -75,7 +76,7 @@ def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: 
         module.configure_model()
     if checkpoint.is_file():
         # A local, trusted Lightning checkpoint: its hyperparameters hold config dataclasses, not only tensors.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_file(checkpoint)["state_dict"]
         module.policy.load_state_dict(
             {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from spiral_lit.tasks.base import Problem, Task
@@ -107,6 +109,8 @@ def read_predict_problems(path: str) -> list[Problem]:
             raise ValueError(f'{where}: "answer" must be a string or a number, got {type(answer).__name__}')
         metadata = {"has_reference": answer is not None}
         problems.append(Problem(uid, row["question"], "" if answer is None else str(answer), metadata=metadata))
+    if not problems:
+        raise ValueError(f"data.predict_path={path!r} holds no problems (the file is empty or only blank lines)")
     return problems
 
 
@@ -201,7 +205,20 @@ class ProblemDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_batches": self.consumed_batches}
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return {"consumed_batches": self.consumed_batches, "batch_size": self.batch_size, "world_size": world}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.consumed_batches = int(state_dict["consumed_batches"])
+        consumed = int(state_dict["consumed_batches"])
+        saved = (int(state_dict.get("batch_size", self.batch_size)), int(state_dict.get("world_size", 1)))
+        now = (self.batch_size, self.trainer.world_size if self.trainer is not None else 1)
+        if saved != now and consumed:
+            # Keep the global position: the same number of problems consumed over all ranks, rounded up so that
+            # none is shown twice (rank interleaving differs, so a few may be skipped).
+            consumed = math.ceil(consumed * saved[0] * saved[1] / (now[0] * now[1]))
+            rank_zero_warn(
+                f"resuming with data.batch_size={now[0]} on {now[1]} rank(s) where the checkpoint used "
+                f"data.batch_size={saved[0]} on {saved[1]}: the training stream continues from about the same "
+                "position, not exactly where it stopped"
+            )
+        self.consumed_batches = consumed

@@ -14,13 +14,14 @@ pre-tokenizer (machine-facts.md).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -29,6 +30,9 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from spiral_lit.lora import LoraSettings
+from spiral_lit.sharding import Fsdp2Settings
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -53,6 +57,13 @@ class PolicyConfig:
     """Run model code shipped with the checkpoint; off unless you trust its author."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (less memory, about
+    a third more compute). Under ``FSDPStrategy`` use the strategy's ``activation_checkpointing_policy``."""
+    lora: LoraSettings | None = None
+    """Train low-rank adapters instead of all weights (needs peft: ``pip install 'spiral_lit[lora]'``)."""
+    fsdp2: Fsdp2Settings = field(default_factory=Fsdp2Settings)
+    """Sharding under ``trainer.strategy: ModelParallelStrategy`` (mixed precision, resharding)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -79,7 +90,23 @@ def load_policy(config: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in backward (``policy.gradient_checkpointing``).
+
+    Non-reentrant checkpointing: it works with frozen inputs (LoRA) and inside FSDP2-sharded layers.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"policy.gradient_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
@@ -98,6 +125,24 @@ def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def context_length(config: PolicyConfig) -> int | None:
+    """The longest sequence the policy was built for, read from its config alone (no weights): the checks of
+    token budgets run before any model is loaded (issue 7). None when the config does not say, or is not a plain
+    model config (a LoRA adapter directory, an unreachable hub id)."""
+    try:
+        model_config = AutoConfig.from_pretrained(
+            config.path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+    except (OSError, ValueError):
+        return None
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass

@@ -11,7 +11,6 @@ Run:  python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from contextlib import contextmanager
@@ -31,6 +30,13 @@ from spiral_lit.algorithms import (
     sample_sets_batch,
     spiral_advantages,
 )
+from spiral_lit.checkpointing import (
+    check_checkpoint_matches,
+    gather_per_rank,
+    own_rank_entry,
+    sequences_from_state,
+    sequences_state,
+)
 from spiral_lit.evaluation import EvalConfig
 from spiral_lit.experience import (
     advantage_stats,
@@ -40,6 +46,7 @@ from spiral_lit.experience import (
     set_stats,
     trace_stats,
 )
+from spiral_lit.faults import NonFiniteGuard
 from spiral_lit.metrics import majority_vote
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import (
@@ -47,11 +54,15 @@ from spiral_lit.policy import (
     VerifierConfig,
     clip_and_step,
     configure_policy_optimizers,
+    data_parallel_mesh,
     log_eval_metrics,
+    sharding_of,
+    sync_metrics,
 )
 from spiral_lit.prompts import PromptConfig
-from spiral_lit.rollout import Backend
+from spiral_lit.rollout import Backend, VLLMConfig
 from spiral_lit.rollout.base import Completion, SamplingConfig
+from spiral_lit.rollout.vllm_engine import sync_rollout_weights
 from spiral_lit.rollout_text import rollout_markdown
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_aggregations, sample_search
 from spiral_lit.tasks.base import Problem, Task
@@ -88,6 +99,18 @@ class AlgorithmConfig:
                 raise ValueError(f"algorithm.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_refill_batches < 0:
             raise ValueError(f"algorithm.max_refill_batches must be >= 0, got {self.max_refill_batches}")
+        if self.length_target is not None and self.length_target < 1:
+            raise ValueError(f"algorithm.length_target must be >= 1 token (or null), got {self.length_target}")
+        if self.algorithm == "grpo" and self.n_search < 2:
+            raise ValueError(
+                f"algorithm.n_search={self.n_search}: GRPO's baseline is the mean of a prompt's group, so a group "
+                "of one has zero advantage and nothing is learnt; use n_search >= 2"
+            )
+        if self.algorithm == "spiral" and self.n_sets * self.n_agg < 2:
+            raise ValueError(
+                "algorithm.n_sets=1 with algorithm.n_agg=1: SPIRAL's advantages compare sets with each other and "
+                "aggregations of a set with each other, so one aggregation per prompt learns nothing; raise either"
+            )
         if self.algorithm == "spiral":
             if self.set_size > self.n_search:
                 raise ValueError(
@@ -167,6 +190,7 @@ class SpiralModule(L.LightningModule):
         max_generate_batch: int = 256,
         log_rollouts_every_n_steps: int = 50,
         seed: int = 0,
+        vllm: VLLMConfig | None = None,
     ) -> None:
         """
         Args:
@@ -181,10 +205,12 @@ class SpiralModule(L.LightningModule):
             verifier: Reward computation settings.
             optimizer: Optimiser ``class_path``/``init_args``.
             lr_scheduler: Optional scheduler, stepped after every optimiser step.
-            rollout_backend: ``kv_cache`` (own engine, shared-prefix decode) or ``hf`` (``model.generate``).
+            rollout_backend: ``kv_cache`` (own engine, shared-prefix decode), ``hf`` (``model.generate``) or
+                ``vllm`` (a colocated vLLM engine, optional extra).
             max_generate_batch: Sequences per generation call (memory).
             log_rollouts_every_n_steps: How often example rollouts go to TensorBoard as text.
             seed: Base of every rollout seed (derived per step and rank).
+            vllm: Engine settings of ``rollout_backend: vllm`` (precision, memory, weight sync; issue 10).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
@@ -200,12 +226,13 @@ class SpiralModule(L.LightningModule):
         self.verifier_config = verifier or VerifierConfig()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.runtime: PolicyRuntime | None = None
-        self.reference: torch.nn.Module | None = None
+        self.reference: Any = None
         self.eval_metrics = torch.nn.ModuleDict()
-        # Dynamic sampling's buffer; always empty at a step boundary, where checkpoints are written.
+        # Dynamic sampling's buffer: non-empty between steps while refilling, so checkpoints carry it (issue 7).
         self._pending: list[TrainSequence] = []
         self._pending_prompts = 0
         self._pending_batches = 0
+        self._nonfinite = NonFiniteGuard(self.update_config.max_nonfinite_steps)
 
     # ----------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -220,19 +247,22 @@ class SpiralModule(L.LightningModule):
             self.verifier_config,
             self.hparams.max_generate_batch,
             self.hparams.rollout_backend,
+            kl_reference=self.update_config.kl_coef > 0,
+            sharding=sharding_of(self),
+            device_mesh=data_parallel_mesh(self),
+            vllm=self.hparams.vllm,
         )
         self.policy = self.runtime.model
         self.policy.train()
-        if self.update_config.kl_coef > 0:
-            # Kept out of the state dict and the optimiser: a frozen copy of the starting policy.
-            object.__setattr__(self, "reference", copy.deepcopy(self.policy).eval().requires_grad_(False))
+        # Kept out of the state dict and the optimiser: a frozen copy, or the LoRA model with its adapter off.
+        object.__setattr__(self, "reference", self.runtime.reference)
 
     def configure_optimizers(self) -> Any:
         return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
 
     def _updater(self) -> PolicyUpdater:
         assert self.runtime is not None
-        if self.reference is not None:
+        if isinstance(self.reference, torch.nn.Module) and sharding_of(self) != "fsdp2":
             self.reference.to(self.device)
         return PolicyUpdater(
             self.policy,
@@ -251,7 +281,9 @@ class SpiralModule(L.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
         timer = _PhaseTimer()
-        with timer("generate"):
+        with timer("weight_sync"):
+            sync_rollout_weights(self.runtime.engine)  # (0) a vLLM engine gets the updated weights (lazily)
+        with timer("generate"), self.runtime.gathered():  # a sharded policy is whole while it generates
             search = self._search(batch)  # (1) parallel search traces
             sets_BKS = self._sets(len(batch))  # (2) distinct sets of search traces
             agg = self._aggregate(batch, search, sets_BKS)  # (3) aggregation traces per set
@@ -356,6 +388,7 @@ class SpiralModule(L.LightningModule):
         metrics |= {f"train/{k}": v for k, v in update_stats.items()}
         metrics |= {f"time/{k}": v for k, v in seconds.items()}
         metrics["time/generate_tokens_per_s"] = generated / max(seconds["generate"], 1e-9)
+        metrics = sync_metrics(metrics, self.trainer.world_size)  # the mean over ranks, logged by rank 0
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         reward = metrics.get("reward/aggregation", metrics["reward/search"])
         self.log("reward", reward, prog_bar=True, batch_size=len(batch))
@@ -370,11 +403,12 @@ class SpiralModule(L.LightningModule):
 
     def _update(self, sequences: list[TrainSequence]) -> dict[str, float]:
         def step() -> None:
-            clip_and_step(self, self.update_config.max_grad_norm)
+            # A NaN/Inf gradient skips the step and is counted; too many in a row stop the run (issue 7).
+            clip_and_step(self, self.update_config.max_grad_norm, self._nonfinite)
 
         # With no sequence (every prompt dropped) the step still runs, so ranks and step counts stay aligned.
         stats = self._updater().update(sequences, self.manual_backward, step, self.device, self._step_seed(6))
-        return stats | {"sequences": float(len(sequences))}
+        return stats | {"sequences": float(len(sequences)), "nonfinite_steps": float(self._nonfinite.total)}
 
     def _search_metrics(self, batch: list[Problem], scores: StepScores, credit: StepCredit) -> dict[str, float]:
         n = self.algo.n_search
@@ -402,6 +436,25 @@ class SpiralModule(L.LightningModule):
         assert self.runtime is not None
         return self.runtime.evaluate(batch, self.eval_config, self.search_sampling, self.aggregation_sampling)
 
+    # A sharded policy stays gathered for a whole evaluation epoch (PolicyRuntime.hold_gathered).
+    def on_validation_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
+
+    def on_test_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_test_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
+
+    def on_predict_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_predict_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
+
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
         log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
 
@@ -416,3 +469,32 @@ class SpiralModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+    # ----------------------------------------------------------------- checkpoints (issue 7)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's pending dynamic-sampling sequences and the non-finite step counter, for an exact resume."""
+        mine = {
+            "sequences": sequences_state(self._pending),
+            "prompts": self._pending_prompts,
+            "batches": self._pending_batches,
+        }
+        checkpoint["spiral_lit"] = {
+            "pending_per_rank": gather_per_rank(mine, self.trainer.world_size),
+            "nonfinite": self._nonfinite.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another model's checkpoint (naming it); restore what :meth:`on_save_checkpoint` saved."""
+        check_checkpoint_matches(checkpoint, self, self._trainer.ckpt_path if self._trainer is not None else None)
+        state = checkpoint.get("spiral_lit")
+        if state is None:
+            return
+        self._nonfinite.load_state_dict(state["nonfinite"])
+        self._pending, self._pending_prompts, self._pending_batches = [], 0, 0
+        per_rank = state["pending_per_rank"]
+        if any(entry["sequences"] for entry in per_rank):
+            world = self.trainer.world_size
+            mine = own_rank_entry(per_rank, self.global_rank, world, "dynamic sampling's pending sequences")
+            if mine is not None:
+                self._pending = sequences_from_state(mine["sequences"])
+                self._pending_prompts, self._pending_batches = int(mine["prompts"]), int(mine["batches"])

@@ -10,6 +10,11 @@ token-mean cross-entropy on the solution tokens.
 Aggregation examples are ~4x longer than search examples, so the quickstart first
 trains search alone until it can solve problems, then both roles (two configs).
 
+Under DDP/FSDP each rank builds examples from its own problems; the token count that
+normalises the loss is summed over ranks before the backward passes, and every rank runs as
+many backward passes as the busiest one (:func:`spiral_lit.update.zero_weight_pass`), so the
+gradient is the token mean over the whole global batch.
+
 Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
 """
 
@@ -25,19 +30,25 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from spiral_lit.batching import length_buckets, pack
+from spiral_lit.checkpointing import check_checkpoint_matches
 from spiral_lit.evaluation import EvalConfig
+from spiral_lit.faults import NonFiniteGuard
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import (
     PolicyRuntime,
     VerifierConfig,
     clip_and_step,
     configure_policy_optimizers,
+    data_parallel_mesh,
     log_eval_metrics,
+    sharding_of,
 )
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.rollout.vllm_engine import VLLMConfig
 from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.update import dummy_batch, zero_weight_pass
 
 
 def warm_start_examples(
@@ -87,9 +98,11 @@ class WarmStartModule(L.LightningModule):
         eval_sampling: SamplingConfig | None = None,
         verifier: VerifierConfig | None = None,
         rollout_backend: Backend = "kv_cache",
+        vllm: VLLMConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -105,10 +118,13 @@ class WarmStartModule(L.LightningModule):
             eval: Held-out evaluation (validation/test).
             eval_sampling: Sampling for evaluation traces (both roles).
             verifier: Reward computation settings.
-            rollout_backend: Engine for evaluation rollouts: ``kv_cache`` or ``hf``.
+            rollout_backend: Engine for evaluation rollouts: ``kv_cache``, ``hf`` or ``vllm``.
+            vllm: Engine settings of ``rollout_backend: vllm`` (issue 10).
             optimizer: Optimiser ``class_path``/``init_args``.
             lr_scheduler: Optional scheduler ``class_path``/``init_args`` (stepped every step).
             seed: Seed of the example mixing.
+            max_nonfinite_steps: Steps whose loss or gradient is NaN/Inf are skipped and counted
+                (``train/nonfinite_steps``); this many in a row stop the run (issue 7).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
@@ -127,6 +143,7 @@ class WarmStartModule(L.LightningModule):
         self.runtime: PolicyRuntime | None = None
         self.eval_metrics = torch.nn.ModuleDict()
         self.automatic_optimization = False
+        self._nonfinite = NonFiniteGuard(max_nonfinite_steps, key="model.init_args.max_nonfinite_steps")
 
     def configure_model(self) -> None:
         if self.runtime is not None:
@@ -139,6 +156,9 @@ class WarmStartModule(L.LightningModule):
             self.prompt_config,
             self.verifier_config,
             backend=self.hparams.rollout_backend,
+            sharding=sharding_of(self),
+            device_mesh=data_parallel_mesh(self),
+            vllm=self.hparams.vllm,
         )
         self.policy = self.runtime.model
         self.policy.train()
@@ -146,11 +166,11 @@ class WarmStartModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
 
-    def training_step(self, batch: list[Problem], batch_idx: int) -> None:
+    def examples(self, batch: list[Problem]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """This rank's (prompt ids, target ids, role) for ``batch``, drawn with a seed of (seed, rank, step)."""
         assert self.runtime is not None
-        start = time.perf_counter()
         rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
-        prompts, targets, roles = warm_start_examples(
+        return warm_start_examples(
             batch,
             self.runtime.task,
             self.runtime.renderer,
@@ -159,11 +179,23 @@ class WarmStartModule(L.LightningModule):
             self.hparams.aggregation_fraction,
             rng,
         )
+
+    def training_step(self, batch: list[Problem], batch_idx: int) -> None:
+        assert self.runtime is not None
+        start = time.perf_counter()
+        prompts, targets, roles = self.examples(batch)
         lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
-        n_tokens = sum(len(t) for t in targets)
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        # Summed over ranks; DDP/FSDP average the gradients, so each rank's loss is scaled by the world size.
+        n_tokens = torch.tensor(float(sum(len(t) for t in targets)), device=self.device)
+        n_tokens = strategy.reduce(n_tokens, reduce_op="sum")
+        scale = world / n_tokens.clamp(min=1.0)
         role_loss = torch.zeros(2, device=self.device)
         role_tokens = torch.zeros(2, device=self.device)
-        for rows in length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens):
+        buckets = length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
+        # Agreed before the first backward: DDP's first backwards also run collectives (bucket rebuilding).
+        busiest = int(strategy.reduce(torch.tensor(float(len(buckets)), device=self.device), reduce_op="max"))
+        for rows in buckets:
             packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], self.runtime.tokenizer.pad_token_id)
             packed = packed.to(self.device)
             logits = self.policy(input_ids=packed.input_ids_BT, attention_mask=packed.attention_mask_BT).logits
@@ -174,18 +206,43 @@ class WarmStartModule(L.LightningModule):
             role_loss.index_add_(0, role_B, per_seq_B.detach())
             role_tokens.index_add_(0, role_B, mask.sum(1).float())
             # Token mean over the whole batch, so the micro-batch split does not change the gradient.
-            self.manual_backward(per_seq_B.sum() / n_tokens)
-        clip_and_step(self, self.hparams.max_grad_norm)
-        role_tokens = role_tokens.clamp(min=1)
+            self.manual_backward(per_seq_B.sum() * scale)
+        dummy = dummy_batch(self.runtime.tokenizer.pad_token_id, self.device)
+        for _ in range(busiest - len(buckets)):  # each backward is a collective under DDP/FSDP
+            zero_weight_pass(self.policy, dummy, self.manual_backward)
+        clip_and_step(self, self.hparams.max_grad_norm, self._nonfinite)  # skips a NaN/Inf step (issue 7)
+        # Token means over all ranks: the sums are reduced, then divided.
+        role_loss = strategy.reduce(role_loss, reduce_op="sum")
+        role_tokens = strategy.reduce(role_tokens, reduce_op="sum").clamp(min=1)
         self.log("train/loss", role_loss.sum() / role_tokens.sum(), prog_bar=True)
         self.log("train/loss_search", role_loss[0] / role_tokens[0])
         self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
-        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))
+        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))  # this rank's
+        self.log("train/nonfinite_steps", float(self._nonfinite.total))
 
     def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
         """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
         assert self.runtime is not None
         return self.runtime.evaluate(batch, self.eval_config, self.eval_sampling, self.eval_sampling)
+
+    # A sharded policy stays gathered for a whole evaluation epoch (PolicyRuntime.hold_gathered).
+    def on_validation_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
+
+    def on_test_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_test_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
+
+    def on_predict_epoch_start(self) -> None:
+        self.runtime.hold_gathered(True)
+
+    def on_predict_epoch_end(self) -> None:
+        self.runtime.hold_gathered(False)
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
         log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
@@ -201,3 +258,13 @@ class WarmStartModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+    # ----------------------------------------------------------------- checkpoints (issue 7)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["spiral_lit"] = {"nonfinite": self._nonfinite.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another model's checkpoint, naming it; restore the non-finite step counter."""
+        check_checkpoint_matches(checkpoint, self, self._trainer.ckpt_path if self._trainer is not None else None)
+        if "spiral_lit" in checkpoint:
+            self._nonfinite.load_state_dict(checkpoint["spiral_lit"]["nonfinite"])

@@ -6,19 +6,34 @@ whole minibatch and summed over ranks before any backward pass, so neither the
 micro-batch split nor the number of ranks changes the gradient. The optimiser itself is
 stepped by the caller (the LightningModule owns it), through the ``backward`` and
 ``step`` callables.
+
+Under DDP every backward pass is a gradient all-reduce, and under FSDP every forward and
+backward pass is a collective too, so every rank runs as many forward/backward passes of each
+kind as the busiest rank: ranks with fewer micro-batches add zero-weight passes over a
+one-token dummy sequence (:func:`zero_weight_pass`), which run the same collectives.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from spiral_lit.algorithms import LossType, Reduction, policy_loss, token_entropy, token_logprobs
-from spiral_lit.batching import PackedBatch, length_buckets, pack
+from spiral_lit.algorithms.losses import truncated_importance_weights
+from spiral_lit.batching import PackedBatch, length_buckets, pack, prefix_buckets
+from spiral_lit.prefix_forward import (
+    CacheForward,
+    SharedPrefixBatch,
+    cache_forward,
+    pack_shared_prefix,
+    shared_prefix_logits,
+)
 from spiral_lit.rollout.base import Completion
 
 ROLES = ("search", "aggregation")
@@ -44,7 +59,13 @@ class UpdateConfig:
     micro_batch_size: int = 32
     """Most sequences per forward/backward (memory), independent of the rollout batch size."""
     micro_batch_tokens: int | None = None
-    """Most padded tokens per forward/backward (length bucketing); None = no limit."""
+    """Most tokens per forward/backward, as run: rows x longest row, or with ``shared_prefix`` distinct prompts x
+    longest prompt + rows x longest completion (each row still holds its prompt's keys/values); None = no limit."""
+    shared_prefix: bool = True
+    """Encode each distinct prompt once per micro-batch and run its samples' completions on its KV cache
+    (spiral_lit/prefix_forward.py): same log-probs and gradients, less compute. What it does not support (FSDP,
+    sliding-window layers, attention other than eager/sdpa, reentrant checkpointing) uses the full forward, with a
+    warning saying why."""
     kl_coef: float = 0.0
     """Weight of the k3 KL to the frozen reference policy (paper: 0)."""
     entropy_coef: float = 0.0
@@ -53,15 +74,27 @@ class UpdateConfig:
     recompute_old_logprobs: bool = False
     """Use the trainer's own no-grad log-probs as the old policy instead of the sampler's.
     Needed when sampling and training differ numerically (bf16 autocast, another engine)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (issue 10): weight each token's policy-gradient term by
+    min(exp(trainer_old - sampler), tis_cap), correcting for a sampler that is not the trainer (a bf16 or stale
+    vLLM engine); logs ``train/tis_mean``, ``tis_max``, ``tis_clip_frac``. Needs ``recompute_old_logprobs``."""
     search_weight: float = 1.0
     aggregation_weight: float = 1.0
+    max_nonfinite_steps: int = 3
+    """Optimiser steps whose loss or gradient is NaN/Inf are skipped and counted (``train/nonfinite_steps``);
+    this many in a row stop the run (issue 7)."""
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "num_minibatches", "micro_batch_size"):
+        for key in ("epochs", "num_minibatches", "micro_batch_size", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"update.{key} must be >= 1, got {getattr(self, key)}")
         if self.reduction == "seq_mean_token_sum_norm" and not self.norm_const:
             raise ValueError("update.norm_const must be set (> 0) when update.reduction is 'seq_mean_token_sum_norm'")
+        if self.tis_cap is not None and (self.tis_cap <= 0 or not self.recompute_old_logprobs):
+            raise ValueError(
+                f"update.tis_cap={self.tis_cap}: needs a value > 0 and update.recompute_old_logprobs: true (the "
+                "weight compares the trainer's recomputed log-probs with the sampler's)"
+            )
 
 
 @dataclass
@@ -87,35 +120,66 @@ class PolicyUpdater:
         reduce_sum: Callable[[torch.Tensor], torch.Tensor],
         reduce_max: Callable[[torch.Tensor], torch.Tensor],
         world_size: int,
-        reference: PreTrainedModel | None = None,
+        reference: Callable[..., Any] | None = None,
     ) -> None:
+        """
+        Args:
+            reference: The KL reference policy, called like the model: a frozen copy, or the same LoRA model
+                with its adapter disabled (:class:`spiral_lit.lora.AdapterDisabledReference`).
+        """
         self.model, self.config, self.pad_id, self.temperature = model, config, pad_id, temperature
         self.reduce_sum, self.reduce_max = reduce_sum, reduce_max
         self.world_size, self.reference = world_size, reference
+        self._tis: list[torch.Tensor] | None = None
+        """Per-sequence truncated importance weights of the current update (``tis_cap``)."""
+        self._prefix: CacheForward | None = None
+        """How to pass the KV cache for the shared-prefix forward; None = the full forward."""
+        if config.shared_prefix:
+            try:
+                self._prefix = cache_forward(model)
+            except NotImplementedError as err:
+                warnings.warn(f"update.shared_prefix: {err}; using the full forward", stacklevel=2)
 
-    def _pack(self, sequences: list[TrainSequence], rows: list[int]) -> PackedBatch:
+    def _pack(self, sequences: list[TrainSequence], rows: list[int]) -> PackedBatch | SharedPrefixBatch:
         chosen = [sequences[i] for i in rows]
-        return pack(
-            [s.prompt_ids for s in chosen],
-            [s.completion.token_ids for s in chosen],
-            self.pad_id,
-            {"old": [s.completion.logprobs for s in chosen]},
-            rows,
-        )
+        values = {"old": [s.completion.logprobs for s in chosen]}
+        if self._tis is not None:
+            values["tis"] = [self._tis[i] for i in rows]
+        if self._prefix is not None:
+            prompts, completions = [s.prompt_ids for s in chosen], [s.completion.token_ids for s in chosen]
+            return pack_shared_prefix(prompts, completions, self.pad_id, values, rows)
+        return pack([s.prompt_ids for s in chosen], [s.completion.token_ids for s in chosen], self.pad_id, values, rows)
 
-    def _logits(self, model: PreTrainedModel, batch: PackedBatch) -> torch.Tensor:
+    def _logits(self, model: Callable[..., Any], batch: PackedBatch | SharedPrefixBatch) -> torch.Tensor:
+        if isinstance(batch, SharedPrefixBatch):
+            assert self._prefix is not None
+            return shared_prefix_logits(model, batch, self._prefix)
         return model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
+
+    def _buckets(self, sequences: list[TrainSequence], indices: list[int]) -> list[list[int]]:
+        """Micro-batches as positions in ``indices``: a prompt's rows together (shared prefix), else by length."""
+        cfg, chosen = self.config, [sequences[i] for i in indices]
+        if self._prefix is not None:
+            prompts, completion_lengths = [s.prompt_ids for s in chosen], [s.completion.num_tokens for s in chosen]
+            return prefix_buckets(prompts, completion_lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
+        lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in chosen]
+        return length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
+
+    def _max_over_ranks(self, count: int, device: torch.device) -> int:
+        return int(self.reduce_max(torch.tensor(float(count), device=device)))
 
     @torch.no_grad()
     def _recompute_old(self, sequences: list[TrainSequence], device: torch.device) -> None:
-        lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in sequences]
-        for rows in length_buckets(lengths, self.config.micro_batch_size, self.config.micro_batch_tokens):
+        buckets = self._buckets(sequences, list(range(len(sequences))))
+        for rows in buckets:
             batch = self._pack(sequences, rows).to(device)
             logp_BT = token_logprobs(self._logits(self.model, batch), batch.targets_BT1, self.temperature)
             for j, i in enumerate(rows):
                 s = sequences[i]
-                start = len(s.prompt_ids) - 1
+                start = 0 if isinstance(batch, SharedPrefixBatch) else len(s.prompt_ids) - 1
                 s.completion.logprobs = logp_BT[j, start : start + s.completion.num_tokens].float().cpu()
+        for _ in range(self._max_over_ranks(len(buckets), device) - len(buckets)):
+            self._logits(self.model, dummy_batch(self.pad_id, device))  # same forwards (collectives) as the busiest
 
     def update(
         self,
@@ -127,8 +191,12 @@ class PolicyUpdater:
     ) -> dict[str, float]:
         """All epochs and minibatches over ``sequences``; returns averaged statistics."""
         cfg = self.config
+        self._tis, tis_stats = None, {}
         if cfg.recompute_old_logprobs:
+            sampler_logprobs = [s.completion.logprobs for s in sequences]  # before the recompute replaces them
             self._recompute_old(sequences, device)
+            if cfg.tis_cap is not None and sequences:
+                tis_stats = self._importance_weights(sequences, sampler_logprobs, cfg.tis_cap)
         weights = (cfg.search_weight, cfg.aggregation_weight)
         totals: dict[str, float] = {}
         counts: dict[str, float] = {}
@@ -144,11 +212,10 @@ class PolicyUpdater:
             rng.shuffle(order)
             for m in range(cfg.num_minibatches):
                 minibatch = order[m :: cfg.num_minibatches]
-                lengths = [len(sequences[i].prompt_ids) + sequences[i].completion.num_tokens for i in minibatch]
                 normaliser = self._normaliser(sequences, minibatch, device)
-                buckets = length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
-                # Every rank runs as many backward passes as the busiest one (each is a DDP all-reduce).
-                n_passes = int(self.reduce_max(torch.tensor(float(len(buckets)), device=device)))
+                buckets = self._buckets(sequences, minibatch)
+                # Every rank runs as many passes as the busiest one (module docstring).
+                n_passes = self._max_over_ranks(len(buckets), device)
                 for bucket in buckets:
                     rows = [minibatch[i] for i in bucket]
                     stats = self._micro_batch(sequences, rows, normaliser, weights, backward, device)
@@ -157,10 +224,21 @@ class PolicyUpdater:
                         if first and name == "ratio_dev":
                             add("ratio_dev_first_minibatch", value, n)
                 for _ in range(n_passes - len(buckets)):
-                    backward(sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0)
+                    self._zero_weight_micro_batch(backward, device)
                 step()
                 first = False
-        return {k: totals[k] / max(counts[k], 1e-12) for k in totals}
+        return {k: totals[k] / max(counts[k], 1e-12) for k in totals} | tis_stats
+
+    def _importance_weights(
+        self, sequences: list[TrainSequence], sampler_logprobs: list[torch.Tensor], cap: float
+    ) -> dict[str, float]:
+        """Sets the per-token truncated importance weights of ``sequences``; returns their statistics."""
+        trainer_1N = torch.cat([s.completion.logprobs for s in sequences])[None]
+        sampler_1N = torch.cat(sampler_logprobs)[None]
+        keep_1N = torch.ones_like(trainer_1N, dtype=torch.bool)
+        weights_1N, stats = truncated_importance_weights(trainer_1N, sampler_1N, keep_1N, cap)
+        self._tis = list(weights_1N[0].split([s.completion.num_tokens for s in sequences]))
+        return {k: float(v) for k, v in stats.items()}
 
     def _normaliser(self, sequences: list[TrainSequence], minibatch: list[int], device: torch.device) -> torch.Tensor:
         """The loss denominator of one minibatch, summed over ranks (see the module docstring)."""
@@ -169,6 +247,14 @@ class PolicyUpdater:
             return self.reduce_sum(torch.tensor(n_tokens, device=device)).clamp(min=1.0)
         n_seq = self.reduce_sum(torch.tensor(float(len(minibatch)), device=device))
         return n_seq * float(self.config.norm_const or 1.0)
+
+    def _zero_weight_micro_batch(self, backward: Callable[[torch.Tensor], None], device: torch.device) -> None:
+        """The forwards (policy, and reference with KL on) and backward of a micro-batch, with zero gradient."""
+        batch = dummy_batch(self.pad_id, device)
+        if self.config.kl_coef > 0 and self.reference is not None:
+            with torch.no_grad():
+                self._logits(self.reference, batch)
+        zero_weight_pass(self.model, batch, backward)
 
     def _micro_batch(
         self,
@@ -207,8 +293,10 @@ class PolicyUpdater:
             kl_coef=cfg.kl_coef,
             entropy_BT=entropy_BT,
             entropy_coef=cfg.entropy_coef,
+            token_weights_BT=batch.values_BT1.get("tis"),
         )
-        # DDP averages gradients over ranks; the normaliser already sums over ranks, so undo the average.
+        # DDP and FSDP (1 and 2) average gradients over ranks; the normaliser already sums over ranks, so undo
+        # the average (tests/test_distributed.py checks both against one process).
         backward(loss * self.world_size)
         n = float(mask_BT.sum())
         out = {k: (float(v), n) for k, v in stats.items() if k != "n_tokens"}
@@ -221,7 +309,21 @@ class PolicyUpdater:
                     _, role_stats = policy_loss(
                         logp_BT.detach(), batch.values_BT1["old"], adv_B, role_mask, 1.0,
                         loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        token_weights_BT=batch.values_BT1.get("tis"),
                     )  # fmt: skip
                     out[f"loss/{name}"] = (float(role_stats["pg_loss"]), n_role)
                     out[f"entropy/{name}"] = (float((entropy_BT.detach() * role_mask).sum()) / n_role, n_role)
         return out
+
+
+def dummy_batch(pad_id: int, device: torch.device) -> PackedBatch:
+    """One sequence of two pad tokens: the cheapest input that runs every layer of the model."""
+    return pack([[pad_id]], [[pad_id]], pad_id).to(device)
+
+
+def zero_weight_pass(model: Callable[..., Any], batch: PackedBatch, backward: Callable[[torch.Tensor], None]) -> None:
+    """A forward and a backward whose gradient is exactly zero (every parameter that the forward used gets
+    a zero gradient): the collectives of a real pass (DDP all-reduce, FSDP all-gather and reduce-scatter)
+    for a rank that has run out of micro-batches."""
+    logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+    backward(logits.float().sum() * 0.0)

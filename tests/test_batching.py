@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spiral_lit.batching import length_buckets, pack
+from spiral_lit.batching import length_buckets, pack, prefix_buckets
 
 # Row 0: prompt [1, 2, 3] + completion [5, 6]; row 1: prompt [4] + completion [7, 8] (one shorter, right-padded).
 PROMPTS = [[1, 2, 3], [4]]
@@ -93,3 +93,56 @@ def test_length_buckets_invariants(lengths: list[int], micro_batch_size: int, ma
         assert 1 <= len(bucket) <= micro_batch_size
         if max_tokens is not None and len(bucket) > 1:
             assert len(bucket) * max(lengths[i] for i in bucket) <= max_tokens
+
+
+# Rows 0, 2, 4 share prompt A (4 tokens: a prefix of 3), rows 1, 3 prompt B (2 tokens: a prefix of 1).
+A, B = [1, 2, 3, 4], [5, 6]
+SHARED_PROMPTS = [A, B, A, B, A]
+COMPLETION_LENGTHS = [2, 5, 4, 1, 3]
+
+
+def test_prefix_buckets_by_count() -> None:
+    # Longest prompt first, a prompt's rows together, longest completion first: 2 (4), 4 (3), 0 (2), 1 (5), 3 (1).
+    assert prefix_buckets(SHARED_PROMPTS, COMPLETION_LENGTHS, micro_batch_size=10) == [[2, 4, 0, 1, 3]]
+    assert prefix_buckets(SHARED_PROMPTS, COMPLETION_LENGTHS, micro_batch_size=2) == [[2, 4], [0, 1], [3]]
+    assert prefix_buckets([], [], micro_batch_size=4) == []
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        prefix_buckets([[1]], [1], micro_batch_size=0)
+
+
+def test_prefix_buckets_count_the_tokens_run() -> None:
+    # Tokens run = distinct prompts x longest prefix + rows x longest completion.
+    # [2, 4, 0]: 1 x 3 + 3 x 4 = 15 <= 20; adding 1 (prompt B, completion 5): 2 x 3 + 4 x 5 = 26 > 20.
+    # [1, 3]: 1 x 1 + 2 x 5 = 11.
+    assert prefix_buckets(SHARED_PROMPTS, COMPLETION_LENGTHS, 8, max_tokens=20) == [[2, 4, 0], [1, 3]]
+    # max_tokens=12: [2, 4] = 11; + 0 = 15 > 12, so A continues in a bucket of its own (A encoded twice);
+    # [0] + 1: 2 x 3 + 2 x 5 = 16 > 12; [1, 3] = 11.
+    assert prefix_buckets(SHARED_PROMPTS, COMPLETION_LENGTHS, 8, max_tokens=12) == [[2, 4], [0], [1, 3]]
+    # One-token prompts have an empty prefix: only the suffix counts (2 x 3 = 6 <= 6, 3 x 3 > 6).
+    assert prefix_buckets([[7], [7], [7]], [3, 3, 3], 8, max_tokens=6) == [[0, 1], [2]]
+    # A row longer than max_tokens still gets a micro-batch of its own.
+    assert prefix_buckets([A, B], [100, 1], 8, max_tokens=10) == [[0], [1]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 30)), max_size=40),
+    micro_batch_size=st.integers(1, 8),
+    max_tokens=st.one_of(st.none(), st.integers(1, 200)),
+)
+def test_prefix_buckets_invariants(rows: list[tuple[int, int]], micro_batch_size: int, max_tokens: int | None) -> None:
+    """Prompt k has k + 1 tokens (6 distinct prompts); every row once, a prompt's rows adjacent, caps kept."""
+    prompts = [list(range(k + 1)) for k, _ in rows]
+    completion_lengths = [n for _, n in rows]
+    buckets = prefix_buckets(prompts, completion_lengths, micro_batch_size, max_tokens)
+    flat = [i for b in buckets for i in b]
+    assert sorted(flat) == list(range(len(rows)))
+    prompt_order = [len(prompts[i]) for i in flat]
+    assert prompt_order == sorted(prompt_order, reverse=True)  # longest prompt first, each prompt's rows adjacent
+    for bucket in buckets:
+        assert 1 <= len(bucket) <= micro_batch_size
+        if max_tokens is not None and len(bucket) > 1:
+            distinct = {tuple(prompts[i]) for i in bucket}
+            tokens = len(distinct) * (max(len(p) for p in distinct) - 1)
+            tokens += len(bucket) * max(completion_lengths[i] for i in bucket)
+            assert tokens <= max_tokens

@@ -99,12 +99,21 @@ def test_state_dict_round_trip_continues_the_stream() -> None:
     dm.trainer = _TrainerStub(training=False)  # validation batches do not count
     dm.on_before_batch_transfer(batches[4], 0)
     assert dm.consumed_batches == 4
-    assert dm.state_dict() == {"consumed_batches": 4}
+    assert dm.state_dict() == {"consumed_batches": 4, "batch_size": 3, "world_size": 1}
 
     resumed = ProblemDataModule(ChainSumTask(), batch_size=3, heldout_size=5)
     resumed.load_state_dict(dm.state_dict())
     assert resumed.consumed_batches == 4
     assert _take(iter(resumed.train_dataloader()), 2) == batches[4:6]
+
+
+def test_resume_on_other_sizes_keeps_the_global_position() -> None:
+    # 4 batches of 3 on 2 ranks = 24 problems consumed; on 1 rank with batches of 4 that is 6 batches.
+    resumed = ProblemDataModule(ChainSumTask(), batch_size=4, heldout_size=5)
+    resumed.trainer = _TrainerStub(world_size=1)
+    with pytest.warns(UserWarning, match="data.batch_size=4 on 1 rank.*data.batch_size=3 on 2"):
+        resumed.load_state_dict({"consumed_batches": 4, "batch_size": 3, "world_size": 2})
+    assert resumed.consumed_batches == 6
 
 
 def test_bad_sizes_name_the_key() -> None:

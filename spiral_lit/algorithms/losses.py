@@ -72,13 +72,16 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropy_BT: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    token_weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Surrogate loss of one micro-batch (section 4); returns ``(loss, stats)``.
 
     Per kept token: pg = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) for ``ppo_clip``, or
     -r A for ``reinforce_is``, with r = exp(logp - logp_old); plus ``kl_coef`` * k3(ref || pi)
     and minus ``entropy_coef`` * entropy. ``seq_weights_B`` (e.g. a role weight) multiplies
-    the whole per-token loss of its sequence. loss = sum over kept tokens / ``normaliser``.
+    the whole per-token loss of its sequence. ``token_weights_BT`` (no gradient; e.g. the truncated
+    importance weights of :func:`truncated_importance_weights`) multiplies the policy-gradient term
+    of each token. loss = sum over kept tokens / ``normaliser``.
 
     ``stats`` are detached means over this micro-batch's kept tokens, plus ``n_tokens`` so the
     caller can aggregate exactly (sum = mean * n_tokens): ``pg_loss``, ``clip_frac_low``
@@ -94,6 +97,8 @@ def policy_loss(
     ratio_BT = torch.exp(log_ratio_BT)
     adv_BT = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1).expand_as(logprobs_BT)
     pg_BT = _surrogate_BT(ratio_BT, adv_BT, loss_type, clip_low, clip_high)
+    if token_weights_BT is not None:
+        pg_BT = pg_BT * token_weights_BT.detach().to(pg_BT.dtype)
 
     loss_BT = pg_BT
     kl_ref_BT = None
@@ -129,6 +134,39 @@ def policy_loss(
         if entropy_BT is not None:
             stats["entropy"] = kept_mean(entropy_BT)
     return loss, stats
+
+
+def truncated_importance_weights(
+    trainer_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (TIS) weights between the trainer and the sampler, per token (issue 10).
+
+    When the rollout engine's log-probabilities differ from the trainer's (a bf16 engine, other kernels,
+    weights a few updates stale), the tokens were drawn from pi_sampler, not from the pi_old the PPO ratio
+    divides by. Each token's policy-gradient term is therefore weighted by
+    w = min(exp(logp_trainer_old - logp_sampler), cap) (Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"); the cap bounds the variance a rare token can add.
+
+    ``trainer_logprobs_BT`` / ``sampler_logprobs_BT``: ``[B, T]`` log-probs of the sampled tokens; ``mask_BT``:
+    ``[B, T]`` True = keep. Returns ``(weights_BT, stats)``: weights are 1 at dropped tokens and carry no gradient;
+    ``stats`` over kept tokens: ``tis_mean``, ``tis_max`` (of the truncated weight) and ``tis_clip_frac``
+    (fraction whose raw weight exceeded the cap).
+    """
+    if cap <= 0:
+        raise ValueError(f"update.tis_cap must be > 0, got {cap}")
+    mask_BT = mask_BT.bool()
+    with torch.no_grad():
+        log_w_BT = torch.where(mask_BT, trainer_logprobs_BT.float() - sampler_logprobs_BT.float(), 0.0)
+        raw_BT = torch.exp(log_w_BT)
+        weights_BT = torch.where(mask_BT, raw_BT.clamp(max=cap), 1.0)
+        keep_BT = mask_BT.float()
+        n = keep_BT.sum().clamp(min=1.0)
+        stats = {
+            "tis_mean": (weights_BT * keep_BT).sum() / n,
+            "tis_max": weights_BT.masked_fill(~mask_BT, 0.0).max() if bool(mask_BT.any()) else weights_BT.new_ones(()),
+            "tis_clip_frac": ((raw_BT > cap) & mask_BT).float().sum() / n,
+        }
+    return weights_BT, stats
 
 
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -3,16 +3,16 @@
 The ``n`` samples of one prompt attend to the same prompt keys/values. Copying them to
 every sample row makes each decode step read the prompt cache ``n`` times, which is what
 dominated decoding on aggregation prompts (~400 prompt tokens, 4 samples). Here attention
-is split in two exact parts and merged by their log-sum-exp ("cascade" attention):
+is split in two exact parts whose softmax sums are merged ("cascade" attention):
 
 - prompt part: the queries of a prompt's samples are stacked into one block and attend
   to that prompt's keys once (``[P, kv_heads, rep * G, W]`` scores, G = most samples of a
   prompt still decoding);
 - generated part: every sample row attends to its own generated keys (the cache rows).
 
-With each part's score maximum m_i, its sum l_i of exp(s - m_i) and its unnormalised output
-o_i (the sum of exp(s - m_i) v), ``out = sum_i o_i exp(m_i - m) / sum_i l_i exp(m_i - m)`` with
-m = max(m_1, m_2), which is exactly softmax attention over the concatenated keys.
+Both parts subtract one score maximum m (the larger of the two parts' maxima, so every exp()
+stays in range); with l_i the sum of exp(s - m) over part i and o_i the sum of exp(s - m) v,
+``out = (o_1 + o_2) / (l_1 + l_2)``, which is exactly softmax attention over the concatenated keys.
 
 The function is registered as an attention implementation named :data:`SHARED_PREFIX_ATTENTION`;
 the engine selects it only around its decode loop and passes the :class:`SharedPrefix` as a
@@ -50,6 +50,10 @@ class SharedPrefix:
         self.cell_R = source_R * self.group + torch.arange(R, device=source_R.device) - first_P[source_R]
         self.row_of_cell = torch.zeros(P * self.group, dtype=torch.long, device=source_R.device)
         self.row_of_cell[self.cell_R] = torch.arange(R, device=source_R.device)
+        # Every prompt has G rows (as in a fresh batch): the grid is the row order, no gathers needed.
+        self.dense = P * self.group == R
+        self.padded = bool((self.mask_PW != 0).any())
+        """False when no remaining prompt has left padding: the mask add is skipped."""
 
     def keep(self, keep_B: torch.Tensor) -> None:
         """Keep decode rows ``keep_B``; drop prompts no row reads and left padding no prompt needs."""
@@ -64,18 +68,6 @@ class SharedPrefix:
         self.values = [v[:, :, start:] for v in self.values]
         self.mask_PW = self.mask_PW[:, start:]
         self.set_rows(source_R)
-
-
-def _partial_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalised attention of one part: (sum of exp(s - m) v, max m, sum of exp(s - m)), scores in float32."""
-    scores = (query @ key.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        scores = scores + mask
-    top = scores.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scores - top)
-    return (weights.to(value.dtype) @ value).float(), top, weights.sum(dim=-1, keepdim=True)
 
 
 def shared_prefix_attention(
@@ -97,25 +89,38 @@ def shared_prefix_attention(
     R, H, _, D = query.shape
     prefix_k, prefix_v = shared_prefix.keys[module.layer_idx], shared_prefix.values[module.layer_idx]
     P, kv_heads, _, _ = prefix_k.shape
-    rep, G = H // kv_heads, shared_prefix.group
-    scale = scaling if scaling is not None else D**-0.5
+    rep, G, dense = H // kv_heads, shared_prefix.group, shared_prefix.dense
 
-    # Prompt part: [P, kv_heads, rep * G, D] queries against [P, kv_heads, W, D] keys.
-    q_cells = query[:, :, 0].index_select(0, shared_prefix.row_of_cell).view(P, G, kv_heads, rep, D)
-    q_cells = q_cells.permute(0, 2, 3, 1, 4).reshape(P, kv_heads, rep * G, D)
-    parts = _partial_attention(q_cells, prefix_k, prefix_v, scale, shared_prefix.mask_PW[:, None, None, :])
-    # Back to rows: [P, kv_heads, rep, G, X] -> [P * G, kv_heads, rep, X] -> [R, kv_heads, rep, X].
-    o1, m1, l1 = (
-        t.view(P, kv_heads, rep, G, -1).permute(0, 3, 1, 2, 4).reshape(P * G, kv_heads, rep, -1)[shared_prefix.cell_R]
-        for t in parts
-    )
-    # Generated part: each row's own keys, [R, kv_heads, rep, D] queries against [R, kv_heads, t, D].
-    o2, m2, l2 = _partial_attention(query.view(R, kv_heads, rep, D), key, value, scale, None)
+    def as_grid_rows(t: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R, kv_heads, rep, X]`` laid out as :func:`to_rows` returns them (a view)."""
+        return t.view(P, G, kv_heads, rep, -1) if dense else t
 
-    top = torch.maximum(m1, m2)
-    w1, w2 = l1 * torch.exp(m1 - top), l2 * torch.exp(m2 - top)
-    out = (o1 * torch.exp(m1 - top) + o2 * torch.exp(m2 - top)) / (w1 + w2)
-    return out.to(query.dtype).view(R, 1, H, D), None
+    def to_rows(t: torch.Tensor) -> torch.Tensor:
+        """Grid ``[P, kv_heads, rep * G, X]`` -> rows: ``[P, G, kv_heads, rep, X]`` (dense, a view) or ``[R, ...]``."""
+        t = t.view(P, kv_heads, rep, G, -1).permute(0, 3, 1, 2, 4)
+        return t if dense else t[shared_prefix.cell_R // G, shared_prefix.cell_R % G]
+
+    def to_cells(t: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R, kv_heads, rep, X]`` -> grid ``[P, kv_heads, rep * G, X]``; empty cells copy row 0."""
+        t = t if dense else t.index_select(0, shared_prefix.row_of_cell)
+        return t.reshape(P, G, kv_heads, rep, -1).permute(0, 2, 3, 1, 4).reshape(P, kv_heads, rep * G, -1)
+
+    q_RKrD = query.view(R, kv_heads, rep, D) * (scaling if scaling is not None else D**-0.5)
+    # Scores in float32. Prompt part: a prompt's samples stacked as queries against its keys, read once.
+    scores1 = torch.matmul(to_cells(q_RKrD), prefix_k.transpose(-1, -2)).float()  # [P, kv_heads, rep * G, W]
+    if shared_prefix.padded:
+        scores1 += shared_prefix.mask_PW[:, None, None, :]
+    # Generated part: each row against its own keys.
+    scores2 = torch.matmul(q_RKrD, key.transpose(-1, -2)).float()  # [R, kv_heads, rep, t]
+    # One max over both parts keeps every exp() in range, so the parts' sums and outputs simply add up.
+    top = torch.maximum(to_rows(scores1.amax(dim=-1, keepdim=True)), as_grid_rows(scores2.amax(dim=-1, keepdim=True)))
+    top = top.reshape(R, kv_heads, rep, 1)
+    weights1 = scores1.sub_(to_cells(top)).exp_()
+    weights2 = scores2.sub_(top).exp_()
+    out = as_grid_rows(torch.matmul(weights2.to(value.dtype), value).float())
+    out += to_rows(torch.matmul(weights1.to(prefix_v.dtype), prefix_v).float())
+    total = as_grid_rows(weights2.sum(dim=-1, keepdim=True)).add_(to_rows(weights1.sum(dim=-1, keepdim=True)))
+    return out.div_(total).to(query.dtype).view(R, 1, H, D), None
 
 
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)

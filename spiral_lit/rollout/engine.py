@@ -14,6 +14,9 @@ What it does that ``model.generate`` (:mod:`spiral_lit.rollout.hf`) does not:
 - **Batch compaction.** Every ``compact_every`` steps, rows that finished (EOS or a stop
   string) leave the cache and the inputs; prompts no row reads any more, and left padding
   no remaining prompt needs, are dropped too.
+- **A fused decode step** for Llama/Qwen2/Mistral models (:mod:`spiral_lit.rollout.decode`):
+  Q/K/V and gate/up each one matmul, MKL-packed weights on CPU, no transformers plumbing per
+  layer. Other models (or ``fused_decode=False``) decode through the model's ``forward``.
 
 Sampling (:mod:`spiral_lit.rollout.sampling`) is inverse-CDF with one uniform number per
 (prompt index, sample index, step), drawn up front from a ``torch.Generator`` seeded with
@@ -45,6 +48,7 @@ from transformers.cache_utils import DynamicLayer
 
 from spiral_lit.rollout.attention import SHARED_PREFIX_ATTENTION, SharedPrefix
 from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig, Seed
+from spiral_lit.rollout.decode import FusedDecoder
 from spiral_lit.rollout.sampling import draw_uniforms, sample_tokens
 
 
@@ -142,6 +146,7 @@ class KVCacheEngine:
         max_batch_size: int = 256,
         compact_every: int | None = 4,
         cache_block: int = 256,
+        fused_decode: bool = True,
     ) -> None:
         """
         Args:
@@ -150,8 +155,11 @@ class KVCacheEngine:
             max_batch_size: Most sample rows decoded together; larger requests run in chunks.
             compact_every: Drop finished rows every this many steps; None keeps them to the end.
             cache_block: Spare KV slots added when the cache of generated tokens is full.
+            fused_decode: Decode Llama/Qwen2/Mistral models with :class:`FusedDecoder` (fused projections,
+                no transformers plumbing); other models, or False, use the model's forward.
         """
         self.model, self.tokenizer = model, tokenizer
+        self.fused_decode = fused_decode
         self.max_batch_size, self.compact_every, self.cache_block = max_batch_size, compact_every, cache_block
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -179,10 +187,12 @@ class KVCacheEngine:
         self.model.eval()
         try:
             with torch.no_grad():
+                # Fused weights are copied per call, so they are the weights being trained right now.
+                decoder = FusedDecoder.maybe(self.model) if self.fused_decode else None
                 for start in range(0, len(plan), self.max_batch_size):
                     chunk = plan[start : start + self.max_batch_size]
                     rows = [row for _, row in chunk]
-                    completions = self._generate_chunk(chunk, uniforms_RT[rows], sampling)
+                    completions = self._generate_chunk(chunk, uniforms_RT[rows], sampling, decoder)
                     for row, completion in zip(rows, completions, strict=True):
                         out[row] = completion
         finally:
@@ -226,10 +236,20 @@ class KVCacheEngine:
         return batch, logits_PV[source_R]
 
     def _generate_chunk(
-        self, chunk: list[tuple[tuple[int, ...], int]], uniforms_RT: torch.Tensor, sampling: SamplingConfig
+        self,
+        chunk: list[tuple[tuple[int, ...], int]],
+        uniforms_RT: torch.Tensor,
+        sampling: SamplingConfig,
+        decoder: FusedDecoder | None,
     ) -> list[Completion]:
         device, R, T = self.model.device, len(chunk), sampling.max_new_tokens
         batch, logits_BV = self._start(chunk, min(self.cache_block, T))
+        if decoder is not None:
+            decoder.interleave_prompt_keys(batch.prefix)
+        if decoder is not None and T >= 8:
+            # Packing costs about two copies of the weights: worth it from a few steps on. Once per
+            # chunk: after a compaction the smaller batch runs unpacked.
+            decoder.pack(R)
         tokens_RT = torch.zeros((R, T), dtype=torch.long, device=device)
         logprobs_RT = torch.zeros((R, T), dtype=torch.float32, device=device)
         lengths = [T] * R
@@ -255,13 +275,16 @@ class KVCacheEngine:
                     break
                 if self.compact_every and step % self.compact_every == 0 and not bool(batch.running_B.all()):
                     tokens_B = batch.compact(tokens_B)
-                logits_BV = self._forward(
-                    batch.cache,
-                    input_ids=tokens_B[:, None],
-                    position_ids=batch.next_pos_B[:, None],
-                    attention_mask=batch.prefix.mask_PW[:, None, None, :],  # 4D: transformers builds no mask
-                    shared_prefix=batch.prefix,
-                )
+                if decoder is not None:
+                    logits_BV = decoder.step(tokens_B, batch.next_pos_B, batch.prefix, batch.cache.layers)
+                else:
+                    logits_BV = self._forward(
+                        batch.cache,
+                        input_ids=tokens_B[:, None],
+                        position_ids=batch.next_pos_B[:, None],
+                        attention_mask=batch.prefix.mask_PW[:, None, None, :],  # 4D: transformers builds no mask
+                        shared_prefix=batch.prefix,
+                    )
                 batch.next_pos_B = batch.next_pos_B + 1
         return self._completions(tokens_RT, logprobs_RT, lengths, reasons)
 

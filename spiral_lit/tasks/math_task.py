@@ -21,6 +21,9 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Seconds for each of math-verify's parse/verify calls: well inside the Verifier's default 5 s per item,
 # so a slow sympy expression is cut off inside the worker instead of costing a worker restart.
 _MATH_VERIFY_TIMEOUT_S = 1
+# A final answer longer than this scores 0 unparsed [ours]: no dataset's reference answer comes close, math-verify's
+# parse is super-linear in its input, and it logs the whole input on every timeout (issue 7).
+_MAX_ANSWER_CHARS = 1000
 
 
 class MathDatasetTask(Task):
@@ -99,6 +102,8 @@ class MathDatasetTask(Task):
         """1.0 when math-verify finds the extracted answer equal to the gold one, else 0.0."""
         from math_verify import verify  # imported here so verifier workers of other tasks start fast
 
+        if len(extracted_answer) > _MAX_ANSWER_CHARS:
+            return 0.0
         # math-verify's timeouts use signal.alarm, which raises outside the main thread.
         timeout = _MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
         gold = _parse(problem.answer, timeout)

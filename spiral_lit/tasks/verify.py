@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.util as mp_util
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -76,6 +78,10 @@ class Verifier:
         self.timeout_s = timeout_s
         self.num_workers = num_workers
         self._workers: list[_Worker] = []
+        # Workers ignore SIGTERM (see _worker_main), so multiprocessing's exit handler, which terminates daemonic
+        # children with SIGTERM and then joins them, would wait forever: stop them first (exitpriority >= 0 runs
+        # before that step). Mutated in place only, so the finalizer sees the current workers.
+        mp_util.Finalize(self, _stop_workers, args=(self._workers,), exitpriority=10)
 
     def score(self, problems: list[Problem], responses: list[str]) -> VerifyResult:
         """Extract and score every response against its problem."""
@@ -106,9 +112,7 @@ class Verifier:
 
     def close(self) -> None:
         """Stop the workers (a later ``score`` starts new ones)."""
-        for worker in self._workers:
-            worker.stop()
-        self._workers = []
+        _stop_workers(self._workers)
 
     def __enter__(self) -> Verifier:
         return self
@@ -120,7 +124,7 @@ class Verifier:
         """One outcome per item, in completion order."""
         if not items:
             return []
-        self._workers = [w if w.process.is_alive() else self._replace(w) for w in self._workers]
+        self._workers[:] = [w if w.process.is_alive() else self._replace(w) for w in self._workers]
         self._workers += [_Worker(self.task) for _ in range(self.num_workers - len(self._workers))]
         size = max(1, math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER)))
         queue = deque(items[i : i + size] for i in range(0, len(items), size))
@@ -188,6 +192,13 @@ class Verifier:
         return _Worker(self.task)
 
 
+def _stop_workers(workers: list[_Worker]) -> None:
+    """Stop every worker and empty the list (in place)."""
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+
+
 class _Worker:
     """One scoring process and the parent's view of it."""
 
@@ -226,11 +237,18 @@ class _Worker:
 
 
 def _worker_main(conn: Connection, task: Task) -> None:
-    """Worker loop: score chunks, one reply per item, until told to stop."""
+    """Worker loop: score chunks, one reply per item, until told to stop (or until the parent is gone)."""
+    # The parent alone ends a worker (a stop message, or a kill when stuck). Ctrl-C or SIGTERM sent to the whole
+    # process group must not kill the item being scored: the trainer finishes its step on these signals (issue 7).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn.send("ready")
-    while (chunk := conn.recv()) is not None:
-        for position, extracted, problem in chunk:
-            conn.send((position, *_score_one(task, extracted, problem)))
+    try:
+        while (chunk := conn.recv()) is not None:
+            for position, extracted, problem in chunk:
+                conn.send((position, *_score_one(task, extracted, problem)))
+    except (EOFError, BrokenPipeError):
+        return  # the parent died without a stop message
 
 
 def _score_one(task: Task, extracted: str, problem: Problem) -> tuple[str, float, str | None]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spiral_lit.algorithms import loss_normaliser, policy_loss, token_entropy, token_logprobs
+from spiral_lit.algorithms.losses import truncated_importance_weights
 
 # A 2-sequence batch, T = 3. Sequence 0 has advantage +1, sequence 1 advantage -1 and one
 # padded token. Ratios r = exp(logp - old) chosen by hand (clip range 0.2 / 0.28 -> [0.8, 1.28]):
@@ -197,3 +198,46 @@ def test_token_entropy() -> None:
     torch.testing.assert_close(token_entropy(logits_BTV, 0.7), expected)
     # Empty batch keeps its shape.
     assert token_logprobs(torch.zeros(0, 3, 5), torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+
+
+# Truncated importance weights (issue 10): raw weights exp(trainer - sampler) chosen by hand, cap 2:
+#   (0,0) 0.5  (0,1) 1.0  (0,2) 3.0 -> 2 (clipped)  (1,0) 2.5 -> 2 (clipped)  (1,1) 1.2  (1,2) padding -> 1.
+# Kept: 0.5 + 1 + 2 + 2 + 1.2 = 6.7 over 5 tokens -> mean 1.34, max 2, clipped fraction 2/5.
+RAW_WEIGHTS = [[0.5, 1.0, 3.0], [2.5, 1.2, 1.0]]
+TIS_BT = torch.tensor([[0.5, 1.0, 2.0], [2.0, 1.2, 1.0]])
+
+
+def _sampler_logprobs() -> torch.Tensor:
+    sampler_BT = OLD_BT - torch.tensor(RAW_WEIGHTS).log()
+    sampler_BT[1, 2] = -math.inf
+    return sampler_BT
+
+
+def test_truncated_importance_weights_hand_values() -> None:
+    weights_BT, stats = truncated_importance_weights(OLD_BT, _sampler_logprobs(), MASK_BT, cap=2.0)
+    torch.testing.assert_close(weights_BT, TIS_BT)
+    torch.testing.assert_close(stats["tis_mean"], torch.tensor(1.34))
+    torch.testing.assert_close(stats["tis_max"], torch.tensor(2.0))
+    torch.testing.assert_close(stats["tis_clip_frac"], torch.tensor(0.4))
+    assert not weights_BT.requires_grad
+    # On-policy (sampler == trainer): every weight is 1, nothing clipped.
+    ones_BT, on_policy = truncated_importance_weights(OLD_BT, OLD_BT, MASK_BT, cap=2.0)
+    torch.testing.assert_close(ones_BT, torch.ones(2, 3))
+    assert on_policy["tis_clip_frac"].item() == 0.0 and on_policy["tis_max"].item() == 1.0
+    with pytest.raises(ValueError, match="tis_cap"):
+        truncated_importance_weights(OLD_BT, OLD_BT, MASK_BT, cap=0.0)
+
+
+def test_token_weights_multiply_the_policy_gradient_term() -> None:
+    # Per-token ppo_clip terms (see the top of this file) times TIS_BT:
+    #   -1.28 * 0.5 - 0.5 * 1 - 1.1 * 2 + 0.8 * 2 + 1.5 * 1.2 = 0.06 over 5 kept tokens.
+    logp_BT = _logprobs()
+    loss, stats = policy_loss(logp_BT, OLD_BT, ADV_B, MASK_BT, 5.0, token_weights_BT=TIS_BT)
+    torch.testing.assert_close(loss, torch.tensor(0.06 / 5))
+    torch.testing.assert_close(stats["pg_loss"], torch.tensor(0.06 / 5))
+    loss.backward()
+    # Unclipped tokens: -r A w / 5 -> (0,1) -0.5/5, (0,2) -1.1*2/5, (1,1) 1.5*1.2/5; clipped tokens stay 0.
+    expected_grad = torch.tensor([[0.0, -0.1, -0.44], [0.0, 0.36, 0.0]])
+    torch.testing.assert_close(logp_BT.grad, expected_grad)
+    # Clip statistics are of the ratio alone, whatever the weights.
+    torch.testing.assert_close(stats["clip_frac_high"], torch.tensor(0.2))

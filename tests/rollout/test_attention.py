@@ -61,3 +61,24 @@ def test_without_a_shared_prefix_it_is_sdpa() -> None:
     out, _ = shared_prefix_attention(_Layer(), query, key, value, None, scaling=8**-0.5)
     want = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 2, 4)])
+def test_equal_groups_take_the_gather_free_path(pads: tuple[int, ...]) -> None:
+    """Every prompt with as many rows (a fresh batch): rows are the grid, no gathers; without padding, no mask."""
+    g = torch.Generator().manual_seed(2)
+    P, W, H, kv_heads, D, t = 3, 6, 4, 2, 8, 3
+    source_R = torch.tensor([0, 0, 1, 1, 2, 2])
+    prefix_k, prefix_v = torch.randn(P, kv_heads, W, D, generator=g), torch.randn(P, kv_heads, W, D, generator=g)
+    mask_PW = torch.zeros(P, W).masked_fill(
+        torch.arange(W)[None, :] < torch.tensor(pads)[:, None], torch.finfo(torch.float32).min
+    )
+    gen_k, gen_v = torch.randn(6, kv_heads, t, D, generator=g), torch.randn(6, kv_heads, t, D, generator=g)
+    query = torch.randn(6, H, 1, D, generator=g)
+    prefix = SharedPrefix([prefix_k], [prefix_v], mask_PW)
+    prefix.set_rows(source_R)
+    assert prefix.dense
+    assert prefix.padded == any(pads)
+    out, _ = shared_prefix_attention(_Layer(), query, gen_k, gen_v, None, shared_prefix=prefix)
+    want = _reference(query, prefix_k, prefix_v, mask_PW, source_R, gen_k, gen_v)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
