@@ -13,14 +13,17 @@ non-matmul time on:
 - The weight copies (concatenated and packed) are made once per ``generate`` call, so they are
   the weights being trained right now; they cost about one extra copy of the decoder weights
   while the call runs.
-- Rotary embedding is applied to Q and K heads at once with the model's formula
-  (``q cos + rotate_half(q) sin``); keys/values are written in place into the engine's block
-  cache and attention is the shared-prompt attention of :mod:`spiral_lit.rollout.attention`.
+- Q and K come out of their projection with each head's two halves interleaved (the weight
+  rows permuted at fusing; q.k does not change when both are permuted alike), so the model's
+  rotary embedding ``q cos + rotate_half(q) sin`` is one complex multiplication for all Q and
+  K heads instead of five ops each. The prefilled prompt keys are permuted once per chunk.
+- Keys/values are written in place into the engine's block cache and attention is the
+  shared-prompt attention of :mod:`spiral_lit.rollout.attention`.
 
 Embedding, the rotary module, the activation and ``lm_head`` are called as the model's own
 modules, so hooks on them still run (the benchmark bans EOS with an ``lm_head`` hook); the
 RMSNorms too, except that a hook-free fp32 RMSNorm of these classes runs as ``F.rms_norm``
-(bitwise the same). Logits differ from the model's forward only by matmul rounding (~1e-6
+(bitwise the same, one call instead of seven). Logits differ from the model's forward only by matmul rounding (~1e-6
 relative in fp32; ``tests/rollout/test_decode.py`` checks rollouts and log-probabilities).
 
 Only models whose step this reproduces are accepted (:func:`fused_decode_refusal`): Llama,
@@ -43,16 +46,14 @@ FUSED_MODEL_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Mistra
 
 _ROTARY_CLASSES = frozenset({"LlamaRotaryEmbedding", "Qwen2RotaryEmbedding", "MistralRotaryEmbedding"})
 """Rotary modules whose cos/sin repeat over the two halves of the head dim (``cat((freqs, freqs))``)."""
+_RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
-_RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
-
-
 def _rms_norm(norm: nn.Module, x_BE: torch.Tensor) -> torch.Tensor:
-    """``norm(x_BE)``; for these models' RMSNorm in fp32 torch's fused kernel (bitwise equal; one op, not seven)."""
+    """``norm(x_BE)``; for these models' hook-free fp32 RMSNorm, ``F.rms_norm`` (bitwise equal, fewer dispatches)."""
     if (
         type(norm).__name__ in _RMS_NORM_CLASSES
         and not (norm._forward_hooks or norm._forward_pre_hooks)
@@ -96,8 +97,8 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             bypassed.append((f"layers.{i}.mlp.{name}", getattr(mlp, name)))
     for name, module in bypassed:
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"{name} has forward hooks, which a fused step would skip"
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+            return f"{name} has forward hooks (torch or accelerate's), which a fused step would skip"
         if name.endswith("_proj") and type(module) is not nn.Linear:
             return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
     return None

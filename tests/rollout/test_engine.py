@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -228,3 +229,23 @@ def test_one_seed_per_prompt_makes_a_prompts_samples_independent_of_the_others(p
     assert _ids(alone) == _ids(together)[1:2]
     assert _ids(reordered) == [_ids(together)[3], _ids(together)[1]]
     assert _ids(together)[0] != _ids(engine.generate(prompts[:1], n=2, sampling=sampling, seed=[9]))[0]
+
+
+def test_outputs_and_model_stay_usable_for_training(policy, prompts) -> None:
+    """Decoding runs in inference mode; what it returns, and the model it ran, must still work with autograd."""
+    model, tokenizer = policy
+    trainee = copy.deepcopy(model)
+    (group,) = KVCacheEngine(trainee, tokenizer).generate(prompts[:1], n=2, sampling=SamplingConfig(4), seed=0)
+    old_logprobs = group[0].logprobs
+    assert not old_logprobs.is_inference()
+    (new_logprobs,) = training_logprobs_with_grad(trainee, prompts[0], group[0].token_ids)
+    # A product saves old_logprobs for backward, which autograd refuses for inference-mode tensors.
+    (new_logprobs * old_logprobs).sum().backward()
+    assert all(p.grad is not None for p in trainee.parameters() if p.requires_grad)
+
+
+def training_logprobs_with_grad(model, prompt: list[int], completion: list[int]) -> tuple[torch.Tensor]:
+    """log_softmax at the completion tokens of one unpadded sequence, with the autograd graph kept."""
+    ids = torch.tensor([prompt + completion])
+    logits_TV = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return (torch.log_softmax(logits_TV, dim=-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1),)
