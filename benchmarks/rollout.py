@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--vllm", action="store_true", help="also time the vllm backend (issue 10; needs vllm)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +132,12 @@ def main() -> None:
             "hf": HFGenerateEngine(model, tokenizer),
             "kv_cache": KVCacheEngine(model, tokenizer),
         }
+        if args.vllm:
+            from _vllm_backend import make_vllm_engine  # benchmarks/ is on sys.path when run as a script
+
+            vllm_engine = make_vllm_engine(model, tokenizer)  # None, reason printed: no vllm or head size
+            if vllm_engine is not None:
+                engines["vllm"] = vllm_engine
         for shape, (prompts, n) in requests.items():
             for engine in engines.values():  # warm-up: allocator, kernels, lazy init
                 engine.generate(prompts[:2], n, SamplingConfig(max_new_tokens=4), seed=0)
@@ -141,21 +148,27 @@ def main() -> None:
                     speeds[key].append(time_once(engines[key], prompts, n, sampling, seed=repeat))
             medians = {key: statistics.median(values) for key, values in speeds.items()}
             ratios[f"{name}/{shape}"] = medians["kv_cache"] / medians["hf"]
+            if "vllm" in medians:
+                ratios[f"{name}/{shape}/vllm"] = medians["vllm"] / medians["hf"]
             for key, values in speeds.items():
                 results.append(
                     {"model": name, "params": n_params, "shape": shape, "engine": key, "tokens_per_s": values}
                 )
                 print(f"  {shape:<12} {key:<9} {medians[key]:9.0f} tok/s  (runs: {[round(v) for v in values]})")
 
-    print("\n| model | shape | hf tok/s | kv_cache tok/s | kv_cache / hf |\n|---|---|---|---|---|")
+    print("\n| model | shape | hf tok/s | kv_cache tok/s | kv_cache / hf | vllm tok/s | vllm / hf |")
+    print("|---|---|---|---|---|---|---|")
     for key, ratio in ratios.items():
+        if key.endswith("/vllm"):
+            continue
         name, shape = key.split("/")
         med = {
             r["engine"]: statistics.median(r["tokens_per_s"])
             for r in results
             if r["model"] == name and r["shape"] == shape
         }
-        print(f"| {name} | {shape} | {med['hf']:.0f} | {med['kv_cache']:.0f} | {ratio:.2f}x |")
+        vllm_cols = f"{med['vllm']:.0f} | {med['vllm'] / med['hf']:.2f}x" if "vllm" in med else "- | -"
+        print(f"| {name} | {shape} | {med['hf']:.0f} | {med['kv_cache']:.0f} | {ratio:.2f}x | {vllm_cols} |")
     settings = {
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
