@@ -50,6 +50,7 @@ from spiral_lit.faults import NonFiniteGuard
 from spiral_lit.metrics import majority_vote
 from spiral_lit.models import PolicyConfig
 from spiral_lit.policy import (
+    HoldGatheredForEvaluation,
     PolicyRuntime,
     VerifierConfig,
     clip_and_step,
@@ -436,24 +437,8 @@ class SpiralModule(L.LightningModule):
         assert self.runtime is not None
         return self.runtime.evaluate(batch, self.eval_config, self.search_sampling, self.aggregation_sampling)
 
-    # A sharded policy stays gathered for a whole evaluation epoch (PolicyRuntime.hold_gathered).
-    def on_validation_epoch_start(self) -> None:
-        self.runtime.hold_gathered(True)
-
-    def on_validation_epoch_end(self) -> None:
-        self.runtime.hold_gathered(False)
-
-    def on_test_epoch_start(self) -> None:
-        self.runtime.hold_gathered(True)
-
-    def on_test_epoch_end(self) -> None:
-        self.runtime.hold_gathered(False)
-
-    def on_predict_epoch_start(self) -> None:
-        self.runtime.hold_gathered(True)
-
-    def on_predict_epoch_end(self) -> None:
-        self.runtime.hold_gathered(False)
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [HoldGatheredForEvaluation()]
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
         log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))

@@ -171,6 +171,32 @@ class PolicyRuntime:
         self.verifier.close()
 
 
+class HoldGatheredForEvaluation(L.Callback):
+    """Keeps a sharded policy gathered for a whole validation, test or predict epoch
+    (:meth:`PolicyRuntime.hold_gathered`); both LightningModules return it from ``configure_callbacks``."""
+
+    def _hold(self, pl_module: L.LightningModule, hold: bool) -> None:
+        pl_module.runtime.hold_gathered(hold)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, False)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, True)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, False)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, True)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold(pl_module, False)
+
+
 def log_eval_metrics(
     module: L.LightningModule, metrics: torch.nn.ModuleDict, stage: str, values: dict[str, torch.Tensor]
 ) -> None:
