@@ -1,6 +1,10 @@
-"""update.py: length-bucketed micro-batches give the loss and gradients of one padded batch (issue 5)."""
+"""update.py: length-bucketed micro-batches give the loss and gradients of one padded batch (issue 5); with
+``tis_cap`` (issue 10) the truncated importance weight scales each token's policy gradient."""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import pytest
 import torch
@@ -71,3 +75,58 @@ def test_bucketed_micro_batches_match_one_padded_batch(
         assert grads.keys() == padded_grads.keys() and len(grads) == len(list(model.parameters()))
         for name, grad in grads.items():
             torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------- truncated importance weights (issue 10)
+def _tis_sequences(
+    vocab: int, sampler_shift: float, trainer_logprobs: list[torch.Tensor] | None
+) -> list[TrainSequence]:
+    """Four traces; the sampler's log-probs are the trainer's plus ``sampler_shift`` (random when not given)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, (prompt_len, completion_len) in enumerate([(9, 5), (4, 12), (15, 7), (6, 3)]):
+        prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+        ids = torch.randint(3, vocab, (completion_len,), generator=g).tolist()
+        logprobs = trainer_logprobs[i] + sampler_shift if trainer_logprobs else -torch.rand(completion_len) * 5
+        completion = Completion(token_ids=ids, logprobs=logprobs, finish_reason="length", text="")
+        out.append(TrainSequence(prompt, completion, advantage=(-1.0) ** i * (1 + i / 4), role=i % 2))
+    return out
+
+
+def test_importance_weight_scales_the_gradient_and_is_logged(tiny_policy) -> None:
+    model = tiny_policy.model
+    vocab = model.config.vocab_size
+    # The trainer's own old log-probs, read back after a recompute.
+    probe = _tis_sequences(vocab, 0.0, None)
+    _update(model, probe, UpdateConfig(recompute_old_logprobs=True, micro_batch_size=2))
+    trainer = [copy.deepcopy(s.completion.logprobs) for s in probe]
+
+    def run(shift: float, cap: float | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        config = UpdateConfig(recompute_old_logprobs=True, tis_cap=cap, micro_batch_size=2)
+        return _update(model, _tis_sequences(vocab, shift, trainer), config)
+
+    plain_stats, plain = run(0.0, None)
+    assert "tis_mean" not in plain_stats
+    on_policy_stats, on_policy = run(0.0, 2.0)  # sampler == trainer: weight 1 everywhere
+    assert on_policy_stats["tis_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert on_policy_stats["tis_clip_frac"] == 0.0
+    # The sampler found every token twice as likely as the trainer does: weight exp(-log 2) = 0.5 per token.
+    half_stats, half = run(math.log(2.0), 2.0)
+    assert half_stats["tis_mean"] == pytest.approx(0.5, abs=1e-6)
+    assert half_stats["tis_max"] == pytest.approx(0.5, abs=1e-6)
+    # The sampler found every token 4x less likely: raw weight 4, truncated to the cap 3.
+    capped_stats, capped = run(-math.log(4.0), 3.0)
+    assert capped_stats["tis_mean"] == pytest.approx(3.0, abs=1e-5)
+    assert capped_stats["tis_clip_frac"] == 1.0
+    assert plain.keys() == half.keys() == capped.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(on_policy[name], grad, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(half[name], 0.5 * grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(capped[name], 3.0 * grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tis_cap_needs_recomputed_old_logprobs() -> None:
+    with pytest.raises(ValueError, match="recompute_old_logprobs"):
+        UpdateConfig(tis_cap=2.0)
+    with pytest.raises(ValueError, match="tis_cap"):
+        UpdateConfig(tis_cap=0.0, recompute_old_logprobs=True)
