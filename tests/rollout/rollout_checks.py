@@ -33,3 +33,15 @@ class EOSOnStep:
         if self.calls == self.step:
             logits_BTV[self.row, -1, self.eos_id] = 1e4
         return logits_BTV
+
+
+class EOSBias:
+    """lm_head forward hook: adds ``bias`` to the EOS logit of every row, so sampled traces end at varied steps."""
+
+    def __init__(self, eos_id: int, bias: float) -> None:
+        self.eos_id, self.bias = eos_id, bias
+
+    def __call__(self, module, inputs, logits_BTV: torch.Tensor) -> torch.Tensor:
+        logits_BTV = logits_BTV.clone()
+        logits_BTV[..., self.eos_id] += self.bias
+        return logits_BTV

@@ -6,24 +6,12 @@ import copy
 
 import pytest
 import torch
-from rollout_checks import training_logprobs
+from rollout_checks import EOSBias, training_logprobs
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from spiral_lit.rollout import KVCacheEngine, SamplingConfig
 from spiral_lit.rollout.decode import FusedDecoder, _Projection, fused_decode_refusal
-
-
-class _EOSBias:
-    """lm_head forward hook: raises the EOS logit so sampled traces end at varied steps (and compaction runs)."""
-
-    def __init__(self, eos_id: int, bias: float) -> None:
-        self.eos_id, self.bias = eos_id, bias
-
-    def __call__(self, module, inputs, logits_BTV: torch.Tensor) -> torch.Tensor:
-        logits_BTV = logits_BTV.clone()
-        logits_BTV[..., self.eos_id] += self.bias
-        return logits_BTV
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +61,7 @@ def test_fused_decode_gives_the_rollouts_of_the_model_forward(request, family: s
     prompts = _prompts(tokenizer)
     sampling = SamplingConfig(max_new_tokens=12, temperature=temperature)
     # Sampled traces end at varied steps (so compaction runs); greedy ones would all stop at once.
-    handle = model.lm_head.register_forward_hook(_EOSBias(tokenizer.eos_token_id, bias=3.0 if temperature else 0.0))
+    handle = model.lm_head.register_forward_hook(EOSBias(tokenizer.eos_token_id, bias=3.0 if temperature else 0.0))
     try:
         fused = KVCacheEngine(model, tokenizer, compact_every=1).generate(prompts, n=3, sampling=sampling, seed=3)
         plain = KVCacheEngine(model, tokenizer, compact_every=1, fused_decode=False).generate(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from rollout_checks import EOSOnStep, training_logprobs
+from rollout_checks import EOSBias, EOSOnStep, training_logprobs
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import HFGenerateEngine, KVCacheEngine, SamplingConfig, make_engine
@@ -35,18 +35,6 @@ def prompts(policy) -> list[list[int]]:
     ]
     assert len({len(p) for p in out}) == 4
     return out
-
-
-class _EOSBias:
-    """lm_head forward hook: adds ``bias`` to the EOS logit of every row, so sampled traces end at varied steps."""
-
-    def __init__(self, eos_id: int, bias: float) -> None:
-        self.eos_id, self.bias = eos_id, bias
-
-    def __call__(self, module, inputs, logits_BTV: torch.Tensor) -> torch.Tensor:
-        logits_BTV = logits_BTV.clone()
-        logits_BTV[..., self.eos_id] += self.bias
-        return logits_BTV
 
 
 def _ids(groups) -> list[list[list[int]]]:
@@ -158,7 +146,7 @@ def test_compaction_and_chunking_do_not_change_rollouts(policy, prompts, monkeyp
 
     monkeypatch.setattr(_BlockLayer, "reshape", recording_reshape)
     settings = [(None, 256), (1, 256), (3, 256), (1, 5), (None, 1)]  # (compact_every, max_batch_size)
-    handle = model.lm_head.register_forward_hook(_EOSBias(tokenizer.eos_token_id, bias=3.5))
+    handle = model.lm_head.register_forward_hook(EOSBias(tokenizer.eos_token_id, bias=3.5))
     try:
         for sampling in (SamplingConfig(12, temperature=0.0), SamplingConfig(12, temperature=1.0)):
             runs = {}
@@ -186,7 +174,7 @@ def test_each_distinct_prompt_is_prefilled_once(policy, prompts) -> None:
     handle = model.register_forward_pre_hook(
         lambda module, args, kwargs: batch_sizes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
-    no_eos = model.lm_head.register_forward_hook(_EOSBias(tokenizer.eos_token_id, bias=-1e4))
+    no_eos = model.lm_head.register_forward_hook(EOSBias(tokenizer.eos_token_id, bias=-1e4))
     try:
         out = KVCacheEngine(model, tokenizer).generate(
             [prompts[1], prompts[2], prompts[1]], n=4, sampling=SamplingConfig(3, temperature=1.0), seed=0
