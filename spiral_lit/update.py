@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from spiral_lit.algorithms import LossType, Reduction, policy_loss, token_entropy, token_logprobs
 from spiral_lit.algorithms.losses import truncated_importance_weights
 from spiral_lit.batching import PackedBatch, length_buckets, pack, prefix_buckets
+from spiral_lit.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.prefix_forward import (
     CacheForward,
     SharedPrefixBatch,
@@ -153,6 +154,8 @@ class PolicyUpdater:
     def _logits(self, model: Callable[..., Any], batch: PackedBatch | SharedPrefixBatch) -> torch.Tensor:
         if isinstance(batch, SharedPrefixBatch):
             assert self._prefix is not None
+            if fused_prefix_refusal(model) is None:  # the same logits without per-row prompt copies (issue 8)
+                return fused_prefix_logits(model, batch)
             return shared_prefix_logits(model, batch, self._prefix)
         return model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
 

@@ -194,5 +194,7 @@ def token_entropy(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.T
     rows = []
     for logits_TV in logits_BTV:
         logp_TV = torch.log_softmax(logits_TV.float() / temperature, dim=-1)
-        rows.append(-(logp_TV.exp() * logp_TV).sum(dim=-1))
+        # A banned token (logit -inf) has p log p = 0 * -inf = NaN; its limit, and its share of the entropy, is 0.
+        p_logp_TV = torch.where(logp_TV > float("-inf"), logp_TV.exp() * logp_TV, 0.0)
+        rows.append(-p_logp_TV.sum(dim=-1))
     return torch.stack(rows)

@@ -200,6 +200,14 @@ def test_token_entropy() -> None:
     assert token_logprobs(torch.zeros(0, 3, 5), torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
 
 
+def test_token_entropy_of_banned_tokens_is_finite() -> None:
+    # Logits [0, 0, -inf]: two equally likely tokens, one banned -> entropy log 2 (not 0 * -inf = NaN);
+    # [0, -inf, -inf]: one certain token -> 0.
+    inf = float("inf")
+    logits_BTV = torch.tensor([[[0.0, 0.0, -inf], [0.0, -inf, -inf]]])
+    torch.testing.assert_close(token_entropy(logits_BTV), torch.tensor([[math.log(2), 0.0]]))
+
+
 # Truncated importance weights (issue 10): raw weights exp(trainer - sampler) chosen by hand, cap 2:
 #   (0,0) 0.5  (0,1) 1.0  (0,2) 3.0 -> 2 (clipped)  (1,0) 2.5 -> 2 (clipped)  (1,1) 1.2  (1,2) padding -> 1.
 # Kept: 0.5 + 1 + 2 + 2 + 1.2 = 6.7 over 5 tokens -> mean 1.34, max 2, clipped fraction 2/5.
