@@ -16,7 +16,13 @@ the same numbers, and every checkpoint sees the same draws):
   round, cumulative (an aggregation counts the search traces it read too). A prompt counts once
   however many samples share it, as the KV-cache engine prefills it once;
 - aggregation diagnostics (:func:`spiral_lit.metrics.set_diagnostics`) of the aggregated set and
-  of RSA's first round: ``set_oracle``, ``set_majority``, ``recovery``, ``override``, ``distinct_answers``.
+  of RSA's first round: ``set_oracle``, ``set_majority``, ``recovery``, ``override``, ``distinct_answers``,
+  and ``accuracy_given_{c}correct``: the aggregation accuracy of sets with exactly c correct candidates;
+- controls, ``control/`` (``controls: true``): aggregations of sets whose candidates cannot help, to
+  tell re-solving from reading the candidates apart: ``all_wrong_accuracy`` (``set_size`` of the
+  problem's own wrong search traces; NaN when it has fewer) and ``shuffled_accuracy`` (the first
+  ``set_size`` traces of the next problem in the batch), with ``*_copies``: the fraction of
+  aggregations whose answer is one of the shown candidates' answers.
 
 Returns ``{name: values}``: one value per problem (per set for the diagnostics; NaN where a rate
 is undefined). :func:`spiral_lit.policy.log_eval_metrics` averages them with torchmetrics.
@@ -70,6 +76,8 @@ class EvalConfig:
     """How ``predict`` answers: one ``single`` trace, a ``majority`` vote over n_samples, or ``rsa``."""
     seed: int = 1234
     """Evaluation sampling seed (the same for every checkpoint, so comparisons are paired)."""
+    controls: bool = False
+    """Also aggregate all-wrong and other-problem candidate sets (``control/``; needs set_size > 0)."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -89,6 +97,8 @@ class EvalConfig:
             )
         if self.rsa_rounds < 0:
             raise ValueError(f"eval.rsa_rounds must be >= 0, got {self.rsa_rounds}")
+        if self.controls and self.set_size < 1:
+            raise ValueError("eval.controls: true needs eval.set_size >= 1 (the control sets have set_size candidates)")
         if self.predict_scaffold == "rsa" and self.rsa_rounds < 1:
             raise ValueError("eval.predict_scaffold='rsa' needs eval.rsa_rounds >= 1")
 
@@ -176,7 +186,34 @@ def _diagnostics(
     correct_BKS = candidates.correct_BN.gather(1, sets_BKS.reshape(B, K * S)).view(B, K, S)
     diag = set_diagnostics(gather_sets(candidates.answers_BN, sets_BKS), correct_BKS, agg_correct_BKA)
     keys = ("set_oracle", "set_majority", "recovery", "override", "distinct_answers")
-    return {f"{prefix}/{k}": diag[k].flatten() for k in keys}
+    out = {f"{prefix}/{k}": diag[k].flatten() for k in keys}
+    return out | {
+        f"{prefix}/{k}": v.flatten() for k, v in accuracy_by_correct_count(correct_BKS, diag["accuracy"]).items()
+    }
+
+
+def accuracy_by_correct_count(correct_BKS: torch.Tensor, accuracy_BK: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``accuracy_given_{c}correct`` for c = 0..S: ``accuracy_BK`` where the set has c correct candidates, else NaN.
+
+    A NaN-skipping mean of each turns it into the accuracy over the sets with exactly c right answers,
+    which separates picking a shown answer (c >= 1) from solving again (c = 0).
+    """
+    count_BK = correct_BKS.sum(-1)
+    nan = torch.full_like(accuracy_BK, torch.nan)
+    return {
+        f"accuracy_given_{c}correct": torch.where(count_BK == c, accuracy_BK, nan)
+        for c in range(correct_BKS.shape[-1] + 1)
+    }
+
+
+def copies_candidate(answers_BA: list[list[str | None]], candidates_BS: list[list[str | None]]) -> torch.Tensor:
+    """[B] float: the fraction of a problem's aggregations whose answer is one of its shown candidates' answers."""
+    return torch.tensor(
+        [
+            sum(a is not None and a in set(shown) for a in answers) / len(answers)
+            for answers, shown in zip(answers_BA, candidates_BS, strict=True)
+        ]
+    )
 
 
 def set_metrics(
@@ -203,6 +240,62 @@ def set_metrics(
         "aggregation/prompt_tokens": _prompt_tokens_B(search.prompts) + _prompt_tokens_B([p[0] for p in agg.prompts]),
         "aggregation/length": tokens_B(agg_traces) / config.n_agg,
     } | _diagnostics("aggregation", scored, sets_BKS, agg_correct_BA[:, None, :])
+
+
+def control_metrics(
+    engine: RolloutEngine,
+    renderer: PromptRenderer,
+    verifier: Verifier,
+    problems: list[Problem],
+    config: EvalConfig,
+    search: SearchRollout,
+    scored: Scored,
+    sampling: SamplingConfig,
+    seeds: list[int],
+) -> dict[str, torch.Tensor]:
+    """Aggregations of sets that cannot help (module docstring): all-wrong and another problem's candidates."""
+    B, S = len(problems), config.set_size
+    nan = torch.full((B,), torch.nan)
+    out = {k: nan.clone() for k in ("all_wrong_accuracy", "all_wrong_copies", "shuffled_accuracy", "shuffled_copies")}
+    wrong = [[i for i, ok in enumerate(row) if not ok] for row in scored.correct_BN.tolist()]
+    kept = [b for b in range(B) if len(wrong[b]) >= S]
+    if kept:
+        sets = torch.tensor([wrong[b][:S] for b in kept]).view(len(kept), 1, S)
+        control_seeds = [stable_seed(seeds[b], "control_wrong") for b in kept]
+        accuracy, copies = _aggregate_set(
+            engine, renderer, verifier, [problems[b] for b in kept], [search.traces[b] for b in kept],
+            [scored.answers_BN[b] for b in kept], sets, config.n_agg, sampling, control_seeds,
+        )  # fmt: skip
+        out["all_wrong_accuracy"][kept], out["all_wrong_copies"][kept] = accuracy, copies
+    if B > 1:
+        other = [(b + 1) % B for b in range(B)]
+        sets = torch.arange(S).expand(B, 1, S)
+        accuracy, copies = _aggregate_set(
+            engine, renderer, verifier, problems, [search.traces[o] for o in other],
+            [scored.answers_BN[o] for o in other], sets, config.n_agg, sampling,
+            [stable_seed(s, "control_shuffled") for s in seeds],
+        )  # fmt: skip
+        out["shuffled_accuracy"], out["shuffled_copies"] = accuracy, copies
+    return {f"control/{k}": v for k, v in out.items()}
+
+
+def _aggregate_set(
+    engine: RolloutEngine,
+    renderer: PromptRenderer,
+    verifier: Verifier,
+    problems: list[Problem],
+    candidates: list[list[Completion]],
+    candidate_answers: list[list[str | None]],
+    sets_B1S: torch.Tensor,
+    n_agg: int,
+    sampling: SamplingConfig,
+    seeds: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] accuracy, [B] copy rate) of ``n_agg`` aggregations of one set per problem."""
+    agg = sample_aggregations(engine, renderer, problems, candidates, sets_B1S, n_agg, sampling, seeds)
+    scored = score_traces(verifier, problems, [per_problem[0] for per_problem in agg.traces])
+    shown = [[answers[int(i)] for i in set_S[0]] for answers, set_S in zip(candidate_answers, sets_B1S, strict=True)]
+    return scored.correct_BN.float().mean(1), copies_candidate(scored.answers_BN, shown)
 
 
 def rsa_metrics(
@@ -262,6 +355,8 @@ def evaluate_problems(
         out |= sequential_metrics(*args, config.budgets, search_sampling, seeds)
     if config.set_size:
         out |= set_metrics(*args, config, search, scored, aggregation_sampling, seeds)
+    if config.controls:
+        out |= control_metrics(*args, config, search, scored, aggregation_sampling, seeds)
     if config.rsa_rounds:
         out |= rsa_metrics(*args, config, search, scored, aggregation_sampling, seeds)
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hash_task import VoteTask
 
-from spiral_lit.evaluation import EvalConfig, evaluate_problems
+from spiral_lit.evaluation import EvalConfig, accuracy_by_correct_count, copies_candidate, evaluate_problems
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import KVCacheEngine, SamplingConfig
 from spiral_lit.scaffolds import recursive_aggregation, sample_search, stable_seed
@@ -48,9 +48,11 @@ def test_every_scaffold_reports_per_problem_values(parts) -> None:
         + [f"sequential/{m}@{b}" for m in ("accuracy", "tokens", "prompt_tokens") for b in (3, 6)]
         + [f"aggregation/{m}" for m in ("accuracy", "tokens", "prompt_tokens", "length")]
         + [f"aggregation/{m}" for m in ("set_oracle", "set_majority", "recovery", "override", "distinct_answers")]
+        + [f"aggregation/accuracy_given_{c}correct" for c in (0, 1, 2)]
         + [f"rsa/{m}@{t}" for m in ("accuracy", "majority", "tokens", "prompt_tokens") for t in (0, 1, 2)]
     )
     per_set = [f"rsa/{m}" for m in ("set_oracle", "set_majority", "recovery", "override", "distinct_answers")]
+    per_set += [f"rsa/accuracy_given_{c}correct" for c in (0, 1, 2)]
     assert set(values) == set(per_problem) | set(per_set)
     assert all(values[k].shape == (3,) for k in per_problem)
     assert all(values[k].shape == (3 * 3,) for k in per_set)  # one value per RSA member's set in round 1
@@ -121,3 +123,46 @@ def test_defaults_skip_the_costly_scaffolds(parts) -> None:
 def test_bad_eval_config_names_the_key(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EvalConfig(**kwargs)
+
+
+def test_accuracy_by_correct_count_splits_sets_by_their_right_candidates() -> None:
+    correct_BKS = torch.tensor([[[1, 0, 0], [1, 1, 0]], [[0, 0, 0], [1, 0, 0]]], dtype=torch.bool)
+    accuracy_BK = torch.tensor([[0.5, 1.0], [0.25, 0.75]])
+    out = accuracy_by_correct_count(correct_BKS, accuracy_BK)
+    assert list(out) == [f"accuracy_given_{c}correct" for c in range(4)]
+    nan = float("nan")
+    torch.testing.assert_close(out["accuracy_given_0correct"], torch.tensor([[nan, nan], [0.25, nan]]), equal_nan=True)
+    torch.testing.assert_close(out["accuracy_given_1correct"], torch.tensor([[0.5, nan], [nan, 0.75]]), equal_nan=True)
+    torch.testing.assert_close(out["accuracy_given_2correct"], torch.tensor([[nan, 1.0], [nan, nan]]), equal_nan=True)
+    assert bool(out["accuracy_given_3correct"].isnan().all())
+
+
+def test_copies_candidate_is_the_share_of_answers_taken_from_the_set() -> None:
+    answers_BA = [["7", "8", None, "7"], ["1", "2"]]
+    shown_BS = [["7", None, "9"], [None, None]]
+    torch.testing.assert_close(copies_candidate(answers_BA, shown_BS), torch.tensor([0.5, 0.0]))
+
+
+def test_controls_aggregate_wrong_and_foreign_sets(parts) -> None:
+    problems = parts[3]
+    config = dataclasses.replace(CONFIG, controls=True, rsa_rounds=0, budgets=[])
+    values = _evaluate(parts, problems, config)
+    keys = [f"control/{k}_{m}" for k in ("all_wrong", "shuffled") for m in ("accuracy", "copies")]
+    assert all(values[k].shape == (3,) for k in keys)
+    for key in keys:
+        kept = values[key][~values[key].isnan()]
+        assert bool(((kept >= 0) & (kept <= 1)).all()), key
+    assert not bool(values["control/shuffled_accuracy"].isnan().any())
+    # all_wrong is defined exactly where a problem has at least set_size wrong traces among its n_samples.
+    baseline = _evaluate(parts, problems, dataclasses.replace(config, controls=False))
+    n_wrong = (1 - baseline["search/pass@1"]) * config.n_samples
+    defined = ~values["control/all_wrong_accuracy"].isnan()
+    assert defined.tolist() == (n_wrong.round() >= config.set_size).tolist()
+    # The controls draw their own seeds: every other scaffold's values are unchanged by turning them on.
+    for key, value in baseline.items():
+        torch.testing.assert_close(values[key], value, equal_nan=True)
+
+
+def test_controls_need_a_set() -> None:
+    with pytest.raises(ValueError, match="eval.controls"):
+        EvalConfig(set_size=0, controls=True)

@@ -6,6 +6,7 @@ that need them, so importing this package (as every verifier worker does) stays 
 
 from spiral_lit.tasks.base import Problem, Split, Task
 from spiral_lit.tasks.chain_sum import ChainSumTask
+from spiral_lit.tasks.countdown import CountdownTask
 from spiral_lit.tasks.extraction import AnswerFormat, answer_instruction, extract_answer, format_answer
 from spiral_lit.tasks.math_task import MathDatasetTask
 from spiral_lit.tasks.reasoning_gym_task import ReasoningGymSpec, ReasoningGymTask
@@ -14,6 +15,7 @@ from spiral_lit.tasks.verify import Verifier, VerifyResult
 __all__ = [
     "AnswerFormat",
     "ChainSumTask",
+    "CountdownTask",
     "MathDatasetTask",
     "Problem",
     "ReasoningGymSpec",

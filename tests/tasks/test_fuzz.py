@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spiral_lit.tasks import ChainSumTask, MathDatasetTask, Problem, ReasoningGymTask, Task, Verifier
+from spiral_lit.tasks import ChainSumTask, CountdownTask, MathDatasetTask, Problem, ReasoningGymTask, Task, Verifier
 
 _PIECES = [
     "\\boxed{", "{", "}", "\\", "<answer>", "</answer>", "\\frac{", "\\sqrt{", "^{", "^", "$", "\\left(", "\\right)",
@@ -35,7 +35,7 @@ _ADVERSARIAL = [
     "\\left(" * 300, "[" * 2000, "(((((((((((((((((((((((((((((((1", "{1,2,3" * 500, "x" * 100_000,
     "\\boxed{" * 2000 + "1", "$" * 1000, "\\begin{pmatrix}" * 100, "1," * 20_000, "\\text{" * 200,
 ]  # fmt: skip
-_BOUND_S = {"chain_sum": 0.1, "reasoning_gym": 1.0, "math": 5.0}
+_BOUND_S = {"chain_sum": 0.1, "countdown": 0.1, "reasoning_gym": 1.0, "math": 5.0}
 """Seconds one extract-and-score may take (math-verify's own timeouts are 1 s per parse and per compare)."""
 
 
@@ -45,10 +45,12 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Task, lis
     answers = ["\\frac{1}{2}", "3", "x^2+1", "\\{1,2\\}", "[0,1)", "10^{100}", "\\sqrt{2}"]
     data.write_text("".join(json.dumps({"problem": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
     chain = ChainSumTask()
+    countdown = CountdownTask()
     gym = ReasoningGymTask(["gcd", "basic_arithmetic", "word_sorting", "letter_counting"], size=20, heldout_size=2)
     math_task = MathDatasetTask(str(data), heldout_size=1)
     return {
         "chain_sum": (chain, [chain.problem(i, "train") for i in range(3)]),
+        "countdown": (countdown, [countdown.problem(i, "train") for i in range(3)]),
         "reasoning_gym": (gym, [gym.problem(i, "train") for i in range(8)]),
         "math": (math_task, [math_task.problem(i, "train") for i in range(6)]),
     }
@@ -68,7 +70,7 @@ def _check(task: Task, problem: Problem, response: str, bound_s: float) -> None:
     assert elapsed < bound_s, (response[:80], elapsed)
 
 
-@pytest.mark.parametrize("name", ["chain_sum", "reasoning_gym", "math"])
+@pytest.mark.parametrize("name", ["chain_sum", "countdown", "reasoning_gym", "math"])
 def test_adversarial_answers_never_raise_and_are_fast(tasks, name: str) -> None:
     task, problems = tasks[name]
     for answer in _ADVERSARIAL:
@@ -78,7 +80,7 @@ def test_adversarial_answers_never_raise_and_are_fast(tasks, name: str) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(answer=_RANDOM, markup=st.integers(0, 4), which=st.integers(0, 100))
-@pytest.mark.parametrize("name", ["chain_sum", "reasoning_gym", "math"])
+@pytest.mark.parametrize("name", ["chain_sum", "countdown", "reasoning_gym", "math"])
 def test_random_answers_never_raise_and_are_fast(tasks, name: str, answer: str, markup: int, which: int) -> None:
     task, problems = tasks[name]
     _check(task, problems[which % len(problems)], _responses(answer)[markup], _BOUND_S[name])

@@ -1,0 +1,379 @@
+"""The small-scale reproduction (issue 9): SPIRAL against compute-matched GRPO on countdown.
+
+    python experiments/tiny_repro/run.py                 # the whole study (3 seeds)
+    python experiments/tiny_repro/run.py --seeds 1       # re-run one seed's row
+
+1. build the tiny Llama and its tokenizer on countdown text (``python -m spiral_lit.tiny``);
+2. warm-start both roles once (``warmstart.yaml``, then ``warmstart_agg.yaml`` for the aggregator); every RL
+   run starts from this one checkpoint;
+3. per seed, train GRPO (``grpo.yaml``) and SPIRAL (``spiral.yaml``) for ``--steps`` steps of 8 prompts
+   with the same output-token ceiling per prompt (12 x 96 = 24 x 48 = 1152);
+4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit.compare`` on the same
+   200 held-out problems and evaluation seeds (``eval.yaml``: pass@k, majority vote, single chains at
+   three budgets, one aggregation with its diagnostics, the control sets, RSA by round);
+5. write ``results.json`` / ``results.md`` (mean, spread and per-seed values) and the figures.
+
+Every step runs as its own process with one thread (``OMP_NUM_THREADS=1``) so numbers do not depend
+on the thread count; ``--jobs`` of them run at once. Stages whose output exists are skipped, so an
+interrupted study resumes; ``--fresh`` starts over. Each process logs to ``<out>/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUNS = {"grpo": ("grpo", 1), "grpo_2x": ("grpo", 2), "spiral": ("spiral", 1)}
+"""Run name -> (config in this folder, multiple of --steps). GRPO and SPIRAL share the output-token ceiling per
+prompt (the paper's rule); GRPO's traces stop far below it, so grpo_2x trains twice as long, which brings its
+generated tokens to SPIRAL's (a second, stricter compute match)."""
+METHODS = tuple(RUNS)
+COLOURS = {"warmstart": "grey", "grpo": "tab:blue", "grpo_2x": "tab:green", "spiral": "tab:red"}
+LABELS = {"warmstart": "warm start", "grpo": "GRPO", "grpo_2x": "GRPO, 2x steps", "spiral": "SPIRAL"}
+BUDGETS = (24, 48, 96)
+RSA_ROUNDS = 4
+SET_SIZE = 4
+TABLE_ROWS = [
+    ("search/pass@1", "pass@1"),
+    ("search/pass@4", "pass@4"),
+    ("search/pass@8", "pass@8"),
+    ("search/maj@8", "maj@8"),
+    *[(f"sequential/accuracy@{b}", f"single chain, {b}-token budget") for b in BUDGETS],
+    ("aggregation/accuracy", "one aggregation of 4 candidates"),
+    *[(f"rsa/accuracy@{t}", f"RSA round {t} (population mean)") for t in range(1, RSA_ROUNDS + 1)],
+    (f"rsa/majority@{RSA_ROUNDS}", f"RSA round {RSA_ROUNDS}, majority vote"),
+    *[(f"aggregation/accuracy_given_{c}correct", f"aggregation, {c} of 4 candidates correct") for c in range(5)],
+    ("aggregation/recovery", "recovery (set majority wrong)"),
+    ("aggregation/override", "override (set majority right, aggregation wrong)"),
+    ("control/all_wrong_accuracy", "control: 4 own wrong candidates"),
+    ("control/all_wrong_copies", "control: all-wrong, copies a shown answer"),
+    ("control/shuffled_accuracy", "control: another problem's candidates"),
+    ("control/shuffled_copies", "control: shuffled, copies a shown answer"),
+    ("search/length", "search trace length (tokens)"),
+    ("aggregation/length", "aggregation trace length (tokens)"),
+]
+
+
+def log(message: str, start: float) -> None:
+    print(f"[tiny_repro {time.monotonic() - start:7.0f}s] {message}", flush=True)
+
+
+def run(cmd: list[str], log_path: Path) -> None:
+    """One stage as a single-threaded subprocess; its output goes to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log_path.open("w") as f:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit {done.returncode}; see {log_path}")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "spiral_lit", *args]
+
+
+def train_command(method: str, seed: int, steps: int, out: Path) -> list[str]:
+    config, multiple = RUNS[method]
+    return cli(
+        "fit", "--config", str(HERE / f"{config}.yaml"),
+        "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
+        "--trainer.max_steps", str(steps * multiple),
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.logger.init_args.name", f"{method}_seed{seed}",
+        "--model.init_args.policy.path", str(out / "warmstart_agg" / "hf"),
+    )  # fmt: skip
+
+
+def compare_command(checkpoints: dict[str, Path], out_dir: Path) -> list[str]:
+    specs = [f"{name}={path}" for name, path in checkpoints.items()]
+    return [
+        sys.executable, "-m", "spiral_lit.compare", "--config", str(HERE / "eval.yaml"),
+        "--out", str(out_dir), "--checkpoints", *specs,
+    ]  # fmt: skip
+
+
+def read_metrics(compare_dir: Path) -> dict[str, dict[str, float | None]]:
+    """``{checkpoint: {metric: value}}`` from a compare run's ``metrics.json``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for row in json.loads((compare_dir / "metrics.json").read_text()):
+        out.setdefault(row["checkpoint"], {})[row["metric"]] = row["value"]
+    return out
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar a training run logged: ``{tag: [(step, value, wall time), ...]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [(s.step, s.value, s.wall_time) for s in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def read_entropy(scalars: dict[str, list[tuple[int, float, float]]]) -> tuple[list[int], list[float]]:
+    """(steps, mean search-token entropy) of a training run."""
+    rows = scalars["train/entropy/search"]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def training_summary(scalars: dict[str, list[tuple[int, float, float]]]) -> dict[str, float]:
+    """What a run spent and reached: generated tokens, wall time, and the reward of its last 20 steps."""
+    tokens = sum(v for tag in ("tokens/search", "tokens/aggregation") for _, v, _ in scalars.get(tag, []))
+    walls = [w for rows in scalars.values() for _, _, w in rows]
+    rewards = [v for _, v, _ in scalars["reward"]]
+    return {
+        "generated_tokens": tokens,
+        "train_seconds": max(walls) - min(walls),
+        "final_reward": statistics.fmean(rewards[-20:]),
+        "first_entropy": scalars["train/entropy/search"][0][1],
+        "final_entropy": statistics.fmean(v for _, v, _ in scalars["train/entropy/search"][-20:]),
+    }
+
+
+def training_table(training: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: per method, mean (and per seed) tokens generated, train time, final reward and entropy."""
+    lines = [
+        "| method | generated tokens (M) | train time (s) | training reward, last 20 steps | search entropy, "
+        "first step -> last 20 steps |",
+        "|---|---|---|---|---|",
+    ]
+    for m, per_seed in training.items():
+        runs = list(per_seed.values())
+
+        def cell(key: str, fmt: str, scale: float = 1.0, runs: list[dict[str, float]] = runs) -> str:
+            values = [r[key] * scale for r in runs]
+            return f"{statistics.fmean(values):{fmt}} ({' / '.join(f'{v:{fmt}}' for v in values)})"
+
+        lines.append(
+            f"| {LABELS[m]} | {cell('generated_tokens', '.2f', 1e-6)} | {cell('train_seconds', '.0f')} | "
+            f"{cell('final_reward', '.3f')} | {cell('first_entropy', '.3f')} -> {cell('final_entropy', '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": statistics.fmean(kept), "std": statistics.stdev(kept) if len(kept) > 1 else 0.0, "values": values}
+
+
+def results_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Markdown: metric | warm start | each run's mean ± sd over seeds | SPIRAL minus each GRPO."""
+
+    def cell(s: dict[str, Any], scale: float) -> str:
+        return "-" if s["mean"] is None else f"{s['mean'] * scale:.1f} ± {s['std'] * scale:.1f}"
+
+    def gap(a: dict[str, Any], b: dict[str, Any], scale: float) -> str:
+        return "-" if a["mean"] is None or b["mean"] is None else f"{(a['mean'] - b['mean']) * scale:+.1f}"
+
+    header = " | ".join(LABELS[m] for m in METHODS)
+    lines = [
+        f"| metric | warm start | {header} | SPIRAL − GRPO | SPIRAL − GRPO 2x |",
+        "|---|" + "---|" * (len(METHODS) + 3),
+    ]
+    for key, label in TABLE_ROWS:
+        scale = 1.0 if "length" in key else 100.0
+        warm = results["warmstart"].get(key)
+        runs = " | ".join(cell(results[m][key], scale) for m in METHODS)
+        spiral = results["spiral"][key]
+        lines.append(
+            f"| {label} | {'-' if warm is None else f'{warm * scale:.1f}'} | {runs} | "
+            f"{gap(spiral, results['grpo'][key], scale)} | {gap(spiral, results['grpo_2x'][key], scale)} |"
+        )
+    return "\n".join(lines)
+
+
+def per_seed_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Markdown: one row per (run, seed) with the headline metrics, so a re-run seed can be checked row by row."""
+    keys = ["search/pass@1", "search/pass@8", "search/maj@8", "aggregation/accuracy", "rsa/accuracy@1"]
+    keys += [f"rsa/accuracy@{RSA_ROUNDS}", f"rsa/majority@{RSA_ROUNDS}"]
+    lines = ["| run | seed | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for m in METHODS:
+        for i, seed in enumerate(seeds):
+            values = [results[m][k]["values"][i] for k in keys]
+            cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
+            lines.append(f"| {LABELS[m]} | {seed} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_curves(
+    per_seed: dict[str, dict[int, dict[str, float | None]]], warm: dict[str, float | None], out: Path
+) -> None:
+    """RSA by round and pass@k / maj@k: mean over seeds with min-max bands."""
+    figure, (rsa_ax, k_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = list(range(RSA_ROUNDS + 1))
+    ks = [1, 2, 4, 8]
+    for name in METHODS:
+        colour = COLOURS[name]
+        for ax, xs, key in ((rsa_ax, rounds, "rsa/accuracy@{}"), (k_ax, ks, "search/pass@{}")):
+            ys = [[per_seed[name][s][key.format(x)] for s in per_seed[name]] for x in xs]
+            ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", color=colour, label=LABELS[name])
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15)
+        ys = [[per_seed[name][s][f"search/maj@{k}"] for s in per_seed[name]] for k in ks]
+        k_ax.plot(ks, [statistics.fmean(y) for y in ys], "--", marker="s", color=colour, label=f"{LABELS[name]} maj@k")
+    rsa_ax.plot(rounds, [warm[f"rsa/accuracy@{t}"] for t in rounds], ":", marker="o", color="grey", label="warm start")
+    k_ax.plot(ks, [warm[f"search/pass@{k}"] for k in ks], ":", marker="o", color="grey", label="warm start pass@k")
+    rsa_ax.set(title="Recursive self-aggregation (N=8, K=4)", xlabel="round", ylabel="accuracy", xticks=rounds)
+    k_ax.set(title="Parallel sampling", xlabel="k samples", ylabel="accuracy", xscale="log")
+    k_ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    k_ax.set_xticks(ks, [str(k) for k in ks])
+    for ax in (rsa_ax, k_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "scaffolds.png", dpi=110)
+    plt.close(figure)
+
+
+def plot_by_correct(results: dict[str, Any], out: Path) -> None:
+    """Aggregation accuracy by how many of the 4 candidates were correct, plus the two controls."""
+    labels = [*(str(c) for c in range(SET_SIZE + 1)), "all-wrong\ncontrol", "shuffled\ncontrol"]
+    keys = [f"aggregation/accuracy_given_{c}correct" for c in range(SET_SIZE + 1)]
+    keys += ["control/all_wrong_accuracy", "control/shuffled_accuracy"]
+    figure, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.2
+    for i, name in enumerate(("warmstart", *METHODS)):
+        means = [
+            (results[name].get(k) or 0.0) if name == "warmstart" else (results[name][k]["mean"] or 0.0) for k in keys
+        ]
+        errors = [0.0 if name == "warmstart" else (results[name][k]["std"] or 0.0) for k in keys]
+        xs = [x + (i - 1.5) * width for x in range(len(keys))]
+        ax.bar(xs, means, width, yerr=errors, color=COLOURS[name], label=LABELS[name])
+    ax.set_xticks(range(len(keys)), labels)
+    ax.set(xlabel="correct candidates in the set", ylabel="aggregation accuracy", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "aggregation_by_correct.png", dpi=110)
+    plt.close(figure)
+
+
+def plot_entropy(entropy: dict[str, dict[int, tuple[list[int], list[float]]]], out: Path, window: int = 10) -> None:
+    """Mean over seeds of the search-token entropy, smoothed over ``window`` steps, per run."""
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    for name in METHODS:
+        runs = list(entropy[name].values())
+        steps = runs[0][0]
+        mean = [statistics.fmean(values[i] for _, values in runs) for i in range(len(steps))]
+        smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
+        style = "--" if name == "grpo_2x" else "-"
+        ax.plot(steps, smooth, style, color=COLOURS[name], label=LABELS[name])
+    ax.set(title=f"Search-token entropy (mean of seeds, {window}-step average)", xlabel="step", ylabel="nats")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "entropy.png", dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200, help="RL steps per run (8 prompts each)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "tiny_repro")
+    parser.add_argument("--figures", type=Path, default=HERE / "figures", help="where the PNGs and results go")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = parser.parse_args()
+    start = time.monotonic()
+    out: Path = args.out.resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not (out / "tiny" / "config.json").exists():
+        log("building the tiny model and tokenizer", start)
+        cmd = [
+            sys.executable,
+            "-m",
+            "spiral_lit.tiny",
+            "--out",
+            str(out / "tiny"),
+            "--task",
+            "spiral_lit.tasks.CountdownTask",
+        ]
+        run(cmd, out / "logs" / "tiny.log")
+    for stage, source in (("warmstart", "tiny"), ("warmstart_agg", "warmstart/hf")):
+        if not (out / stage / "hf" / "config.json").exists():
+            log(f"{stage}: supervised warm start ({stage}.yaml)", start)
+            shutil.rmtree(out / stage, ignore_errors=True)
+            run(
+                cli("fit", "--config", str(HERE / f"{stage}.yaml"), "--trainer.logger.init_args.save_dir", str(out),
+                    "--model.init_args.policy.path", str(out / source)),
+                out / "logs" / f"{stage}.log",
+            )  # fmt: skip
+            log(f"finished {stage}", start)
+
+    def train(job: tuple[str, int]) -> None:
+        method, seed = job
+        name = f"{method}_seed{seed}"
+        if (out / name / "hf" / "config.json").exists():
+            return
+        shutil.rmtree(out / name, ignore_errors=True)
+        log(f"training {name} ({args.steps * RUNS[method][1]} steps)", start)
+        run(train_command(method, seed, args.steps, out), out / "logs" / f"{name}.log")
+        log(f"finished {name}", start)
+
+    def evaluate(job: tuple[str, dict[str, Path]]) -> None:
+        name, checkpoints = job
+        if (out / name / "metrics.json").exists():
+            return
+        log(f"evaluating {', '.join(checkpoints)} -> {name}", start)
+        run(compare_command(checkpoints, out / name), out / "logs" / f"{name}.log")
+        log(f"finished {name}", start)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(train, [(m, s) for s in args.seeds for m in METHODS]))
+        jobs = [("compare_warmstart", {"warmstart": out / "warmstart_agg" / "hf"})]
+        # Evaluation seeds come from eval.seed and the problem, not the process, so how checkpoints are grouped
+        # into compare runs does not change their numbers.
+        paired = ("grpo", "spiral")
+        jobs += [(f"compare_seed{s}", {m: out / f"{m}_seed{s}" / "hf" for m in paired}) for s in args.seeds]
+        jobs += [(f"compare_grpo_2x_seed{s}", {"grpo_2x": out / f"grpo_2x_seed{s}" / "hf"}) for s in args.seeds]
+        list(pool.map(evaluate, jobs))
+
+    warm = read_metrics(out / "compare_warmstart")["warmstart"]
+    compare_dir = {"grpo": "compare_seed{}", "spiral": "compare_seed{}", "grpo_2x": "compare_grpo_2x_seed{}"}
+    per_seed = {m: {s: read_metrics(out / compare_dir[m].format(s))[m] for s in args.seeds} for m in METHODS}
+    keys = sorted({k for m in METHODS for s in args.seeds for k in per_seed[m][s]})
+    results: dict[str, Any] = {"warmstart": warm}
+    for m in METHODS:
+        results[m] = {k: summarise([per_seed[m][s].get(k) for s in args.seeds]) for k in keys}
+    scalars = {m: {s: read_scalars(out / f"{m}_seed{s}") for s in args.seeds} for m in METHODS}
+    entropy = {m: {s: read_entropy(scalars[m][s]) for s in args.seeds} for m in METHODS}
+    training = {m: {s: training_summary(scalars[m][s]) for s in args.seeds} for m in METHODS}
+    figures: Path = args.figures
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_curves(per_seed, warm, figures)
+    plot_by_correct(results, figures)
+    plot_entropy(entropy, figures)
+    results["training"] = {m: {str(s): v for s, v in t.items()} for m, t in training.items()}
+    results["settings"] = {"seeds": args.seeds, "steps": args.steps, "jobs": args.jobs}
+    (figures / "results.json").write_text(json.dumps(results, indent=1))
+    tables = [results_table(results, args.seeds), per_seed_table(results, args.seeds), training_table(training)]
+    table = "\n\n".join(tables)
+    (figures / "results.md").write_text(table + "\n")
+    print(table)
+    log(f"done; results and figures in {figures}", start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Countdown: combine given numbers with ``+ - *`` to hit a target, e.g. ``3 7 9 -> 30``.
+
+Built in for the small-scale reproduction (issue 9) because *checking* a candidate is far
+easier than *solving* from scratch: a worked candidate shows the value its expression
+reaches, so an aggregator only has to find the one that reaches the target, while a solver
+has to search the ~100 ways to combine the numbers. On chain sums a tiny aggregator gained
+mostly by re-solving the restated problem; here the candidates carry the information.
+
+Worked solutions write one operation per line, then the expression as the final answer;
+any expression that uses every given number exactly once and evaluates to the target
+scores 1, whatever its shape, so several answers can be right.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+
+from spiral_lit.tasks.base import Problem, Split, Task
+
+_OPERATORS = ("+", "-", "*")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+# Digits, the three operators, parentheses and spaces only, and short: nothing else reaches the parser.
+_EXPRESSION = re.compile(r"[0-9+\-*() ]{1,64}")
+
+
+def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
+    """(value, numbers used) of an integer ``+ - *`` expression, or None when it is anything else.
+
+    Parsed with :mod:`ast` and walked by hand (never ``eval``): only integer literals, binary
+    ``+ - *`` and parentheses are accepted; unary minus is not (the numbers are given, not negated).
+    """
+    if _EXPRESSION.fullmatch(text) is None:
+        return None
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        return None
+    numbers: list[int] = []
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+    def walk(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            numbers.append(node.value)
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            left, right = walk(node.left), walk(node.right)
+            if left is None or right is None:
+                return None
+            return _APPLY[ops[type(node.op)]](left, right)
+        return None
+
+    value = walk(tree.body)
+    return None if value is None else (value, numbers)
+
+
+class CountdownTask(Task):
+    """``n_numbers`` numbers in [1, ``max_number``] and a target reachable with ``+ - *``, each number used once."""
+
+    name = "countdown"
+
+    def __init__(self, n_numbers: int = 3, max_number: int = 9, seed: int = 0) -> None:
+        """
+        Args:
+            n_numbers: How many numbers each problem gives (2 to 5); the answer uses all of them.
+            max_number: Numbers are drawn from 1 to this (2 to 99).
+            seed: Base seed; problem ``index`` of ``split`` depends only on (seed, split, index).
+        """
+        if not 2 <= n_numbers <= 5:
+            raise ValueError(f"countdown: n_numbers must be between 2 and 5, got {n_numbers}")
+        if not 2 <= max_number <= 99:
+            raise ValueError(f"countdown: max_number must be between 2 and 99, got {max_number}")
+        self.n_numbers = n_numbers
+        self.max_number = max_number
+        self.seed = seed
+
+    def num_problems(self, split: Split) -> int | None:
+        """Endless: every index is a new problem."""
+        return None
+
+    def problem(self, index: int, split: Split) -> Problem:
+        """Problem ``index`` of ``split``: numbers, then a random left-to-right combination of them as the target."""
+        if index < 0:
+            raise IndexError(f"countdown: index must be >= 0, got {index}")
+        rng = random.Random(f"{self.seed}/{split}/{index}")
+        while True:
+            numbers = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
+            order = rng.sample(numbers, len(numbers))
+            ops = [rng.choice(_OPERATORS) for _ in range(len(numbers) - 1)]
+            target = _left_to_right(order, ops)
+            if target > 0:
+                break
+        return Problem(
+            uid=f"{self.name}/{split}/{index}",
+            question=f"Use {' '.join(map(str, numbers))} once each with + - * to make {target}.",
+            answer=str(target),
+            solution=self._worked_solution(order, ops),
+            metadata={"numbers": numbers, "target": target},
+        )
+
+    def score(self, extracted_answer: str, problem: Problem) -> float:
+        """1.0 when the expression uses exactly the given numbers, each once, and evaluates to the target."""
+        parsed = evaluate_expression(extracted_answer)
+        if parsed is None:
+            return 0.0
+        value, used = parsed
+        return float(value == problem.metadata["target"] and sorted(used) == sorted(problem.metadata["numbers"]))
+
+    def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """``n`` worked solutions with correct arithmetic that reach some other value than the target.
+
+        These are what a real solver's misses look like here: a valid combination, the wrong one.
+        """
+        numbers, target = problem.metadata["numbers"], problem.metadata["target"]
+        out: list[str] = []
+        for _ in range(1000 * max(n, 1)):
+            if len(out) == n:
+                break
+            order = rng.sample(numbers, len(numbers))
+            ops = [rng.choice(_OPERATORS) for _ in range(len(numbers) - 1)]
+            if _left_to_right(order, ops) != target:
+                out.append(self._worked_solution(order, ops))
+        if len(out) < n:
+            raise ValueError(f"countdown: {problem.uid} has no wrong combination (every one reaches {target})")
+        return out
+
+    def _worked_solution(self, order: list[int], ops: list[str]) -> str:
+        """One line per operation, then the whole expression (parenthesised left to right) as the answer."""
+        lines = []
+        value, expression = order[0], str(order[0])
+        for number, op in zip(order[1:], ops, strict=True):
+            new = _APPLY[op](value, number)
+            lines.append(f"{value}{op}{number}={new}")
+            # Left-to-right evaluation: a product after a sum or difference needs the sum in parentheses.
+            if op == "*" and any(c in expression for c in "+-"):
+                expression = f"({expression})"
+            expression = f"{expression}{op}{number}"
+            value = new
+        lines.append(self.format_answer(expression))
+        return "\n".join(lines)
+
+
+def _left_to_right(numbers: list[int], ops: list[str]) -> int:
+    value = numbers[0]
+    for number, op in zip(numbers[1:], ops, strict=True):
+        value = _APPLY[op](value, number)
+    return value

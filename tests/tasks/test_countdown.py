@@ -1,0 +1,112 @@
+"""The built-in countdown task: determinism, worked solutions, scoring any valid expression, wrong candidates."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+
+from spiral_lit.tasks import CountdownTask
+from spiral_lit.tasks.countdown import evaluate_expression
+
+
+def _check_solution(solution: str, numbers: list[int], target: int) -> str:
+    """Assert every line applies one operator correctly and chains on; return the answer expression."""
+    *lines, last = solution.split("\n")
+    assert len(lines) == len(numbers) - 1
+    previous = None
+    used = []
+    for line in lines:
+        left, result = line.rsplit("=", 1)
+        for op in "+*-":
+            a, sep, b = left.rpartition(op)
+            if sep and a and a[-1].isdigit():
+                break
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert int(result) == value, line
+        if previous is None:
+            used.append(int(a))
+        else:
+            assert int(a) == previous
+        used.append(int(b))
+        previous = value
+    assert sorted(used) == sorted(numbers)
+    assert previous == target
+    assert last.startswith("<answer>") and last.endswith("</answer>")
+    return last.removeprefix("<answer>").removesuffix("</answer>")
+
+
+def test_hand_computed_problem_and_solution() -> None:
+    problem = CountdownTask().problem(0, "train")
+    assert problem.question == "Use 5 1 5 once each with + - * to make 30."
+    assert problem.solution == "1+5=6\n6*5=30\n<answer>(1+5)*5</answer>"
+    assert problem.answer == "30"
+    assert problem.uid == "countdown/train/0"
+
+
+def test_problems_are_deterministic_and_splits_differ() -> None:
+    a, b = CountdownTask(seed=3), CountdownTask(seed=3)
+    assert [a.problem(i, "train") for i in range(20)] == [b.problem(i, "train") for i in range(20)]
+    assert [a.problem(i, "train").question for i in range(20)] != [a.problem(i, "heldout").question for i in range(20)]
+
+
+@pytest.mark.parametrize(("n_numbers", "max_number"), [(2, 5), (3, 9), (4, 12)])
+def test_worked_solutions_are_correct_and_score_one(n_numbers: int, max_number: int) -> None:
+    task = CountdownTask(n_numbers, max_number)
+    for i in range(100):
+        problem = task.problem(i, "train")
+        numbers, target = problem.metadata["numbers"], problem.metadata["target"]
+        assert target > 0 and len(numbers) == n_numbers and all(1 <= n <= max_number for n in numbers)
+        expression = _check_solution(problem.solution, numbers, target)
+        assert task.extract_answer(problem.solution) == expression
+        assert task.score(expression, problem) == 1.0
+
+
+def test_any_valid_expression_scores_and_invalid_ones_do_not() -> None:
+    task = CountdownTask()
+    problem = task.problem(0, "train")  # 5 1 5 -> 30
+    assert task.score("5*(5+1)", problem) == 1.0
+    assert task.score(" (5 + 1) * 5 ", problem) == 1.0
+    assert task.score("5*5+5", problem) == 0.0  # uses 5 three times, 1 never
+    assert task.score("5*6", problem) == 0.0  # 6 is not given
+    assert task.score("(1+5)*5*1", problem) == 0.0  # 1 used twice
+    assert task.score("30", problem) == 0.0
+    for bad in ["", "(1+5)*5)", "-1+5*5", "(1+5)**5", "6/5", "1+5*5; x", "2e1", "1_0+5+5", "True"]:
+        assert task.score(bad, problem) == 0.0, bad
+
+
+def test_evaluate_expression_hand_computed() -> None:
+    assert evaluate_expression("(3+4)*2-1") == (13, [3, 4, 2, 1])
+    assert evaluate_expression("3+4*2") == (11, [3, 4, 2])
+    assert evaluate_expression("3-(4-2)") == (1, [3, 4, 2])
+    assert evaluate_expression("abs(3)") is None
+    assert evaluate_expression("1" * 65) is None  # over the length cap
+
+
+def test_wrong_solutions_are_valid_arithmetic_that_misses_the_target() -> None:
+    task = CountdownTask()
+    rng = random.Random(0)
+    for i in range(50):
+        problem = task.problem(i, "heldout")
+        for wrong in task.wrong_solutions(problem, 3, rng):
+            numbers = problem.metadata["numbers"]
+            *lines, _ = wrong.split("\n")
+            reached = int(lines[-1].rsplit("=", 1)[1])
+            assert reached != problem.metadata["target"]
+            assert _check_solution(wrong, numbers, reached)
+            assert task.score(task.extract_answer(wrong), problem) == 0.0
+
+
+def test_bad_settings_and_index_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_numbers"):
+        CountdownTask(n_numbers=1)
+    with pytest.raises(ValueError, match="max_number"):
+        CountdownTask(max_number=100)
+    with pytest.raises(IndexError, match="index"):
+        CountdownTask().problem(-1, "train")
+
+
+def test_task_pickles_for_verifier_workers() -> None:
+    task = pickle.loads(pickle.dumps(CountdownTask(4, 7, seed=2)))
+    assert task.problem(5, "train") == CountdownTask(4, 7, seed=2).problem(5, "train")
