@@ -208,11 +208,9 @@ def accuracy_by_correct_count(correct_BKS: torch.Tensor, accuracy_BK: torch.Tens
 
 def copies_candidate(answers_BA: list[list[str | None]], candidates_BS: list[list[str | None]]) -> torch.Tensor:
     """[B] float: the fraction of a problem's aggregations whose answer is one of its shown candidates' answers."""
+    shown_B = [{c for c in shown if c is not None} for shown in candidates_BS]
     return torch.tensor(
-        [
-            sum(a is not None and a in set(shown) for a in answers) / len(answers)
-            for answers, shown in zip(answers_BA, candidates_BS, strict=True)
-        ]
+        [sum(a in shown for a in answers) / len(answers) for answers, shown in zip(answers_BA, shown_B, strict=True)]
     )
 
 
