@@ -36,6 +36,10 @@ training) to the end of this one; the first step is a warm-up, reported apart, n
 Generated tokens/s = the step's generated tokens / its wall time; the generation phase alone is shown
 too. Peak RSS = the worker's ``ru_maxrss`` (model, optimiser, framework, activations).
 
+Memory allocator: on CPU spiral_lit has glibc's malloc keep freed memory for reuse (``spiral_lit/cpu_memory.py``,
+on by default), which TRL does not do. TRL runs as shipped, and once more per repetition in a process with that
+same setting applied (``trl_keep_freed``), so the table shows how much of the ratio that setting accounts for.
+
 SPIRAL mode: ``SpiralModule`` with ``algorithm=spiral`` at the paper's shape (``--generations``
 search traces, 4 sets of 4, 4 aggregation traces per set, the same budget per trace) on the same
 prompts, reported as seconds per generated token relative to GRPO mode on the same model.
@@ -65,8 +69,10 @@ from rollout import MODEL_SIZES, build_models  # noqa: E402  (benchmarks/ is not
 
 N_SETS, SET_SIZE, N_AGG = 4, 4, 4
 """The paper's SPIRAL shape besides the search traces."""
-MODES = ("spiral_lit", "trl", "spiral")
-"""spiral_lit in GRPO mode, TRL's GRPOTrainer, spiral_lit in SPIRAL mode."""
+MODES = ("spiral_lit", "trl", "trl_keep_freed", "spiral")
+"""spiral_lit in GRPO mode, TRL's GRPOTrainer as shipped, TRL's GRPOTrainer in a process whose malloc keeps freed
+memory as spiral_lit's does on CPU (spiral_lit/cpu_memory.py; the ratio against it isolates that setting),
+spiral_lit in SPIRAL mode."""
 
 
 @dataclass
@@ -345,7 +351,12 @@ def worker(spec: dict[str, Any]) -> None:
     if work.threads:
         torch.set_num_threads(work.threads)
     mode = spec["mode"]
-    if mode == "trl":
+    if mode == "trl_keep_freed":
+        from spiral_lit.cpu_memory import keep_freed_memory
+
+        reason = keep_freed_memory()
+        assert reason is None, f"trl_keep_freed: {reason}"
+    if mode.startswith("trl"):
         steps = run_trl(spec["model_dir"], work)
     else:
         steps = run_spiral_lit(spec["model_dir"], work, "spiral" if mode == "spiral" else "grpo")
@@ -392,6 +403,10 @@ def ratios(per_mode: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any
         key: _spread([a["summary"][key] / b["summary"][key] for a, b in pairs])
         for key in ("tokens_per_s", "generate_tokens_per_s", "seconds", "peak_rss_mb")
     }
+    if per_mode.get("trl_keep_freed"):
+        pairs = zip(per_mode["spiral_lit"], per_mode["trl_keep_freed"], strict=True)
+        out["tokens_per_s_vs_trl_keep_freed"] = _spread([a["summary"]["tokens_per_s"] / b["summary"]["tokens_per_s"]
+                                                         for a, b in pairs])  # fmt: skip
     if per_mode.get("spiral"):
         per_token = [
             (s["summary"]["seconds"] / s["summary"]["generated_tokens"])
@@ -404,7 +419,12 @@ def ratios(per_mode: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any
 
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], settings: dict[str, Any], out: Path) -> None:
     """Tables to stdout; settings, ratios and every step to ``out``."""
-    names = {"spiral_lit": "spiral_lit GRPO", "trl": "TRL GRPO", "spiral": "spiral_lit SPIRAL"}
+    names = {
+        "spiral_lit": "spiral_lit GRPO",
+        "trl": "TRL GRPO",
+        "trl_keep_freed": "TRL GRPO, malloc keeps freed memory",
+        "spiral": "spiral_lit SPIRAL",
+    }
     print("\n| model | run | s/step | generated tok/s | generation tok/s | rest of step (s) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for model, per_mode in results.items():
@@ -415,10 +435,14 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], settings: dict[s
                 f"{s['generate_tokens_per_s']:.0f} | {s['rest_seconds']:.2f} | {s['peak_rss_mb']:.0f} |"
             )
     all_ratios = {model: ratios(per_mode) for model, per_mode in results.items()}
-    print("\n| model | spiral_lit/TRL generated tok/s | generation phase | peak RSS | SPIRAL/GRPO s per token |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| model | spiral_lit/TRL generated tok/s | generation phase | peak RSS | SPIRAL/GRPO s per token "
+        "| spiral_lit/TRL generated tok/s, TRL's malloc keeping freed memory |"
+    )
+    print("|---|---|---|---|---|---|")
     for model, r in all_ratios.items():
-        cells = (r["tokens_per_s"], r["generate_tokens_per_s"], r["peak_rss_mb"], r.get("spiral_s_per_token_vs_grpo"))
+        cells = (r["tokens_per_s"], r["generate_tokens_per_s"], r["peak_rss_mb"], r.get("spiral_s_per_token_vs_grpo"),
+                 r.get("tokens_per_s_vs_trl_keep_freed"))  # fmt: skip
         print(f"| {model} | " + " | ".join(_fmt(c) for c in cells) + " |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "ratios": all_ratios, "results": results}, indent=2))
@@ -470,7 +494,7 @@ def main() -> None:
                     results[model_name][mode].append(result)
                     s = result["summary"]
                     print(
-                        f"  rep {repeat} {mode:<10} {s['seconds']:7.2f} s/step {s['tokens_per_s']:6.0f} tok/s "
+                        f"  rep {repeat} {mode:<14} {s['seconds']:7.2f} s/step {s['tokens_per_s']:6.0f} tok/s "
                         f"(generation {s['generate_tokens_per_s']:6.0f} tok/s, rest {s['rest_seconds']:6.2f} s) "
                         f"peak RSS {s['peak_rss_mb']:5.0f} MB, warm-up {s['warmup_seconds']:.2f} s",
                         flush=True,

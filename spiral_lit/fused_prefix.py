@@ -4,13 +4,12 @@
 then every row's completion on a KV cache) and hands each row's attention its prompt's keys/values gathered per
 row. In SPIRAL's aggregation shape (~375-token prompts, 4 rows each) those gathered copies, their gradient buffers
 and the scatter that sums the gradients back were about a third of the update's time on CPU. :func:`fused_prefix_logits`
-computes the same logits without any per-row copy of a prompt:
+computes the same logits without per-row copies of long prompts:
 
 - a completion attends to its prompt's keys, which all rows of that prompt share, and to its own keys, causal
   (:func:`shared_prefix_attention`): where a prompt's rows are short next to it (aggregation prompts), its rows
   are stacked into one query sequence for one fused attention call under a block-diagonal mask; else (GRPO's
-  short prompts, 8 rows each) the prompt part is one batched matmul of the stacked queries, under one softmax
-  with the row's own part;
+  short prompts, 8 rows each) each row takes a copy of its short prompt's keys/values into one fused call;
 - the prompt pass is plain causal attention (prompts are right-padded, so a real token never sees padding) and
   stops after the last layer's keys/values (no last-layer attention output, MLP, norm or ``lm_head``);
 - as in the fused decode step (:mod:`spiral_lit.rollout.decode`), Q and K come out with each head's halves
@@ -80,7 +79,7 @@ def prompt_runs(source_B: Sequence[int]) -> tuple[list[int], list[tuple[int, int
     return order, runs
 
 
-def split_attention(
+def gathered_attention(
     q_PnSHD: torch.Tensor,
     k_PnSKD: torch.Tensor,
     v_PnSKD: torch.Tensor,
@@ -91,25 +90,23 @@ def split_attention(
 ) -> torch.Tensor:
     """Attention of P prompts' n rows each over [their prompt's prefix | their own keys, causal]: ``[P n, S, H D]``.
 
-    The prefix part is one batched matmul of the n rows' queries, stacked, with their prompt's keys (no per-row
-    copy of them); both parts go through one softmax. ``keep_prefix_PL``: True = a real prefix token; K key heads
-    are shared by H / K query heads each (grouped-query attention). Every query sees its own key, so no softmax
-    row is empty.
+    Each row gets its own copy of its prompt's keys/values in front of its own, and all rows go through one fused
+    attention call. Where prompts are short next to their rows (GRPO: 53-token prompts, 8 rows of 64 tokens), the
+    copies are small, and the fused kernel's forward and backward took half the time of scoring the prefix with
+    one batched matmul and a separate softmax (issue 8). ``keep_prefix_PL``: True = a real prefix token; K key heads
+    are shared by H / K query heads each (grouped-query attention). Every query sees its own key, so no softmax row
+    is empty.
     """
     P, n, S, H, D = q_PnSHD.shape
     K, L = k_PnSKD.shape[3], k_prefix_PLKD.shape[1]
-    G = H // K
-    q = (q_PnSHD * scaling).view(P, n, S, K, G, D).permute(0, 3, 4, 1, 2, 5)  # [P, K, G, n, S, D]
-    k = k_PnSKD.view(P, n, S, K, 1, D).permute(0, 3, 4, 1, 5, 2)  # [P, K, 1, n, D, S]
-    v = v_PnSKD.view(P, n, S, K, 1, D).permute(0, 3, 4, 1, 2, 5)  # [P, K, 1, n, S, D]
-    prefix_PKXL = q.reshape(P, K, G * n * S, D) @ k_prefix_PLKD.permute(0, 2, 3, 1)
-    scores = torch.cat([prefix_PKXL.view(P, K, G, n, S, L), q @ k], dim=-1)  # [P, K, G, n, S, L + S]
+    q = q_PnSHD.reshape(P * n, S, H, D).transpose(1, 2)
+    k, v = (torch.cat([prefix[:, None].expand(P, n, L, K, D), own], dim=2).reshape(P * n, L + S, K, D).transpose(1, 2)
+            for prefix, own in ((k_prefix_PLKD, k_PnSKD), (v_prefix_PLKD, v_PnSKD)))  # fmt: skip
     causal_SS = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    keep = torch.cat([keep_prefix_PL[:, None, :].expand(P, S, L), causal_SS.expand(P, S, S)], dim=-1)
-    probs = scores.masked_fill(~keep[:, None, None, None], float("-inf")).softmax(dim=-1)
-    out = (probs[..., :L].reshape(P, K, G * n * S, L) @ v_prefix_PLKD.transpose(1, 2)).view(P, K, G, n, S, D)
-    out = out + probs[..., L:] @ v  # [P, K, G, n, S, D]
-    return out.permute(0, 3, 4, 1, 2, 5).reshape(P * n, S, H * D)
+    keep_PSX = torch.cat([keep_prefix_PL[:, None, :].expand(P, S, L), causal_SS.expand(P, S, S)], dim=-1)
+    keep = keep_PSX[:, None].expand(P, n, S, L + S).reshape(P * n, 1, S, L + S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling, enable_gqa=K != H)
+    return out.transpose(1, 2).reshape(P * n, S, H * D)
 
 
 def stacked_attention(
@@ -121,11 +118,11 @@ def stacked_attention(
     keep_prefix_PL: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """:func:`split_attention` as one fused attention call: ``[P n, S, H D]``.
+    """:func:`gathered_attention` without the per-row prefix copies: ``[P n, S, H D]``.
 
     Each prompt's n rows are stacked into one query sequence over [prefix | all n rows' keys] under a
-    block-diagonal causal mask, so nothing of size queries x keys is kept (the fused kernel never materialises
-    the scores), at the price of scoring every query against its prompt's other rows too (masked out).
+    block-diagonal causal mask, so no row needs its own copy of a long prefix, at the price of scoring every query
+    against its prompt's other rows too (masked out).
     """
     P, n, S, H, D = q_PnSHD.shape
     K, L = k_PnSKD.shape[3], k_prefix_PLKD.shape[1]
@@ -152,15 +149,17 @@ def shared_prefix_attention(
     """Attention of rows ordered prompt by prompt (``runs`` of :func:`prompt_runs`): ``[B, S, H D]``.
 
     Per run, :func:`stacked_attention` where a prompt's rows hold no more tokens than its prefix (aggregation
-    prompts: at most 2x the needed scores, and no large temporaries), else :func:`split_attention` (GRPO's short
-    prompts with 8 rows each, where stacking would score 5x the needed keys).
+    prompts: at most 2x the needed scores, and no per-row copy of a long prefix), else :func:`gathered_attention`
+    (GRPO's short prompts with 8 rows each, where stacking would score 5x the needed keys). Measured fwd + bwd per
+    layer on this CPU: aggregation shape 83 ms stacked vs 114 ms gathered; GRPO shape 11 ms gathered vs 32 ms
+    stacked.
     """
     B, S, H, D = q_BSHD.shape
     K, L = k_BSKD.shape[2], k_prefix_PLKD.shape[1]
     outputs, r0 = [], 0
     for p0, p1, n in runs:
         P, r1 = p1 - p0, r0 + (p1 - p0) * n
-        attention = stacked_attention if n * S <= L else split_attention
+        attention = stacked_attention if n * S <= L else gathered_attention
         outputs.append(
             attention(
                 q_BSHD[r0:r1].view(P, n, S, H, D),

@@ -37,6 +37,7 @@ from spiral_lit.checkpointing import (
     sequences_from_state,
     sequences_state,
 )
+from spiral_lit.cpu_memory import KeepFreedCpuMemory
 from spiral_lit.evaluation import EvalConfig
 from spiral_lit.experience import (
     advantage_stats,
@@ -192,6 +193,7 @@ class SpiralModule(L.LightningModule):
         log_rollouts_every_n_steps: int = 50,
         seed: int = 0,
         vllm: VLLMConfig | None = None,
+        cpu_keep_freed_memory: bool = True,
     ) -> None:
         """
         Args:
@@ -212,6 +214,8 @@ class SpiralModule(L.LightningModule):
             log_rollouts_every_n_steps: How often example rollouts go to TensorBoard as text.
             seed: Base of every rollout seed (derived per step and rank).
             vllm: Engine settings of ``rollout_backend: vllm`` (precision, memory, weight sync; issue 10).
+            cpu_keep_freed_memory: On CPU, have glibc's malloc reuse freed memory instead of returning it to the
+                kernel after every large tensor (spiral_lit/cpu_memory.py; ~1.5x faster updates at 50M parameters).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
@@ -438,7 +442,8 @@ class SpiralModule(L.LightningModule):
         return self.runtime.evaluate(batch, self.eval_config, self.search_sampling, self.aggregation_sampling)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [HoldGatheredForEvaluation()]
+        keep_freed = [KeepFreedCpuMemory()] if self.hparams.cpu_keep_freed_memory else []
+        return [HoldGatheredForEvaluation(), *keep_freed]
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
         log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))

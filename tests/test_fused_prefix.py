@@ -26,7 +26,7 @@ def _fused_logprobs(model, prompts, completions) -> list[torch.Tensor]:
 def _long_prompt_rows() -> tuple[list[list[int]], list[list[int]]]:
     """Two prompts of 30 tokens with 2 rows each and completions of 1-7 tokens: the rows of a prompt hold fewer
     tokens (2 x 7) than the prefix width (29), so they take the stacked attention; two 5-token prompts with 5 rows
-    each (5 x 7 > 29) take the split attention."""
+    each (5 x 7 > 29) take the gathered attention."""
     g = torch.Generator().manual_seed(3)
     long = [torch.randint(1, 61, (30,), generator=g).tolist() for _ in range(2)]
     short = [torch.randint(1, 61, (5,), generator=g).tolist() for _ in range(2)]
@@ -59,19 +59,19 @@ def test_logprobs_and_gradients_equal_the_full_forward(family: str, rows) -> Non
 
 
 def test_both_attention_forms_run_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The long-prompt rows take the stacked attention and the short ones the split one; forcing either form
+    """The long-prompt rows take the stacked attention and the short ones the gathered one; forcing either form
     everywhere gives the same log-probs."""
     model = _model("llama", "sdpa").eval()
     prompts, completions = _long_prompt_rows()
     used = []
-    for name in ("stacked_attention", "split_attention"):
+    for name in ("stacked_attention", "gathered_attention"):
         original = getattr(fused_prefix, name)
         monkeypatch.setattr(fused_prefix, name, lambda *a, f=original, n=name: used.append(n) or f(*a))
     with torch.no_grad():
         both = torch.cat(_fused_logprobs(model, prompts, completions))
-        assert set(used) == {"stacked_attention", "split_attention"}
-        for forced in ("stacked_attention", "split_attention"):
-            monkeypatch.setattr(fused_prefix, "split_attention" if forced == "stacked_attention" else
+        assert set(used) == {"stacked_attention", "gathered_attention"}
+        for forced in ("stacked_attention", "gathered_attention"):
+            monkeypatch.setattr(fused_prefix, "gathered_attention" if forced == "stacked_attention" else
                                 "stacked_attention", getattr(fused_prefix, forced))  # fmt: skip
             assert (torch.cat(_fused_logprobs(model, prompts, completions)) - both).abs().max() <= 1e-5
 

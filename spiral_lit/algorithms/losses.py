@@ -169,32 +169,44 @@ def truncated_importance_weights(
     return weights_BT, stats
 
 
+LOGITS_CHUNK_BYTES = 64 << 20
+"""float32 logits per chunk of rows in :func:`token_logprobs` / :func:`token_entropy` (at least one row)."""
+
+
+def _chunk_rows(logits_BTV: torch.Tensor) -> int:
+    """Rows per chunk: at most :data:`LOGITS_CHUNK_BYTES` of float32 logits, at least one row."""
+    _, T, V = logits_BTV.shape
+    return max(1, LOGITS_CHUNK_BYTES // max(1, T * V * 4))
+
+
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at ``targets``: ``[B, T]`` float32.
 
     Temperature must match the sampler's, or the importance ratio is off from the start.
-    Memory-lean: one row of the batch at a time (in float32), so the forward pass holds at
-    most a couple of ``[T, V]`` temporaries instead of ``[B, T, V]`` copies; only the
-    logsumexp input of each row is kept for backward (as TRL's selective_log_softmax does).
+    Memory-lean: a chunk of rows at a time (:data:`LOGITS_CHUNK_BYTES` of float32; one row of a 150k vocabulary
+    and 1k tokens is already more), so the forward pass holds at most a couple of chunk-sized temporaries instead
+    of ``[B, T, V]`` copies; only the logsumexp input of each chunk is kept for backward (as TRL's
+    selective_log_softmax does). Small vocabularies take few chunks instead of one call per row (issue 8).
     """
     if logits_BTV.shape[0] == 0:
         return logits_BTV.new_zeros(targets_BT.shape, dtype=torch.float32)
-    rows = []
-    for logits_TV, targets_T in zip(logits_BTV, targets_BT, strict=True):
-        scaled_TV = logits_TV.float() / temperature
-        target_logit_T = scaled_TV.gather(-1, targets_T.long().unsqueeze(-1)).squeeze(-1)
-        rows.append(target_logit_T - torch.logsumexp(scaled_TV, dim=-1))
-    return torch.stack(rows)
+    chunks = []
+    rows = _chunk_rows(logits_BTV)
+    for logits_bTV, targets_bT in zip(logits_BTV.split(rows), targets_BT.split(rows), strict=True):
+        scaled_bTV = logits_bTV.float() / temperature
+        target_logit_bT = scaled_bTV.gather(-1, targets_bT.long().unsqueeze(-1)).squeeze(-1)
+        chunks.append(target_logit_bT - torch.logsumexp(scaled_bTV, dim=-1))
+    return torch.cat(chunks)
 
 
 def token_entropy(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: ``[B, T]`` float32, row by row for memory."""
+    """Entropy of softmax(logits / temperature) per position: ``[B, T]`` float32, a chunk of rows at a time."""
     if logits_BTV.shape[0] == 0:
         return logits_BTV.new_zeros(logits_BTV.shape[:2], dtype=torch.float32)
-    rows = []
-    for logits_TV in logits_BTV:
-        logp_TV = torch.log_softmax(logits_TV.float() / temperature, dim=-1)
+    chunks = []
+    for logits_bTV in logits_BTV.split(_chunk_rows(logits_BTV)):
+        logp_bTV = torch.log_softmax(logits_bTV.float() / temperature, dim=-1)
         # A banned token (logit -inf) has p log p = 0 * -inf = NaN; its limit, and its share of the entropy, is 0.
-        p_logp_TV = torch.where(logp_TV > float("-inf"), logp_TV.exp() * logp_TV, 0.0)
-        rows.append(-p_logp_TV.sum(dim=-1))
-    return torch.stack(rows)
+        p_logp_bTV = torch.where(logp_bTV > float("-inf"), logp_bTV.exp() * logp_bTV, 0.0)
+        chunks.append(-p_logp_bTV.sum(dim=-1))
+    return torch.cat(chunks)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spiral_lit.algorithms import loss_normaliser, policy_loss, token_entropy, token_logprobs
+from spiral_lit.algorithms import loss_normaliser, losses, policy_loss, token_entropy, token_logprobs
 from spiral_lit.algorithms.losses import truncated_importance_weights
 
 # A 2-sequence batch, T = 3. Sequence 0 has advantage +1, sequence 1 advantage -1 and one
@@ -187,6 +187,27 @@ def test_token_logprobs_matches_naive(temperature: float, dtype: torch.dtype) ->
     logp_BT.sum().backward()
     naive_BT.sum().backward()
     torch.testing.assert_close(logits_BTV.grad.float(), naive_leaf.grad, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 3])
+def test_token_logprobs_and_entropy_do_not_depend_on_the_chunking(
+    rows_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 rows cut 1+1+1, 2+1 or 3 (the chunk budget in bytes of float32 [T, V] rows) give the same values."""
+    monkeypatch.setattr(losses, "LOGITS_CHUNK_BYTES", rows_per_chunk * 5 * 11 * 4)
+    assert losses._chunk_rows(torch.zeros(3, 5, 11)) == rows_per_chunk
+    gen = torch.Generator().manual_seed(2)
+    logits_BTV = (3 * torch.randn(3, 5, 11, generator=gen)).requires_grad_(True)
+    targets_BT = torch.randint(0, 11, (3, 5), generator=gen)
+    logp_BT = token_logprobs(logits_BTV, targets_BT, 0.7)
+    logp_BT.sum().backward()
+    naive_leaf = logits_BTV.detach().requires_grad_(True)
+    naive_BT = torch.log_softmax(naive_leaf / 0.7, dim=-1).gather(-1, targets_BT[..., None]).squeeze(-1)
+    naive_BT.sum().backward()
+    torch.testing.assert_close(logp_BT, naive_BT)
+    torch.testing.assert_close(logits_BTV.grad, naive_leaf.grad)
+    expected = torch.distributions.Categorical(logits=logits_BTV.detach() / 0.7).entropy()
+    torch.testing.assert_close(token_entropy(logits_BTV.detach(), 0.7), expected)
 
 
 def test_token_entropy() -> None:
