@@ -12,7 +12,8 @@ forward pass), backward, optimiser step. The update is timed per phase here, whi
 a warm-up and is not counted.
 
 ``--shared-prefix both`` (the default) runs the update of every step twice on the same traces, with
-``update.shared_prefix`` off and on (spiral_lit/prefix_forward.py: each distinct prompt encoded once), in
+``update.shared_prefix`` off and on (each distinct prompt encoded once: spiral_lit/fused_prefix.py on CPU, as
+``PolicyUpdater`` runs it, else spiral_lit/prefix_forward.py), in
 alternating order, and reports both; the phase table shows the ``on`` run.
 """
 
@@ -30,6 +31,7 @@ import torch
 from spiral_lit.algorithms import grpo_advantages, policy_loss, sample_sets_batch, spiral_advantages, token_logprobs
 from spiral_lit.batching import length_buckets, pack, prefix_buckets
 from spiral_lit.experience import aggregation_sequences, search_sequences
+from spiral_lit.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
 from spiral_lit.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.prefix_forward import cache_forward, pack_shared_prefix, shared_prefix_logits
@@ -63,7 +65,9 @@ def update_seconds(rt: PolicyRuntime, sequences: list[TrainSequence], args: argp
         t = time.perf_counter()
         if shared:
             batch = pack_shared_prefix(*inputs)
-            logits = shared_prefix_logits(rt.model, batch, forward)
+            # As PolicyUpdater: the written-out forward without per-row prompt copies where it applies (CPU).
+            fused = fused_prefix_refusal(rt.model) is None
+            logits = fused_prefix_logits(rt.model, batch) if fused else shared_prefix_logits(rt.model, batch, forward)
         else:
             batch = pack(*inputs)
             logits = rt.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]

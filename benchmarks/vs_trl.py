@@ -201,7 +201,17 @@ def run_spiral_lit(model_dir: str, work: Work, algorithm: str) -> list[dict[str,
     )
     module.configure_model()
     ban_tokens(module.policy, banned_tokens(module.runtime.tokenizer))
-    clock, seen = _StepClock(), []
+    clock, seen, trained = _StepClock(), [], {"tokens": 0}
+    update = module._update
+
+    def counting_update(sequences: list[Any]) -> dict[str, float]:
+        """The update, counting the tokens it trains on: each distinct prompt once (the shared-prompt forward)
+        plus every completion token."""
+        prompts = {tuple(s.prompt_ids) for s in sequences}
+        trained["tokens"] = sum(map(len, prompts)) + sum(s.completion.num_tokens for s in sequences)
+        return update(sequences)
+
+    module._update = counting_update  # instance attribute: training_step calls self._update
 
     class Clock(L.Callback):
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -211,6 +221,7 @@ def run_spiral_lit(model_dir: str, work: Work, algorithm: str) -> list[dict[str,
             metrics = trainer.callback_metrics
             tokens = sum(int(metrics[k]) for k in ("tokens/search", "tokens/aggregation") if k in metrics)
             phases = {f"{k}_seconds": float(metrics[f"time/{k}"]) for k in ("verify", "update")}
+            phases["trained_tokens"] = trained["tokens"]
             clock.end(tokens, float(metrics["time/generate"]), phases)
             seen.extend(p.uid for p in batch)
 
@@ -414,6 +425,17 @@ def ratios(per_mode: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any
             for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)
         ]
         out["spiral_s_per_token_vs_grpo"] = _spread(per_token)
+        # Why SPIRAL costs more per generated token: it trains on more tokens per generated token (each aggregation
+        # prompt holds 4 candidates); the update's seconds per trained token show whether either is less efficient.
+        out["spiral_trained_tokens_vs_grpo"] = _spread(
+            [s["summary"]["trained_tokens"] / g["summary"]["trained_tokens"]
+             for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)]
+        )  # fmt: skip
+        out["spiral_update_s_per_trained_token_vs_grpo"] = _spread(
+            [(s["summary"]["update_seconds"] / s["summary"]["trained_tokens"])
+             / (g["summary"]["update_seconds"] / g["summary"]["trained_tokens"])
+             for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)]
+        )  # fmt: skip
     return out
 
 
@@ -444,6 +466,18 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], settings: dict[s
         cells = (r["tokens_per_s"], r["generate_tokens_per_s"], r["peak_rss_mb"], r.get("spiral_s_per_token_vs_grpo"),
                  r.get("tokens_per_s_vs_trl_keep_freed"))  # fmt: skip
         print(f"| {model} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    for model, per_mode in results.items():
+        if per_mode.get("spiral"):
+            for mode in ("spiral_lit", "spiral"):
+                s = {k: statistics.median(r["summary"][k] for r in per_mode[mode]) for k in ("trained_tokens",
+                     "update_seconds", "generated_tokens", "generate_seconds")}  # fmt: skip
+                update_us = 1e6 * s["update_seconds"] / s["trained_tokens"]
+                generate_us = 1e6 * s["generate_seconds"] / s["generated_tokens"]
+                print(
+                    f"{model} {names[mode]}: trains on {s['trained_tokens']:.0f} tokens per step for "
+                    f"{s['generated_tokens']:.0f} generated; update {update_us:.1f} us per trained token, "
+                    f"generation {generate_us:.1f} us per generated token"
+                )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "ratios": all_ratios, "results": results}, indent=2))
     print(f"wrote {out} ({settings['wall_seconds']:.0f} s)")

@@ -202,8 +202,13 @@ class _Layer:
 
 
 def _rotate(x_NHD: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of heads whose dims come as interleaved pairs: one complex multiplication."""
-    return torch.view_as_real(torch.view_as_complex(x_NHD.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+    """Rotary embedding of heads whose dims come as interleaved pairs: one complex multiplication.
+
+    In float32 whatever the weights' dtype (complex bf16 does not exist), as the fused decode step does, so a bf16
+    policy's training forward rotates exactly as its sampler did; no-op casts in fp32.
+    """
+    pairs = torch.view_as_complex(x_NHD.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x_NHD.dtype)
 
 
 def _rotation(inner: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
