@@ -119,3 +119,37 @@ def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tm
     assert all(math.isfinite(v) for v in scalars["train/loss"])
     # On-policy sanity (issue 3): sampler and trainer log-probs agree in fp32.
     assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3
+
+
+def test_bf16_weights_train_end_to_end(tiny_dir: str, tmp_path) -> None:
+    """``policy.dtype: bfloat16`` on CPU: both roles sample and train (the CPU shared-prefix forward once crashed on
+    bf16 rotary, found by benchmarks/memory.py); every parameter moves and the loss stays finite."""
+    task = HashRewardTask(n_terms=2, digits=2)
+    module = SpiralModule(
+        policy=PolicyConfig(tiny_dir, dtype="bfloat16"),
+        task=task,
+        algorithm=AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2),
+        update=UpdateConfig(micro_batch_size=8),
+        search_sampling=SamplingConfig(max_new_tokens=8),
+        aggregation_sampling=SamplingConfig(max_new_tokens=8),
+        verifier=VerifierConfig(num_workers=0),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module.configure_model()
+    assert {p.dtype for p in module.policy.parameters()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    trainer.fit(module, datamodule=ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4))
+    unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged, f"parameters that did not change: {unchanged}"
+    scalars = _scalars(str(tmp_path))
+    assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])
