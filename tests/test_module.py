@@ -7,15 +7,12 @@ instead, so advantages are non-zero and every parameter must move.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from fit_helpers import fit_moving_every_parameter
 
 from spiral_lit.data import ProblemDataModule
 from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
@@ -52,16 +49,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def _scalars(log_dir: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for path in glob.glob(f"{log_dir}/**/events.out.tfevents*", recursive=True):
-        acc = EventAccumulator(path, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-    return out
-
-
 EXPECTED_METRICS = {
     "both": [
         "reward/search", "search/accuracy", "search/majority_accuracy", "zero_signal_fraction",
@@ -81,12 +68,11 @@ EXPECTED_METRICS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("algorithm", ["spiral", "grpo"])
-def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tmp_path, algorithm: str) -> None:
-    task = HashRewardTask(n_terms=2, digits=2)
-    module = SpiralModule(
-        policy=PolicyConfig(tiny_dir),
-        task=task,
+def _tiny_module(tiny_dir: str, algorithm: str, dtype: str = "float32") -> SpiralModule:
+    """The tiny policy on ``HashRewardTask`` at a small SPIRAL/GRPO shape, 8-token traces, a large learning rate."""
+    return SpiralModule(
+        policy=PolicyConfig(tiny_dir, dtype=dtype),
+        task=HashRewardTask(n_terms=2, digits=2),
         algorithm=AlgorithmConfig(algorithm=algorithm, n_search=4, n_sets=2, set_size=2, n_agg=2),
         update=UpdateConfig(micro_batch_size=8),
         search_sampling=SamplingConfig(max_new_tokens=8),
@@ -95,24 +81,16 @@ def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tm
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         log_rollouts_every_n_steps=1,
     )
-    data = ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=TensorBoardLogger(str(tmp_path), name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module.configure_model()
-    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer.fit(module, datamodule=data)
-    unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, f"parameters that did not change: {unchanged}"
 
-    scalars = _scalars(str(tmp_path))
+
+def _data(module: SpiralModule) -> ProblemDataModule:
+    return ProblemDataModule(module.task, batch_size=2, heldout_size=4, eval_batch_size=4)
+
+
+@pytest.mark.parametrize("algorithm", ["spiral", "grpo"])
+def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tmp_path, algorithm: str) -> None:
+    module = _tiny_module(tiny_dir, algorithm)
+    scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2)
     expected = EXPECTED_METRICS["both"] + (EXPECTED_METRICS["spiral"] if algorithm == "spiral" else [])
     missing = [m for m in expected if m not in scalars]
     assert not missing, f"metrics missing from TensorBoard: {missing}"
@@ -124,32 +102,7 @@ def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tm
 def test_bf16_weights_train_end_to_end(tiny_dir: str, tmp_path) -> None:
     """``policy.dtype: bfloat16`` on CPU: both roles sample and train (the CPU shared-prefix forward once crashed on
     bf16 rotary, found by benchmarks/memory.py); every parameter moves and the loss stays finite."""
-    task = HashRewardTask(n_terms=2, digits=2)
-    module = SpiralModule(
-        policy=PolicyConfig(tiny_dir, dtype="bfloat16"),
-        task=task,
-        algorithm=AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2),
-        update=UpdateConfig(micro_batch_size=8),
-        search_sampling=SamplingConfig(max_new_tokens=8),
-        aggregation_sampling=SamplingConfig(max_new_tokens=8),
-        verifier=VerifierConfig(num_workers=0),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=TensorBoardLogger(str(tmp_path), name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module.configure_model()
+    module = _tiny_module(tiny_dir, "spiral", dtype="bfloat16")
+    scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2)
     assert {p.dtype for p in module.policy.parameters()} == {torch.bfloat16}
-    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer.fit(module, datamodule=ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4))
-    unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, f"parameters that did not change: {unchanged}"
-    scalars = _scalars(str(tmp_path))
     assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])

@@ -9,18 +9,15 @@ with ``pytest -m slow``.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from fit_helpers import plain_trainer, tensorboard_scalars
 from transformers import AutoTokenizer
 
 from spiral_lit.convert_gguf import ensure_smollm2
@@ -122,16 +119,6 @@ class AlternatingRewardChainSum(ChainSumTask):
         return float(self.calls % 2 == 0)
 
 
-def _scalars(log_dir: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for path in glob.glob(f"{log_dir}/**/events.out.tfevents*", recursive=True):
-        acc = EventAccumulator(path, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
-    return out
-
-
 def test_one_spiral_step_on_the_real_model(smollm2_dir: Path, tmp_path: Path) -> None:
     task = AlternatingRewardChainSum(n_terms=2, digits=1)
     module = SpiralModule(
@@ -146,16 +133,7 @@ def test_one_spiral_step_on_the_real_model(smollm2_dir: Path, tmp_path: Path) ->
         log_rollouts_every_n_steps=1,
     )
     data = ProblemDataModule(task, batch_size=1, heldout_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = plain_trainer(str(tmp_path), max_steps=1)
     module.configure_model()
     runtime = module.runtime
     assert runtime is not None
@@ -195,7 +173,7 @@ def test_one_spiral_step_on_the_real_model(smollm2_dir: Path, tmp_path: Path) ->
 
     unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
     assert not unchanged, f"parameters that did not change: {unchanged}"
-    scalars = _scalars(str(tmp_path))
+    scalars = tensorboard_scalars(str(tmp_path))
     assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])
     # Sampler and trainer log-probs agree in fp32 on the real model too.
     assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3

@@ -9,16 +9,13 @@ weights it needs, and the engine syncs them by itself before generating.
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import random
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from fit_helpers import fit_moving_every_parameter
 from rollout_checks import training_logprobs
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytest.importorskip("vllm")
 
@@ -279,32 +276,8 @@ def _fit(policy_dir: str, log_dir: str, backend: str) -> tuple[SpiralModule, dic
         vllm=ENGINE,
         log_rollouts_every_n_steps=1,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=TensorBoardLogger(log_dir, name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module.configure_model()
-    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    trainer.fit(module, datamodule=ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4))
-    unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, f"{backend}: parameters that did not change: {unchanged}"
-    return module, _scalars(log_dir)
-
-
-def _scalars(log_dir: str) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for path in glob.glob(f"{log_dir}/**/events.out.tfevents*", recursive=True):
-        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
-    return out
+    data = ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4)
+    return module, fit_moving_every_parameter(module, data, log_dir, max_steps=2)
 
 
 def test_two_step_spiral_fit_with_the_vllm_backend(tiny_policy, tmp_path, _cpu_settings) -> None:
