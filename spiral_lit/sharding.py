@@ -12,7 +12,7 @@ update and the full parameters exist only while generating.
 
 FSDP1 (Lightning's ``FSDPStrategy``, GPU only) wraps the model itself; its forwards stay
 collective, so :func:`mark_lockstep_generate` makes ``model.generate`` keep ranks in step
-(transformers' ``synced_gpus``).
+(transformers' ``synced_gpus``); :func:`synced_generate` turns that off for FSDP2, whose rollouts run gathered.
 
 This file knows torch and nothing of Lightning.
 """
@@ -112,6 +112,18 @@ def gathered_params(model: torch.nn.Module) -> Iterator[None]:
             m.reshard()
         for m in modules:
             m.set_reshard_after_forward(getattr(m, "_spiral_reshard_after_forward", True))
+
+
+def synced_generate(model: torch.nn.Module) -> bool | None:
+    """transformers' ``synced_gpus`` for ``model.generate``: False for an FSDP2-sharded policy, else None
+    (transformers decides: on for FSDP1, see :func:`mark_lockstep_generate`).
+
+    torch's ``fully_shard`` marks the modules it manages ``_is_fsdp_managed_module``, which transformers reads as
+    "forwards are collectives" and answers with an all-reduce after every decode step on every rank. But an FSDP2
+    policy only ever generates gathered (:func:`gathered_params`), so its forwards are local, and ranks that
+    evaluate different numbers of batches (the held-out split is not padded) would wait on each other forever.
+    """
+    return False if fsdp2_modules(model) else None
 
 
 def mark_lockstep_generate(model: torch.nn.Module) -> None:

@@ -1,8 +1,10 @@
-"""Evaluating with 2 CPU processes (DDP, gloo) logs the same numbers as 1 process with the same seeds (issue 4).
+"""Evaluating with 2 CPU processes (gloo; DDP, and FSDP2) logs the same numbers as 1 process with the same seeds
+(issues 4 and 6).
 
 ``python -m spiral_lit validate`` runs twice as a subprocess on a tiny random model, with
-``devices: 1`` and with ``devices: 2, strategy: ddp``; the logged metrics are read back from
-TensorBoard. 5 held-out problems do not split evenly over 2 ranks (3 + 2) and land in other
+``devices: 1`` and with ``devices: 2`` under DDP or FSDP2 (``ModelParallelStrategy``); the logged metrics are
+read back from TensorBoard. Under FSDP2 this once hung: transformers kept the ranks' ``generate`` calls in
+lockstep, and the rank with fewer batches never came (spiral_lit.sharding.synced_generate). 5 held-out problems do not split evenly over 2 ranks (3 + 2) and land in other
 batches than on 1 process ([0, 1], [2, 3], [4] vs [0, 2], [4] and [1, 3]): equality needs the
 unpadded held-out sampler (each problem counted once) and per-problem seeds (a problem's
 rollouts independent of its batch and rank). Tolerance 1e-6, TensorBoard's float32 scalars:
@@ -31,11 +33,22 @@ EVAL = {
 }  # fmt: skip
 
 
-def _config(tmp_path: Path, policy_dir: Path, devices: int) -> Path:
-    name = f"devices{devices}"
+STRATEGIES = {
+    "ddp": "ddp",
+    "fsdp2": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+              "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}},
+}  # fmt: skip
+"""The two-process strategies: DDP, and FSDP2 (Lightning's ``ModelParallelStrategy``: each rank holds half of every
+parameter, gathered whole for the rollouts of the evaluation)."""
+
+
+def _config(tmp_path: Path, policy_dir: Path, devices: int, strategy: str) -> Path:
+    """``strategy`` also picks the engine, for the 1-process reference too: the kv_cache engine refuses sharded
+    policies, so FSDP2 evaluates with ``hf`` (``model.generate`` on the gathered weights)."""
+    name = f"devices{devices}_{strategy}"
     config = {
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
+            "accelerator": "cpu", "devices": devices, "strategy": STRATEGIES[strategy] if devices > 1 else "auto",
             "precision": "32-true", "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp_path), "name": name, "version": ""}},
@@ -44,6 +57,7 @@ def _config(tmp_path: Path, policy_dir: Path, devices: int) -> Path:
             "class_path": "spiral_lit.SpiralModule",
             "init_args": {
                 "policy": {"path": str(policy_dir)},
+                "rollout_backend": "hf" if strategy == "fsdp2" else "kv_cache",
                 "search_sampling": {"max_new_tokens": 8},
                 "aggregation_sampling": {"max_new_tokens": 6},
                 "verifier": {"num_workers": 0},
@@ -78,9 +92,10 @@ def _validate(config: Path) -> dict[str, float]:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_log_the_numbers_of_one(tiny_policy, tmp_path: Path) -> None:
-    one = _validate(_config(tmp_path, tiny_policy.path, devices=1))
-    two = _validate(_config(tmp_path, tiny_policy.path, devices=2))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_log_the_numbers_of_one(tiny_policy, tmp_path: Path, strategy: str) -> None:
+    one = _validate(_config(tmp_path, tiny_policy.path, devices=1, strategy=strategy))
+    two = _validate(_config(tmp_path, tiny_policy.path, devices=2, strategy=strategy))
     expected = {"val/search/pass@2", "val/search/maj@3", "val/sequential/accuracy@4", "val/aggregation/override"}
     expected |= {"val/rsa/accuracy@2", "val/rsa/majority@2", "val/rsa/tokens@2", "val/rsa/recovery"}
     assert expected <= set(one)

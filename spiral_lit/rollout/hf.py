@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from spiral_lit.rollout.base import Completion, SamplingConfig, Seed, check_seeds
+from spiral_lit.sharding import synced_generate
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -95,6 +96,7 @@ class HFGenerateEngine:
             generation_config=self._generation_config(sampling),
             logits_processor=LogitsProcessorList(processors),
             tokenizer=self.tokenizer if sampling.stop_strings else None,
+            synced_gpus=synced_generate(self.model),
         )
         logprobs_BT = recorder.finish(sequences).cpu()
         generated_BT = sequences[:, width:].cpu()
