@@ -4,7 +4,9 @@
 ``python -m spiral_lit validate`` runs twice as a subprocess on a tiny random model, with
 ``devices: 1`` and with ``devices: 2`` under DDP or FSDP2 (``ModelParallelStrategy``); the logged metrics are
 read back from TensorBoard. Under FSDP2 this once hung: transformers kept the ranks' ``generate`` calls in
-lockstep, and the rank with fewer batches never came (spiral_lit.sharding.synced_generate). 5 held-out problems do not split evenly over 2 ranks (3 + 2) and land in other
+lockstep, and the rank with fewer batches never came (spiral_lit.sharding.synced_generate).
+
+5 held-out problems do not split evenly over 2 ranks (3 + 2) and land in other
 batches than on 1 process ([0, 1], [2, 3], [4] vs [0, 2], [4] and [1, 3]): equality needs the
 unpadded held-out sampler (each problem counted once) and per-problem seeds (a problem's
 rollouts independent of its batch and rank). Tolerance 1e-6, TensorBoard's float32 scalars:
