@@ -1,12 +1,12 @@
 """Keep freed memory in the process on CPU, as a GPU caching allocator does (issue 8).
 
 PyTorch on CPU allocates every tensor with ``malloc`` and frees it when its last reference goes. glibc serves
-an allocation above its mmap threshold (at most 32 MiB, so always above that) with a fresh ``mmap`` and returns it
-to the kernel on ``free``; the next tensor of that size then takes a page fault per 4 KiB page as it is first
-written. A training step of a 50M-parameter model makes dozens of such tensors (a micro-batch's MLP activations
-are 4096 x 2048 floats, 32 MiB), and on this 2-core machine the page faults cost about a third of the update:
-``benchmarks/vs_trl.py`` measured a 50m GRPO update of 7.3-8.5 s with glibc's defaults and 4.9-5.4 s with
-:func:`keep_freed_memory`, with no change to the maths.
+an allocation above its mmap threshold (which it raises as memory is freed, but never past 32 MiB) with a fresh
+``mmap`` and returns it to the kernel on ``free``; the next tensor of that size then takes a page fault per
+4 KiB page as it is first written. A training step of a 50M-parameter model makes dozens of such tensors (a
+micro-batch's MLP activations are 4096 x 2048 floats, 32 MiB), and on this 2-core machine the page faults cost
+about a third of the update: the GRPO update of ``benchmarks/vs_trl.py``'s 50m model took 7.9 s (median of 6
+steps) with glibc's defaults and 5.3 s with :func:`keep_freed_memory`, with no change to the maths.
 
 :func:`keep_freed_memory` turns glibc's ``mmap`` chunks off (``M_MMAP_MAX = 0``: every allocation comes from the
 heap, whose freed chunks are reused) and raises the threshold above which the top of the heap is given back.
