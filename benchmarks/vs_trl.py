@@ -407,35 +407,34 @@ def _fmt(x: dict[str, Any] | None) -> str:
     return "-" if x is None else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
 
 
+def _ratio(
+    numerator: list[dict[str, Any]], denominator: list[dict[str, Any]], num_key: str, den_key: str | None
+) -> dict[str, Any]:
+    """Per repetition, (num_key / den_key) of one mode's summary over the other's (median and range); with no
+    ``den_key``, num_key alone."""
+
+    def value(summary: dict[str, float]) -> float:
+        return summary[num_key] / (summary[den_key] if den_key else 1.0)
+
+    pairs = zip(numerator, denominator, strict=True)
+    return _spread([value(a["summary"]) / value(b["summary"]) for a, b in pairs])
+
+
 def ratios(per_mode: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """spiral_lit/TRL per repetition (median and range over repetitions), and SPIRAL/GRPO seconds per token."""
-    pairs = list(zip(per_mode["spiral_lit"], per_mode["trl"], strict=True))
+    grpo = per_mode["spiral_lit"]
     out = {
-        key: _spread([a["summary"][key] / b["summary"][key] for a, b in pairs])
+        key: _ratio(grpo, per_mode["trl"], key, None)
         for key in ("tokens_per_s", "generate_tokens_per_s", "seconds", "peak_rss_mb")
     }
     if per_mode.get("trl_keep_freed"):
-        pairs = zip(per_mode["spiral_lit"], per_mode["trl_keep_freed"], strict=True)
-        out["tokens_per_s_vs_trl_keep_freed"] = _spread([a["summary"]["tokens_per_s"] / b["summary"]["tokens_per_s"]
-                                                         for a, b in pairs])  # fmt: skip
-    if per_mode.get("spiral"):
-        per_token = [
-            (s["summary"]["seconds"] / s["summary"]["generated_tokens"])
-            / (g["summary"]["seconds"] / g["summary"]["generated_tokens"])
-            for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)
-        ]
-        out["spiral_s_per_token_vs_grpo"] = _spread(per_token)
+        out["tokens_per_s_vs_trl_keep_freed"] = _ratio(grpo, per_mode["trl_keep_freed"], "tokens_per_s", None)
+    if spiral := per_mode.get("spiral"):
+        out["spiral_s_per_token_vs_grpo"] = _ratio(spiral, grpo, "seconds", "generated_tokens")
         # Why SPIRAL costs more per generated token: it trains on more tokens per generated token (each aggregation
         # prompt holds 4 candidates); the update's seconds per trained token show whether either is less efficient.
-        out["spiral_trained_tokens_vs_grpo"] = _spread(
-            [s["summary"]["trained_tokens"] / g["summary"]["trained_tokens"]
-             for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)]
-        )  # fmt: skip
-        out["spiral_update_s_per_trained_token_vs_grpo"] = _spread(
-            [(s["summary"]["update_seconds"] / s["summary"]["trained_tokens"])
-             / (g["summary"]["update_seconds"] / g["summary"]["trained_tokens"])
-             for s, g in zip(per_mode["spiral"], per_mode["spiral_lit"], strict=True)]
-        )  # fmt: skip
+        out["spiral_trained_tokens_vs_grpo"] = _ratio(spiral, grpo, "trained_tokens", None)
+        out["spiral_update_s_per_trained_token_vs_grpo"] = _ratio(spiral, grpo, "update_seconds", "trained_tokens")
     return out
 
 
