@@ -79,6 +79,7 @@ def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
     return {
         f"verify/{role}_timeouts": float(result.n_timeouts),
         f"verify/{role}_errors": float(result.n_errors),
+        f"verify/{role}_rejected": float(result.n_rejected),
         f"verify/{role}_unparsed": float(result.n_unparsed),
     }
 

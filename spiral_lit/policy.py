@@ -40,6 +40,11 @@ class VerifierConfig:
     """Per-answer limit; a hang scores 0 and is counted."""
     num_workers: int = 1
     """Scoring processes; 0 scores inline (no timeout protection, for debugging)."""
+    sandbox: bool = True
+    """Run scoring processes with least privilege (scratch directory, no secrets, no file writes, processes or
+    sockets); see ``spiral_lit.tasks.sandbox``. Model output is hostile input: turn off only to debug a scorer."""
+    memory_limit_mb: int = 8192
+    """Address-space limit of each sandboxed scoring process, in MiB; 0 for none."""
 
 
 Sharding = Literal["none", "fsdp1", "fsdp2"]
@@ -125,7 +130,13 @@ class PolicyRuntime:
         self.engine: RolloutEngine = make_engine(
             backend, adapted_model(model), self.tokenizer, max_generate_batch, vllm
         )
-        self.verifier = Verifier(task, timeout_s=verifier.timeout_s, num_workers=verifier.num_workers)
+        self.verifier = Verifier(
+            task,
+            timeout_s=verifier.timeout_s,
+            num_workers=verifier.num_workers,
+            sandbox=verifier.sandbox,
+            memory_limit_mb=verifier.memory_limit_mb,
+        )
         self._held = ExitStack()
 
     def gathered(self) -> Any:

@@ -17,6 +17,13 @@ from typing import Any, Literal
 Split = Literal["train", "heldout"]
 
 
+class UnsafeAnswer(ValueError):
+    """Raised by ``Task.score`` for an answer that its scorer must not see (it could run as code).
+
+    The verifier scores it 0 and counts it as rejected, apart from scorer errors.
+    """
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem, as the prompts and the verifier see it."""
@@ -68,7 +75,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def score(self, extracted_answer: str, problem: Problem) -> float:
-        """Reward in [0, 1] of an extracted answer. Pure, picklable; runs in a verifier worker."""
+        """Reward in [0, 1] of an extracted answer. Pure, picklable; runs in a verifier worker.
+
+        The answer is model output, i.e. hostile input: a scorer that parses it with ``eval``-like code
+        must check it against a strict grammar first and raise :class:`UnsafeAnswer` otherwise.
+        """
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` plausible but wrong worked solutions, for aggregation warm-start data.

@@ -14,7 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spiral_lit.tasks.base import Problem, Split, Task
+from spiral_lit.tasks.answer_guard import conforms
+from spiral_lit.tasks.base import Problem, Split, Task, UnsafeAnswer
 
 
 @dataclass
@@ -85,10 +86,19 @@ class ReasoningGymTask(Task):
 
         Note: reasoning-gym's default ``score_answer`` gives partial credit ``len(gold) / len(answer)``
         when the gold answer is a substring of the response's answer (e.g. 0.2 for ``12345`` on gold ``1``).
+
+        Raises:
+            UnsafeAnswer: the generator's scorer evaluates answers as code and this one is outside the
+                task's answer grammar (:mod:`spiral_lit.tasks.answer_guard`).
         """
         meta = problem.metadata
         dataset = self._datasets[meta["split"]][meta["spec_index"]]
-        reward = float(dataset.score_answer(extracted_answer, entry=dataset[meta["index"]]))
+        entry = dataset[meta["index"]]
+        # A composite dataset scores with the generator each item came from.
+        task_name = entry.get("metadata", {}).get("source_dataset", self.specs[meta["spec_index"]].name)
+        if not conforms(task_name, extracted_answer, entry):
+            raise UnsafeAnswer(f"{task_name}: answer outside the task's answer grammar: {extracted_answer[:80]!r}")
+        reward = float(dataset.score_answer(extracted_answer, entry=entry))
         if math.isnan(reward):
             return 0.0
         return min(1.0, max(0.0, reward))

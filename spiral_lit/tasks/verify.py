@@ -12,32 +12,45 @@ each worker is on and since when: a worker that exceeds ``timeout_s`` on one ite
 killed and replaced, that item alone scores 0 (counted as a timeout), and the rest of its
 chunk goes back into the queue for the other workers (or its replacement). Only the stuck
 worker is restarted, not the whole pool.
+
+Answers are model output, i.e. hostile input. Workers run with least privilege
+(:mod:`spiral_lit.tasks.sandbox`: scratch directory, no secrets in the environment, no inherited
+descriptors, resource limits, an audit hook that refuses processes, file writes and sockets), and
+they send results back as JSON, never pickle, so that nothing a worker sends can run in the
+trainer. ``num_workers=0`` scores inline, without any of this, for debugging only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing as mp
 import multiprocessing.util as mp_util
+import shutil
 import signal
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.tasks.base import Problem, Task, UnsafeAnswer
+from spiral_lit.tasks.sandbox import harden
 
 log = logging.getLogger(__name__)
 
 # (position in the batch, extracted answer, problem)
 _Item = tuple[int, str, Problem]
-# (position in the batch, "ok" | "error" | "timeout", reward, error text or None)
+# (position in the batch, "ok" | "error" | "timeout" | "rejected", reward, error text or None)
 _Outcome = tuple[int, str, float, str | None]
 # Importing a task module and unpickling a task (reasoning-gym rebuilds its datasets) can take seconds on a busy CPU.
 _STARTUP_TIMEOUT_S = 120.0
 # Chunks per worker and call: small enough to balance uneven scoring times, large enough to amortise IPC.
 _CHUNKS_PER_WORKER = 4
+# Longest message a worker may send back (one result); anything longer is a protocol violation.
+_MAX_MESSAGE_BYTES = 1 << 16
+_STATUSES = ("ok", "error", "timeout", "rejected")
 
 
 @dataclass
@@ -54,6 +67,8 @@ class VerifyResult:
     """Items whose scorer raised, returned NaN, or killed its worker (reward 0)."""
     n_timeouts: int = 0
     """Items whose scorer ran past ``timeout_s`` (reward 0)."""
+    n_rejected: int = 0
+    """Answers refused before scoring because the scorer could have run them as code (reward 0)."""
 
 
 class Verifier:
@@ -63,25 +78,37 @@ class Verifier:
     Not thread-safe: call ``score`` from one thread. Workers start lazily on the first ``score``.
     """
 
-    def __init__(self, task: Task, timeout_s: float = 5.0, num_workers: int = 1) -> None:
+    def __init__(
+        self,
+        task: Task,
+        timeout_s: float = 5.0,
+        num_workers: int = 1,
+        sandbox: bool = True,
+        memory_limit_mb: int = 8192,
+    ) -> None:
         """
         Args:
             task: The task whose ``score`` is run; pickled once per worker.
             timeout_s: Seconds one item may take before its worker is killed and the item scores 0.
-            num_workers: Worker processes; 0 scores inline without timeout protection.
+            num_workers: Worker processes; 0 scores inline without timeout protection or sandbox.
+            sandbox: Run workers with least privilege (:mod:`spiral_lit.tasks.sandbox`).
+            memory_limit_mb: Address-space limit of a sandboxed worker; 0 for none.
         """
         if not timeout_s > 0:
             raise ValueError(f"verifier: timeout_s must be > 0, got {timeout_s}")
         if num_workers < 0:
             raise ValueError(f"verifier: num_workers must be >= 0, got {num_workers}")
+        if memory_limit_mb < 0:
+            raise ValueError(f"verifier: memory_limit_mb must be >= 0, got {memory_limit_mb}")
         self.task = task
         self.timeout_s = timeout_s
         self.num_workers = num_workers
+        self._limits = _WorkerLimits(sandbox, memory_limit_mb, tempfile.mkdtemp(prefix="spiral_lit_verifier_"))
         self._workers: list[_Worker] = []
         # Workers ignore SIGTERM (see _worker_main), so multiprocessing's exit handler, which terminates daemonic
         # children with SIGTERM and then joins them, would wait forever: stop them first (exitpriority >= 0 runs
         # before that step). Mutated in place only, so the finalizer sees the current workers.
-        mp_util.Finalize(self, _stop_workers, args=(self._workers,), exitpriority=10)
+        mp_util.Finalize(self, _stop_workers, args=(self._workers, self._limits.scratch_dir), exitpriority=10)
 
     def score(self, problems: list[Problem], responses: list[str]) -> VerifyResult:
         """Extract and score every response against its problem."""
@@ -99,6 +126,7 @@ class Verifier:
             result.rewards[position] = reward
             result.n_errors += status == "error"
             result.n_timeouts += status == "timeout"
+            result.n_rejected += status == "rejected"
         errors = [(position, error) for position, status, _, error in outcomes if status == "error"]
         if errors:
             # One line per batch: a broken scorer would otherwise flood the log.
@@ -112,7 +140,7 @@ class Verifier:
 
     def close(self) -> None:
         """Stop the workers (a later ``score`` starts new ones)."""
-        _stop_workers(self._workers)
+        _stop_workers(self._workers, None)
 
     def __enter__(self) -> Verifier:
         return self
@@ -125,7 +153,7 @@ class Verifier:
         if not items:
             return []
         self._workers[:] = [w if w.process.is_alive() else self._replace(w) for w in self._workers]
-        self._workers += [_Worker(self.task) for _ in range(self.num_workers - len(self._workers))]
+        self._workers += [_Worker(self.task, self._limits) for _ in range(self.num_workers - len(self._workers))]
         size = max(1, math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER)))
         queue = deque(items[i : i + size] for i in range(0, len(items), size))
         outcomes: list[_Outcome] = []
@@ -150,20 +178,20 @@ class Verifier:
         outcomes = []
         try:
             while worker.conn.poll():
-                message = worker.conn.recv()
+                message = _decode(worker.conn.recv_bytes(_MAX_MESSAGE_BYTES), worker)
                 worker.since = time.monotonic()
-                if message == "ready":
+                if message is None:
                     worker.ready = True
                     continue
                 worker.pending.popleft()
                 outcomes.append(message)
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):
             if not worker.ready:
                 raise RuntimeError(
                     f"verifier: a worker died while starting; is the task {type(self.task).__name__} picklable and "
                     "importable in a fresh process? (its traceback is on stderr)"
                 ) from None
-            outcomes.append((worker.pending.popleft()[0], "error", 0.0, "the worker process died"))
+            outcomes.append((worker.pending.popleft()[0], "error", 0.0, "the worker died or sent a malformed message"))
             self._requeue_and_replace(worker, queue)
         return outcomes
 
@@ -189,26 +217,53 @@ class Verifier:
     def _replace(self, worker: _Worker) -> _Worker:
         """A fresh worker for a dead or stuck one."""
         worker.stop(kill=True)
-        return _Worker(self.task)
+        return _Worker(self.task, self._limits)
 
 
-def _stop_workers(workers: list[_Worker]) -> None:
-    """Stop every worker and empty the list (in place)."""
+def _stop_workers(workers: list[_Worker], scratch_dir: str | None) -> None:
+    """Stop every worker and empty the list (in place); at exit, also remove the workers' scratch directory."""
     for worker in workers:
         worker.stop()
     workers.clear()
+    if scratch_dir is not None:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _decode(data: bytes, worker: _Worker) -> _Outcome | None:
+    """A worker's message as (position, status, reward, error), or None for "ready"; ValueError if malformed.
+
+    JSON and checked field by field: the parent never unpickles what a worker (which ran hostile input) sends.
+    """
+    message = json.loads(data)
+    if message == "ready":
+        return None
+    position, status, reward, error = message
+    if not (worker.pending and position == worker.pending[0][0] and status in _STATUSES):
+        raise ValueError(f"verifier: unexpected message from a worker: {message!r:.200}")
+    if not (isinstance(reward, float) and 0.0 <= reward <= 1.0 and (error is None or isinstance(error, str))):
+        raise ValueError(f"verifier: unexpected message from a worker: {message!r:.200}")
+    return position, status, reward, error
+
+
+@dataclass(frozen=True)
+class _WorkerLimits:
+    """How workers are confined (see :mod:`spiral_lit.tasks.sandbox`)."""
+
+    sandbox: bool
+    memory_limit_mb: int
+    scratch_dir: str
 
 
 class _Worker:
     """One scoring process and the parent's view of it."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, limits: _WorkerLimits) -> None:
         context = mp.get_context("forkserver")
         # The fork server is one clean, single-threaded process started once; preloading the package there makes
         # each (re)started worker a cheap fork instead of a fresh interpreter that imports torch and Lightning.
         context.set_forkserver_preload(["__main__", __name__, type(task).__module__])
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child_conn, task), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child_conn, task, limits), daemon=True)
         self.process.start()
         child_conn.close()
         self.ready = False
@@ -236,17 +291,19 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_main(conn: Connection, task: Task) -> None:
+def _worker_main(conn: Connection, task: Task, limits: _WorkerLimits) -> None:
     """Worker loop: score chunks, one reply per item, until told to stop (or until the parent is gone)."""
     # The parent alone ends a worker (a stop message, or a kill when stuck). Ctrl-C or SIGTERM sent to the whole
-    # process group must not kill the item being scored: the trainer finishes its step on these signals (issue 7).
+    # process group must not kill the item being scored: the trainer finishes its step on these signals.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn.send("ready")
+    if limits.sandbox:
+        harden(limits.scratch_dir, [conn.fileno()], limits.memory_limit_mb)
+    conn.send_bytes(json.dumps("ready").encode())
     try:
         while (chunk := conn.recv()) is not None:
             for position, extracted, problem in chunk:
-                conn.send((position, *_score_one(task, extracted, problem)))
+                conn.send_bytes(json.dumps([position, *_score_one(task, extracted, problem)]).encode())
     except (EOFError, BrokenPipeError):
         return  # the parent died without a stop message
 
@@ -255,6 +312,8 @@ def _score_one(task: Task, extracted: str, problem: Problem) -> tuple[str, float
     """(status, reward clamped into [0, 1], error text or None); a raise or NaN is an error scoring 0."""
     try:
         reward = float(task.score(extracted, problem))
+    except UnsafeAnswer as e:
+        return "rejected", 0.0, str(e)
     except Exception as e:
         return "error", 0.0, f"{type(e).__name__}: {e}"
     if math.isnan(reward):
