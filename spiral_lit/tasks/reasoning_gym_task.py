@@ -2,9 +2,13 @@
 
 reasoning-gym builds item ``i`` of a dataset from ``random.Random(seed + i)`` (lazily, on
 indexing), so the train and held-out datasets get seeds ``size`` apart: with seeds one
-apart, held-out item ``i`` would be train item ``i + 1``. A problem stores only where it
-came from (spec position and index); the scorer regenerates the item, which keeps
-problems small and JSON-serialisable.
+apart, held-out item ``i`` would be train item ``i + 1``. A problem stores where it came
+from (spec position and index) and the item itself (``metadata["entry"]``, JSON-serialisable).
+
+The scorer uses that stored item, never a regenerated one: some generators (e.g.
+``polynomial_multiplication``) iterate over sets, so the same seed gives another item in a
+process with another ``PYTHONHASHSEED``, such as a verifier worker. For the same reason such tasks'
+problems, held-out ones included, differ between runs unless ``PYTHONHASHSEED`` is set (e.g. to 0).
 """
 
 from __future__ import annotations
@@ -78,7 +82,13 @@ class ReasoningGymTask(Task):
             question=item["question"],
             answer="" if answer is None else str(answer),
             solution=None,  # reasoning-gym has no worked solutions
-            metadata={"task": self.specs[spec_index].name, "spec_index": spec_index, "index": index, "split": split},
+            metadata={
+                "task": self.specs[spec_index].name,
+                "spec_index": spec_index,
+                "index": index,
+                "split": split,
+                "entry": item,
+            },
         )
 
     def score(self, extracted_answer: str, problem: Problem) -> float:
@@ -93,7 +103,7 @@ class ReasoningGymTask(Task):
         """
         meta = problem.metadata
         dataset = self._datasets[meta["split"]][meta["spec_index"]]
-        entry = dataset[meta["index"]]
+        entry = meta["entry"]
         # A composite dataset scores with the generator each item came from.
         task_name = entry.get("metadata", {}).get("source_dataset", self.specs[meta["spec_index"]].name)
         if not conforms(task_name, extracted_answer, entry):

@@ -93,3 +93,15 @@ def test_unknown_name_lists_valid_names_sorted() -> None:
 def test_invalid_arguments_name_the_key(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ReasoningGymTask(**kwargs)
+
+
+def test_workers_score_the_item_the_prompt_showed() -> None:
+    # polynomial_multiplication's items depend on PYTHONHASHSEED, which differs in every verifier worker: a worker
+    # that regenerated the item would score the gold answer of the problem shown against another polynomial.
+    from spiral_lit.tasks import Verifier
+
+    task = ReasoningGymTask(["polynomial_multiplication"], size=20, heldout_size=1)
+    problems = [task.problem(i, "train") for i in range(8)]
+    with Verifier(task, timeout_s=10.0, num_workers=1) as verifier:
+        result = verifier.score(problems, [f"<answer>{p.answer}</answer>" for p in problems])
+    assert result.rewards == [1.0] * 8
