@@ -196,7 +196,8 @@ class SpiralModule(L.LightningModule):
             self.policy,
             self.update_config,
             self.runtime.tokenizer.pad_token_id,
-            self.search_sampling.temperature or 1.0,
+            # Each role is re-scored at its own sampling temperature (greedy sampling has no temperature: 1.0).
+            (self.search_sampling.temperature or 1.0, self.aggregation_sampling.temperature or 1.0),
             reduce_sum=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
             reduce_max=lambda t: self.trainer.strategy.reduce(t, reduce_op="max"),
             world_size=self.trainer.world_size,

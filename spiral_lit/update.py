@@ -117,7 +117,7 @@ class PolicyUpdater:
         model: PreTrainedModel,
         config: UpdateConfig,
         pad_id: int,
-        temperature: float,
+        temperature: float | tuple[float, float],
         reduce_sum: Callable[[torch.Tensor], torch.Tensor],
         reduce_max: Callable[[torch.Tensor], torch.Tensor],
         world_size: int,
@@ -125,10 +125,13 @@ class PolicyUpdater:
     ) -> None:
         """
         Args:
+            temperature: The sampling temperature of every trace, or one per role (search, aggregation): each
+                sequence is scored at the temperature it was sampled with, or the first ratios are off.
             reference: The KL reference policy, called like the model: a frozen copy, or the same LoRA model
                 with its adapter disabled (:class:`spiral_lit.lora.AdapterDisabledReference`).
         """
-        self.model, self.config, self.pad_id, self.temperature = model, config, pad_id, temperature
+        self.model, self.config, self.pad_id = model, config, pad_id
+        self.temperatures = temperature if isinstance(temperature, tuple) else (temperature, temperature)
         self.reduce_sum, self.reduce_max = reduce_sum, reduce_max
         self.world_size, self.reference = world_size, reference
         self._tis: list[torch.Tensor] | None = None
@@ -168,6 +171,10 @@ class PolicyUpdater:
         lengths = [len(s.prompt_ids) + s.completion.num_tokens for s in chosen]
         return length_buckets(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
 
+    def _temperatures_B(self, sequences: list[TrainSequence], rows: list[int], device: torch.device) -> torch.Tensor:
+        """``[B]`` sampling temperature of each row, by its role."""
+        return torch.tensor([self.temperatures[sequences[i].role] for i in rows], device=device)
+
     def _max_over_ranks(self, count: int, device: torch.device) -> int:
         return int(self.reduce_max(torch.tensor(float(count), device=device)))
 
@@ -176,7 +183,8 @@ class PolicyUpdater:
         buckets = self._buckets(sequences, list(range(len(sequences))))
         for rows in buckets:
             batch = self._pack(sequences, rows).to(device)
-            logp_BT = token_logprobs(self._logits(self.model, batch), batch.targets_BT1, self.temperature)
+            temperature_B = self._temperatures_B(sequences, rows, device)
+            logp_BT = token_logprobs(self._logits(self.model, batch), batch.targets_BT1, temperature_B)
             for j, i in enumerate(rows):
                 s = sequences[i]
                 start = 0 if isinstance(batch, SharedPrefixBatch) else len(s.prompt_ids) - 1
@@ -271,13 +279,14 @@ class PolicyUpdater:
         cfg = self.config
         batch = self._pack(sequences, rows).to(device)
         logits_BTV = self._logits(self.model, batch)
-        logp_BT = token_logprobs(logits_BTV, batch.targets_BT1, self.temperature)
+        temperature_B = self._temperatures_B(sequences, rows, device)
+        logp_BT = token_logprobs(logits_BTV, batch.targets_BT1, temperature_B)
         with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy_BT = token_entropy(logits_BTV, self.temperature)
+            entropy_BT = token_entropy(logits_BTV, temperature_B)
         ref_BT = None
         if cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad():
-                ref_BT = token_logprobs(self._logits(self.reference, batch), batch.targets_BT1, self.temperature)
+                ref_BT = token_logprobs(self._logits(self.reference, batch), batch.targets_BT1, temperature_B)
         roles_B = torch.tensor([sequences[i].role for i in rows], device=device)
         adv_B = torch.tensor([sequences[i].advantage for i in rows], device=device, dtype=torch.float32)
         weights_B = torch.tensor(weights, device=device)[roles_B]

@@ -130,3 +130,29 @@ def test_tis_cap_needs_recomputed_old_logprobs() -> None:
         UpdateConfig(tis_cap=2.0)
     with pytest.raises(ValueError, match="tis_cap"):
         UpdateConfig(tis_cap=0.0, recompute_old_logprobs=True)
+
+
+# ----------------------------------------------------------------- sampling temperature per role
+def test_each_role_is_rescored_at_its_own_sampling_temperature(tiny_policy) -> None:
+    """Search traces sampled at 1.0 and aggregation traces at 0.6: on the first (on-policy) minibatch the trainer's
+    log-probs equal the sampler's, so every ratio is 1; scoring all at the search temperature is off."""
+    from spiral_lit.rollout import SamplingConfig, make_engine
+
+    model, tokenizer = tiny_policy.model, tiny_policy.tokenizer
+    engine = make_engine("kv_cache", model, tokenizer)
+    prompts = [tokenizer("12 + 34 + 56 =")["input_ids"], tokenizer("7 + 8 =")["input_ids"]]
+    sequences = []
+    for role, temperature in enumerate((1.0, 0.6)):
+        traces = engine.generate(prompts, 3, SamplingConfig(max_new_tokens=12, temperature=temperature), seed=role)
+        for prompt, completions in zip(prompts, traces, strict=True):
+            sequences += [TrainSequence(prompt, c, advantage=1.0, role=role) for c in completions]
+
+    def ratio_dev(temperature: float | tuple[float, float]) -> float:
+        updater = PolicyUpdater(model, UpdateConfig(), 0, temperature, lambda x: x, lambda x: x, world_size=1)
+        stats = updater.update(sequences, lambda loss: loss.backward(), lambda: None, torch.device("cpu"), seed=0)
+        model.zero_grad(set_to_none=True)
+        return stats["ratio_dev_first_minibatch"]
+
+    per_role = ratio_dev((1.0, 0.6))
+    assert per_role < 1e-4
+    assert ratio_dev(1.0) > 100 * per_role + 0.01  # 0.04 on this random tiny model; 0.1-0.3 on a trained one

@@ -179,10 +179,20 @@ def _chunk_rows(logits_BTV: torch.Tensor) -> int:
     return max(1, LOGITS_CHUNK_BYTES // max(1, T * V * 4))
 
 
-def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _temperature_chunks(temperature: float | torch.Tensor, rows: int, n_rows: int) -> list[float | torch.Tensor]:
+    """The temperature of each chunk of ``rows`` rows: the float, or the chunk's ``[b, 1, 1]`` slice of a ``[B]``."""
+    if isinstance(temperature, torch.Tensor):
+        return [t_b[:, None, None] for t_b in temperature.float().split(rows)]
+    return [temperature] * -(-n_rows // rows)
+
+
+def token_logprobs(
+    logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """log softmax(logits / temperature) at ``targets``: ``[B, T]`` float32.
 
-    Temperature must match the sampler's, or the importance ratio is off from the start.
+    Temperature must match the sampler's, or the importance ratio is off from the start: one for all rows,
+    or a ``[B]`` tensor when rows were sampled at different temperatures (search and aggregation traces).
     Memory-lean: a chunk of rows at a time (:data:`LOGITS_CHUNK_BYTES` of float32; one row of a 150k vocabulary
     and 1k tokens is already more), so the forward pass holds at most a couple of chunk-sized temporaries instead
     of ``[B, T, V]`` copies; only the logsumexp input of each chunk is kept for backward (as TRL's
@@ -192,20 +202,25 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperatu
         return logits_BTV.new_zeros(targets_BT.shape, dtype=torch.float32)
     chunks = []
     rows = _chunk_rows(logits_BTV)
-    for logits_bTV, targets_bT in zip(logits_BTV.split(rows), targets_BT.split(rows), strict=True):
-        scaled_bTV = logits_bTV.float() / temperature
+    temperatures = _temperature_chunks(temperature, rows, logits_BTV.shape[0])
+    for logits_bTV, targets_bT, t in zip(logits_BTV.split(rows), targets_BT.split(rows), temperatures, strict=True):
+        scaled_bTV = logits_bTV.float() / t
         target_logit_bT = scaled_bTV.gather(-1, targets_bT.long().unsqueeze(-1)).squeeze(-1)
         chunks.append(target_logit_bT - torch.logsumexp(scaled_bTV, dim=-1))
     return torch.cat(chunks)
 
 
-def token_entropy(logits_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: ``[B, T]`` float32, a chunk of rows at a time."""
+def token_entropy(logits_BTV: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: ``[B, T]`` float32, a chunk of rows at a time.
+
+    ``temperature``: one for all rows, or a ``[B]`` tensor (as in :func:`token_logprobs`)."""
     if logits_BTV.shape[0] == 0:
         return logits_BTV.new_zeros(logits_BTV.shape[:2], dtype=torch.float32)
     chunks = []
-    for logits_bTV in logits_BTV.split(_chunk_rows(logits_BTV)):
-        logp_bTV = torch.log_softmax(logits_bTV.float() / temperature, dim=-1)
+    rows = _chunk_rows(logits_BTV)
+    temperatures = _temperature_chunks(temperature, rows, logits_BTV.shape[0])
+    for logits_bTV, t in zip(logits_BTV.split(rows), temperatures, strict=True):
+        logp_bTV = torch.log_softmax(logits_bTV.float() / t, dim=-1)
         # A banned token (logit -inf) has p log p = 0 * -inf = NaN; its limit, and its share of the entropy, is 0.
         p_logp_bTV = torch.where(logp_bTV > float("-inf"), logp_bTV.exp() * logp_bTV, 0.0)
         chunks.append(-p_logp_bTV.sum(dim=-1))

@@ -270,3 +270,15 @@ def test_token_weights_multiply_the_policy_gradient_term() -> None:
     torch.testing.assert_close(logp_BT.grad, expected_grad)
     # Clip statistics are of the ratio alone, whatever the weights.
     torch.testing.assert_close(stats["clip_frac_high"], torch.tensor(0.2))
+
+
+def test_token_logprobs_and_entropy_take_one_temperature_per_row() -> None:
+    # Row 0 at temperature 1: log softmax([0, ln 3]) = (ln 1/4, ln 3/4); row 1 at 0.5 doubles the logits:
+    # log softmax([0, 2 ln 3]) = (ln 1/10, ln 9/10).
+    logits_BTV = torch.tensor([[[0.0, math.log(3.0)]], [[0.0, math.log(3.0)]]])
+    targets_BT = torch.tensor([[1], [0]])
+    logp_BT = token_logprobs(logits_BTV, targets_BT, torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(logp_BT, torch.tensor([[math.log(0.75)], [math.log(0.1)]]))
+    entropy_BT = token_entropy(logits_BTV, torch.tensor([1.0, 0.5]))
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in (0.25, 0.1)]
+    torch.testing.assert_close(entropy_BT, torch.tensor([[h[0]], [h[1]]]))
