@@ -289,9 +289,14 @@ class SpiralModule(L.LightningModule):
         self._pending_batches += 1
         if not self._ready_to_update(prompts_per_step):
             return {"waiting_for_refill": 1.0}
+        drawn = {
+            "prompts_drawn": float(self._pending_batches * prompts_per_step),
+            "prompts_kept": float(self._pending_prompts),
+            "refill_batches": float(self._pending_batches - 1),
+        }
         stats = self._update(self._pending)
         self._pending, self._pending_prompts, self._pending_batches = [], 0, 0
-        return stats | {"waiting_for_refill": 0.0}
+        return stats | drawn | {"waiting_for_refill": 0.0}
 
     def _log_step(
         self,

@@ -32,9 +32,10 @@ class AlgorithmConfig:
     """Paper Eq. 8: positive advantages of sequences longer than this become 0."""
     drop_zero_signal: bool = True
     """Dynamic sampling: drop prompts whose advantages are all zero (every aggregation reward equal)."""
-    max_refill_batches: int = 0
+    max_refill_batches: int = 2
     """Dynamic sampling with replacement: while fewer than ``data.batch_size`` kept prompts are pending, roll out
-    the next batch too before updating, at most this many extra batches per update (0 = update at once)."""
+    the next batch too before updating, at most this many extra batches per update (0 = update at once), so
+    updates stay full of informative prompts. Logged: ``train/prompts_drawn``, ``prompts_kept``, ``refill_batches``."""
 
     def __post_init__(self) -> None:
         for key in ("n_search", "n_sets", "set_size", "n_agg"):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from fit_helpers import fit_moving_every_parameter
+from fit_helpers import fit_moving_every_parameter, tensorboard_scalars
 
 from spiral_lit.data import ProblemDataModule
 from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
@@ -106,3 +106,22 @@ def test_bf16_weights_train_end_to_end(tiny_dir: str, tmp_path) -> None:
     scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2)
     assert {p.dtype for p in module.policy.parameters()} == {torch.bfloat16}
     assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])
+
+
+def test_dynamic_sampling_refills_the_batch(tiny_policy, tmp_path) -> None:
+    """Half of the prompts have no signal: each update waits for refill batches until it holds ``batch_size`` kept
+    prompts (or the bound), and logs how many prompts were drawn and kept."""
+    from tiny_run import HalfSignalTask, make_module
+    from tiny_run import fit as fit_with_checkpoints
+
+    algorithm = AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2)
+    assert algorithm.max_refill_batches >= 1  # refill is on by default
+    module = make_module(tiny_policy.path, HalfSignalTask(n_terms=2, digits=2), algorithm=algorithm)
+    fit_with_checkpoints(tmp_path, module, 3)
+    scalars = tensorboard_scalars(str(tmp_path / "tb"))
+    drawn, kept, refills = (scalars[f"train/{k}"] for k in ("prompts_drawn", "prompts_kept", "refill_batches"))
+    assert sum(w == 0.0 for w in scalars["train/waiting_for_refill"]) == 3  # three updates
+    for d, k, r in zip(drawn, kept, refills, strict=True):
+        assert k >= 2 or r == algorithm.max_refill_batches  # batch_size 2 kept prompts, or the bound
+        assert d == 2 * (r + 1) and k <= d
+    assert max(refills) >= 1
