@@ -17,7 +17,6 @@ collective; metrics are summed once per epoch), so the means are exact (issue 4)
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -29,7 +28,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from spiral_lit.errors import PathNotFoundError, UserError
 from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.tasks.rows import BadCell, BadRows, OnBadRow, cell_text, check_on_bad_row, jsonl_records
 
 
 def _as_list(batch: list[Problem]) -> list[Problem]:
@@ -79,39 +80,61 @@ class HeldoutProblems(Dataset):
         return self.problems[index]
 
 
-def read_predict_problems(path: str) -> list[Problem]:
-    """Problems from a JSONL file, one object per line: ``question`` (required), ``answer`` and ``id`` (optional).
+def read_predict_problems(path: str, on_bad_row: OnBadRow = "error") -> list[Problem]:
+    """Problems from a UTF-8 JSONL file, one object per line: ``question`` (required), ``answer`` and ``id`` (optional).
 
-    A row without ``answer`` gets ``metadata["has_reference"] = False`` (no ``correct`` in the output); a row
-    without ``id`` gets ``predict/<row index>``. Errors name the file, the line and the key.
+    A row without ``answer`` (or with ``null``) gets ``metadata["has_reference"] = False`` (no ``correct`` in the
+    output); a row without ``id`` gets ``predict/<row index>``. Cells are checked by type
+    (:mod:`spiral_lit.tasks.rows`): a bad row is refused naming the file, the line and the key, or with
+    ``on_bad_row="skip"`` dropped and counted.
     """
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data.predict_path={path!r}: no such file")
+        raise PathNotFoundError(f"data.predict_path={path!r}: no such file; give a JSONL file of problems")
+    source = f"data.predict_path={path!r}"
+    bad = BadRows(source, on_bad_row, "data.predict_on_bad_row")
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    for line_no, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"data.predict_path={path!r}, line {line_no}"
+    for line_no, row in jsonl_records(path, source, bad):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise ValueError(f'{where}: a row must be a JSON object with a string "question"')
-        uid = str(row.get("id", f"predict/{len(problems)}"))
-        if uid in first_line:
-            raise ValueError(f'{where}: "id" {uid!r} repeats line {first_line[uid]}')
-        first_line[uid] = line_no
-        answer = row.get("answer")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise ValueError(f'{where}: "answer" must be a string or a number, got {type(answer).__name__}')
-        metadata = {"has_reference": answer is not None}
-        problems.append(Problem(uid, row["question"], "" if answer is None else str(answer), metadata=metadata))
+            problem = _predict_problem(row, default_uid=f"predict/{len(problems)}")
+        except BadCell as reason:
+            bad.reject(f"line {line_no}", str(reason))
+            continue
+        if problem.uid in first_line:
+            raise UserError(f'{source}, line {line_no}: "id" {problem.uid!r} repeats line {first_line[problem.uid]}')
+        first_line[problem.uid] = line_no
+        problems.append(problem)
+    bad.finish(len(problems))
     if not problems:
-        raise ValueError(f"data.predict_path={path!r} holds no problems (the file is empty or only blank lines)")
+        raise UserError(f"{source} holds no problems (the file is empty or only blank lines)")
     return problems
+
+
+def _predict_problem(row: dict[str, Any], default_uid: str) -> Problem:
+    """One predict row as a problem; raises :class:`BadCell` saying which key holds what, and what it must."""
+    required = 'a row must be a JSON object with a string "question" (not empty)'
+    try:
+        if not cell_text(row.get("question"), numbers_ok=False):
+            raise BadCell("is empty or missing")
+    except BadCell as reason:
+        raise BadCell(f'{required}: "question" {reason}') from None
+    question = row["question"]  # as written: the output echoes it
+    expected = {
+        "answer": 'a string or a number (not empty, not NaN; leave "answer" out or write null when there is none)',
+        "id": "a string or a number",
+    }
+    texts: dict[str, str | None] = {}
+    for key, must in expected.items():
+        try:
+            texts[key] = None if row.get(key) is None else cell_text(row[key], numbers_ok=True)
+        except BadCell as reason:
+            raise BadCell(f'"{key}" must be {must}, but it {reason}') from None
+        if texts[key] == "":
+            raise BadCell(f'"{key}" must be {must}, but it is empty')
+    answer, uid = texts["answer"], texts["id"] or default_uid
+    metadata = {"has_reference": answer is not None}
+    return Problem(uid, question, "" if answer is None else answer, metadata=metadata)
 
 
 class ProblemDataModule(L.LightningDataModule):
@@ -125,6 +148,7 @@ class ProblemDataModule(L.LightningDataModule):
         eval_batch_size: int = 50,
         seed: int = 0,
         predict_path: str | None = None,
+        predict_on_bad_row: OnBadRow = "error",
     ) -> None:
         """
         Args:
@@ -135,6 +159,9 @@ class ProblemDataModule(L.LightningDataModule):
             seed: Shuffling seed for finite datasets.
             predict_path: JSONL file of problems for ``predict``: one object per line with ``question``
                 and optionally ``answer`` (then scored) and ``id``.
+            predict_on_bad_row: A line of ``predict_path`` that is not a JSON object, or whose ``question``, ``answer``
+                or ``id`` is empty or of the wrong type: ``error`` refuses the file naming the line; ``skip`` drops it,
+                and the count is logged.
         """
         super().__init__()
         for key, value in {
@@ -158,7 +185,10 @@ class ProblemDataModule(L.LightningDataModule):
         )
         self.heldout = [task.problem(i, "heldout") for i in range(heldout_size)]
         self._excluded = frozenset(p.question for p in self.heldout)
-        self.predict_problems = read_predict_problems(predict_path) if predict_path is not None else None
+        check_on_bad_row(predict_on_bad_row, "data.predict_on_bad_row")
+        self.predict_problems = (
+            read_predict_problems(predict_path, predict_on_bad_row) if predict_path is not None else None
+        )
         self.consumed_batches = 0
 
     def train_dataloader(self) -> DataLoader:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from spiral_lit.data import ProblemDataModule, ProblemStream, read_predict_problems, train_indices
+from spiral_lit.errors import UserError
 from spiral_lit.tasks import ChainSumTask, MathDatasetTask, Problem
 
 
@@ -197,3 +200,55 @@ def test_bad_predict_rows_name_the_file_line_and_key(tmp_path: Path, content: st
 def test_missing_predict_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"data\.predict_path=.*nope\.jsonl"):
         ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"question": "q", "answer": float("nan")}, r'"answer" must be a string or a number .*, but it is NaN'),
+        ({"question": "q", "answer": {"a": 1}}, r'"answer" must be a string or a number .*, but it is an object'),
+        ({"question": "q", "answer": True}, r'"answer" must be a string or a number .*, but it is a boolean'),
+        ({"question": "q", "answer": " "}, r'"answer" must be a string or a number .*, but it is empty'),
+        ({"question": " ", "answer": "1"}, r'a row .* "question" \(not empty\): "question" is empty or missing'),
+        ({"question": ["q"]}, r'a row .* "question" \(not empty\): "question" is a list'),
+        ({"question": "q", "id": [1]}, r'"id" must be a string or a number, but it is a list'),
+    ],
+)
+def test_bad_predict_cells_are_user_errors_naming_file_line_and_key(tmp_path: Path, row: dict, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "ok"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=rf"data\.predict_path='.*bad\.jsonl', line 2: {match}"):
+        ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(path))
+
+
+def test_non_utf8_predict_file_names_line_and_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin.jsonl"
+    text = '{"question": "ok"}\n\n{"question": "caf\xe9"}\n'
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"latin\.jsonl' is not UTF-8 text: line 3 \(byte {text.index(chr(0xE9))}\)"):
+        read_predict_problems(str(path))
+
+
+def test_predict_file_splits_lines_on_newlines_only(tmp_path: Path) -> None:
+    # JSON strings may hold U+2028 unescaped; str.splitlines would cut the row there.
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "a\u2028b", "answer": "1"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [p.question for p in read_predict_problems(str(path))] == ["a\u2028b"]
+
+
+def test_predict_skip_drops_and_counts_bad_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "p.jsonl"
+    rows = ['{"question": "a", "answer": 1}', '{"question": "b", "answer": NaN}', "{oops", '{"question": "c"}']
+    path.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        dm = ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(path), predict_on_bad_row="skip")
+    assert [(p.uid, p.question) for p in dm.predict_problems or []] == [("predict/0", "a"), ("predict/1", "c")]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert re.search(r"p\.jsonl.*skipped 2 of 4 rows.*line 2: .*NaN.*line 3: not valid JSON", warning)
+    with pytest.raises(UserError, match=r"predict_on_bad_row='drop'"):
+        ProblemDataModule(ChainSumTask(), heldout_size=2, predict_path=str(path), predict_on_bad_row="drop")  # type: ignore[arg-type]
+
+
+def test_missing_predict_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nope\.jsonl"):
+        read_predict_problems(str(tmp_path / "nope.jsonl"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import re
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from spiral_lit.errors import UserError
 from spiral_lit.tasks import MathDatasetTask, Problem
 
 _ROWS = [
@@ -139,3 +142,142 @@ def test_pickle_round_trip(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(task))
     assert clone.problem(1, "heldout") == task.problem(1, "heldout")
     assert clone.extract_answer("<answer>3</answer>") == "3"
+
+
+# ----------------------------------------------------------------------------- cells checked by type, row by row
+_EXPECTED_ANSWER = r"expected a non-empty string or a finite number"
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"problem": "q", "answer": float("nan")}, rf"'answer' \(answer_column\) is NaN; {_EXPECTED_ANSWER}"),
+        ({"problem": "q", "answer": float("inf")}, rf"'answer' \(answer_column\) is inf; {_EXPECTED_ANSWER}"),
+        ({"problem": "q", "answer": {"a": 1}}, rf"'answer' \(answer_column\) is an object .*; {_EXPECTED_ANSWER}"),
+        ({"problem": "q", "answer": [1, 2]}, rf"'answer' \(answer_column\) is a list .*; {_EXPECTED_ANSWER}"),
+        ({"problem": "q", "answer": True}, rf"'answer' \(answer_column\) is a boolean .*; {_EXPECTED_ANSWER}"),
+        ({"problem": "q", "answer": "  "}, rf"'answer' \(answer_column\) is empty or missing; {_EXPECTED_ANSWER}"),
+        ({"problem": 5, "answer": "1"}, r"'problem' \(question_column\) is a number .*; expected a non-empty string"),
+        ({"problem": ["q"], "answer": "1"}, r"'problem' \(question_column\) is a list .*; expected a non-empty string"),
+        ({"problem": "q", "answer": "1", "solution": [1]}, r"'solution' \(solution_column\) is a list .*; expected a"),
+    ],
+)
+def test_bad_cells_are_refused_naming_file_line_column_and_expectation(tmp_path: Path, bad: dict, match: str) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", [*_ROWS[:3], bad, *_ROWS[3:]])
+    with pytest.raises(UserError, match=rf"d\.jsonl', line 4: {match}") as error:
+        MathDatasetTask(path, solution_column="solution")
+    assert "on_bad_row" in str(error.value)  # the fix names the option that skips such rows
+
+
+@pytest.mark.parametrize(
+    ("column", "match"),
+    [
+        (pa.array([b"1", b"2", b"3"]), r"is bytes \(binary data"),
+        (pa.array([1.0, float("nan"), 3.0]), r"is NaN"),
+        (pa.array([[1], [2], [3]]), r"is a list"),
+        (pa.array([{"x": 1}, {"x": 2}, {"x": 3}]), r"is an object"),
+        (pa.array(["1", "", "3"]), r"is empty or missing"),
+        (pa.array(["1", None, "3"]), r"is empty or missing"),
+    ],
+)
+def test_bad_parquet_cells_name_the_row_index(tmp_path: Path, column: pa.Array, match: str) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"problem": ["a", "b", "c"], "answer": column}), path)
+    # the first bad row of the column is named (row 0 for whole-column type errors)
+    with pytest.raises(UserError, match=rf"d\.parquet', row [01]: 'answer' \(answer_column\) {match}"):
+        MathDatasetTask(str(path), heldout_size=1)
+
+
+def test_bad_cells_of_a_dataset_dir_name_split_and_row(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.table({"problem": ["a", "b", "c", "d"], "answer": [1.0, 2.0, float("nan"), 4.0]}),
+                   tmp_path / "ds" / "train.parquet")  # fmt: skip
+    with pytest.raises(UserError, match=r"ds' \(split 'train'\), row 2: 'answer' \(answer_column\) is NaN"):
+        MathDatasetTask(str(tmp_path / "ds"), heldout_size=1)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet"])
+def test_numeric_answers_become_their_text(tmp_path: Path, suffix: str) -> None:
+    rows = [{"problem": "a", "answer": 42}, {"problem": "b", "answer": 0.5}, {"problem": "c", "answer": "x"}]
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        _jsonl(path, rows)
+    elif suffix == "json":
+        path.write_text(json.dumps(rows))
+    else:  # a parquet column has one type: numbers only
+        pq.write_table(pa.table({"problem": ["a", "b", "c"], "answer": [42, 0, 7]}), path)
+    task = MathDatasetTask(str(path), heldout_size=1)
+    answers = [task.problem(i, "train").answer for i in range(2)]
+    assert answers == (["42", "0"] if suffix == "parquet" else ["42", "0.5"])
+
+
+def test_skip_drops_and_counts_bad_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = [{"problem": "q", "answer": [1]}, {"problem": "q", "answer": float("nan")}, {"problem": "", "answer": "1"}]
+    path = _jsonl(tmp_path / "d.jsonl", [_ROWS[0], *bad, *_ROWS[1:], {"problem": "q", "answer": {}}])
+    with caplog.at_level(logging.WARNING):
+        task = MathDatasetTask(path, heldout_size=2, on_bad_row="skip")
+    assert task.num_problems("train") + task.num_problems("heldout") == len(_ROWS)
+    assert task.problem(1, "train").question == _ROWS[1]["problem"]  # the rows after the bad ones, in order
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # logged once
+    assert re.search(r"d\.jsonl.*skipped 4 of 14 rows.*line 2.*line 3.*line 4", warnings[0])
+    assert "line 14" not in warnings[0]  # only the first few are listed
+
+
+def test_skip_that_leaves_no_row_is_an_error(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", [{"problem": "q", "answer": [1]}] * 3)
+    with pytest.raises(UserError, match=r"d\.jsonl.*no rows left.*skipped 3.*line 1: 'answer'"):
+        MathDatasetTask(path, heldout_size=1, on_bad_row="skip")
+
+
+def test_invalid_on_bad_row_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"on_bad_row='drop'.*'error', 'skip'"):
+        MathDatasetTask(_jsonl(tmp_path / "d.jsonl", _ROWS), on_bad_row="drop")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_non_utf8_file_names_file_line_and_byte(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin.{suffix}"
+    first = json.dumps(_ROWS[0])
+    if suffix == "jsonl":
+        text = first + "\n" + '{"problem": "caf\xe9", "answer": "1"}\n'
+    else:
+        text = "[" + first + ",\n" + '{"problem": "caf\xe9", "answer": "1"}]'
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.index("\xe9")
+    with pytest.raises(UserError, match=rf"latin\.{suffix}' is not UTF-8 text: line 2 \(byte {offset}\)"):
+        MathDatasetTask(str(path), heldout_size=1)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in _ROWS).encode())
+    assert MathDatasetTask(str(path), heldout_size=1).problem(0, "train").question == _ROWS[0]["problem"]
+
+
+def test_file_errors_are_user_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "garbage.parquet").write_bytes(b"not parquet")
+    _jsonl(tmp_path / "d.jsonl", _ROWS)
+    (tmp_path / "list.json").write_text('{"problem": "q"}')
+    with pytest.raises(UserError, match="empty"):
+        MathDatasetTask(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(UserError, match=r"garbage\.parquet' is not a Parquet file"):
+        MathDatasetTask(str(tmp_path / "garbage.parquet"))
+    with pytest.raises(UserError, match="has no column 'question'"):
+        MathDatasetTask(str(tmp_path / "d.jsonl"), question_column="question")
+    with pytest.raises(UserError, match="JSON list of objects"):
+        MathDatasetTask(str(tmp_path / "list.json"))
+
+
+def test_a_column_present_only_in_later_rows_is_checked_per_row(tmp_path: Path) -> None:
+    # JSON has no schema: a first row without the column is a bad row, not a missing column.
+    path = _jsonl(tmp_path / "d.jsonl", [{"problem": "q"}, *_ROWS])
+    with pytest.raises(UserError, match=r"line 1: 'answer' \(answer_column\) is empty or missing"):
+        MathDatasetTask(path)
+    assert MathDatasetTask(path, heldout_size=1, on_bad_row="skip").num_problems("train") == len(_ROWS) - 1
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nope\.jsonl.*does not exist"):
+        MathDatasetTask(str(tmp_path / "nope.jsonl"))
