@@ -202,6 +202,7 @@ class SpiralModule(L.LightningModule):
             reduce_max=lambda t: self.trainer.strategy.reduce(t, reduce_op="max"),
             world_size=self.trainer.world_size,
             reference=self.reference,
+            sharded=sharding_of(self) != "none",
         )
 
     def _step_seed(self, phase: int) -> int:

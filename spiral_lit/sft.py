@@ -12,7 +12,7 @@ trains search alone until it can solve problems, then both roles (two configs).
 
 Under DDP/FSDP each rank builds examples from its own problems; the token count that
 normalises the loss is summed over ranks before the backward passes, and every rank runs as
-many backward passes as the busiest one (:func:`spiral_lit.update.zero_weight_pass`), so the
+many backward passes as the busiest one (:func:`spiral_lit.rank_passes.zero_weight_pass`), so the
 gradient is the token mean over the whole global batch.
 
 Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
@@ -46,11 +46,11 @@ from spiral_lit.policy import (
     sharding_of,
 )
 from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rank_passes import dummy_batch, zero_weight_pass
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.rollout.vllm_engine import VLLMConfig
 from spiral_lit.tasks.base import Problem, Task
-from spiral_lit.update import dummy_batch, zero_weight_pass
 
 
 def warm_start_examples(

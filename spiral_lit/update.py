@@ -10,7 +10,7 @@ stepped by the caller (the LightningModule owns it), through the ``backward`` an
 Under DDP every backward pass is a gradient all-reduce, and under FSDP every forward and
 backward pass is a collective too, so every rank runs as many forward/backward passes of each
 kind as the busiest rank: ranks with fewer micro-batches add zero-weight passes over a
-one-token dummy sequence (:func:`zero_weight_pass`), which run the same collectives.
+one-token dummy sequence (:func:`spiral_lit.rank_passes.zero_weight_pass`), which run the same collectives.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from spiral_lit.algorithms import LossType, Reduction, policy_loss, token_entropy, token_logprobs
 from spiral_lit.algorithms.losses import truncated_importance_weights
+from spiral_lit.algorithms.roles import RoleNormalisation, role_grad_sq_norms, role_normalisers
 from spiral_lit.batching import PackedBatch, length_buckets, pack, prefix_buckets
 from spiral_lit.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.prefix_forward import (
@@ -35,6 +36,7 @@ from spiral_lit.prefix_forward import (
     pack_shared_prefix,
     shared_prefix_logits,
 )
+from spiral_lit.rank_passes import dummy_batch, local_shard, zero_weight_pass
 from spiral_lit.rollout.base import Completion
 
 ROLES = ("search", "aggregation")
@@ -81,6 +83,13 @@ class UpdateConfig:
     vLLM engine); logs ``train/tis_mean``, ``tis_max``, ``tis_clip_frac``. Needs ``recompute_old_logprobs``."""
     search_weight: float = 1.0
     aggregation_weight: float = 1.0
+    role_normalisation: RoleNormalisation = "shared"
+    """``shared``: one denominator over both roles' tokens (the paper); ``per_role``: each role's own token mean,
+    then the role weights sum them [ours] (spiral_lit/algorithms/roles.py says why)."""
+    role_grad_norms: bool = True
+    """Log each role's gradient norm before clipping (``train/grad_norm/search``, ``aggregation``, ``total``) and
+    the clip rate (``train/clip_rate``): each role's micro-batches run apart, and a copy of the search gradient is
+    kept until the optimiser step. Off: the roles share micro-batches and only ``clip_rate`` is not logged."""
     max_nonfinite_steps: int = 3
     """Optimiser steps whose loss or gradient is NaN/Inf are skipped and counted (``train/nonfinite_steps``);
     this many in a row stop the run (issue 7)."""
@@ -122,6 +131,7 @@ class PolicyUpdater:
         reduce_max: Callable[[torch.Tensor], torch.Tensor],
         world_size: int,
         reference: Callable[..., Any] | None = None,
+        sharded: bool = False,
     ) -> None:
         """
         Args:
@@ -129,11 +139,12 @@ class PolicyUpdater:
                 sequence is scored at the temperature it was sampled with, or the first ratios are off.
             reference: The KL reference policy, called like the model: a frozen copy, or the same LoRA model
                 with its adapter disabled (:class:`spiral_lit.lora.AdapterDisabledReference`).
+            sharded: The gradients are sharded over ranks (FSDP), so their norms are summed over ranks.
         """
         self.model, self.config, self.pad_id = model, config, pad_id
         self.temperatures = temperature if isinstance(temperature, tuple) else (temperature, temperature)
         self.reduce_sum, self.reduce_max = reduce_sum, reduce_max
-        self.world_size, self.reference = world_size, reference
+        self.world_size, self.reference, self.sharded = world_size, reference, sharded
         self._tis: list[torch.Tensor] | None = None
         """Per-sequence truncated importance weights of the current update (``tis_cap``)."""
         self._prefix: CacheForward | None = None
@@ -223,19 +234,22 @@ class PolicyUpdater:
             rng.shuffle(order)
             for m in range(cfg.num_minibatches):
                 minibatch = order[m :: cfg.num_minibatches]
-                normaliser = self._normaliser(sequences, minibatch, device)
-                buckets = self._buckets(sequences, minibatch)
-                # Every rank runs as many passes as the busiest one (module docstring).
-                n_passes = self._max_over_ranks(len(buckets), device)
-                for bucket in buckets:
-                    rows = [minibatch[i] for i in bucket]
-                    stats = self._micro_batch(sequences, rows, normaliser, weights, backward, device)
-                    for name, (value, n) in stats.items():
-                        add(name, value, n)
-                        if first and name == "ratio_dev":
-                            add("ratio_dev_first_minibatch", value, n)
-                for _ in range(n_passes - len(buckets)):
-                    self._zero_weight_micro_batch(backward, device)
+                normaliser_R, counts = self._normalisers(sequences, minibatch, device)
+                add("normaliser_share/search", counts["search_share"])
+                # With per-role gradient norms, every search pass runs before every aggregation pass.
+                groups = [[i for i in minibatch if sequences[i].role == r] for r in (0, 1)]
+                search_grads = None
+                for group, rows_g in enumerate(groups if cfg.role_grad_norms else [minibatch]):
+                    for stats in self._passes(sequences, rows_g, normaliser_R, weights, backward, device):
+                        for name, (value, n) in stats.items():
+                            add(name, value, n)
+                            if first and name == "ratio_dev":
+                                add("ratio_dev_first_minibatch", value, n)
+                    if cfg.role_grad_norms and group == 0 and counts["aggregation_sequences"] > 0:
+                        search_grads = self._grad_copy()
+                if cfg.role_grad_norms:
+                    for name, value in self._grad_norms(search_grads, device).items():
+                        add(name, value)
                 step()
                 first = False
         return {k: totals[k] / max(counts[k], 1e-12) for k in totals} | tis_stats
@@ -251,13 +265,66 @@ class PolicyUpdater:
         self._tis = list(weights_1N[0].split([s.completion.num_tokens for s in sequences]))
         return {k: float(v) for k, v in stats.items()}
 
-    def _normaliser(self, sequences: list[TrainSequence], minibatch: list[int], device: torch.device) -> torch.Tensor:
-        """The loss denominator of one minibatch, summed over ranks (see the module docstring)."""
-        if self.config.reduction == "token_mean":
-            n_tokens = float(sum(sequences[i].completion.num_tokens for i in minibatch))
-            return self.reduce_sum(torch.tensor(n_tokens, device=device)).clamp(min=1.0)
-        n_seq = self.reduce_sum(torch.tensor(float(len(minibatch)), device=device))
-        return n_seq * float(self.config.norm_const or 1.0)
+    def _passes(
+        self,
+        sequences: list[TrainSequence],
+        rows: list[int],
+        normaliser_R: torch.Tensor,
+        weights: tuple[float, float],
+        backward: Callable[[torch.Tensor], None],
+        device: torch.device,
+    ) -> list[dict[str, tuple[float, float]]]:
+        """Forward/backward over ``rows`` in micro-batches, then zero-weight passes up to the busiest rank's count
+        (module docstring); the statistics of each real micro-batch."""
+        buckets = self._buckets(sequences, rows)
+        n_passes = self._max_over_ranks(len(buckets), device)
+        out = [
+            self._micro_batch(sequences, [rows[i] for i in bucket], normaliser_R, weights, backward, device)
+            for bucket in buckets
+        ]
+        for _ in range(n_passes - len(buckets)):
+            self._zero_weight_micro_batch(backward, device)
+        return out
+
+    def _normalisers(
+        self, sequences: list[TrainSequence], minibatch: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each role's loss denominator ``[2]`` over one minibatch, summed over ranks (module docstring), and the
+        minibatch's counts: the search tokens' share of all tokens, and the aggregation sequences over ranks."""
+        tokens = [0.0, 0.0]
+        counts = [0.0, 0.0]
+        for i in minibatch:
+            tokens[sequences[i].role] += sequences[i].completion.num_tokens
+            counts[sequences[i].role] += 1.0
+        summed = self.reduce_sum(torch.tensor([*tokens, *counts], device=device)).cpu()
+        cfg = self.config
+        normaliser_R = role_normalisers(summed[:2], summed[2:], cfg.reduction, cfg.norm_const, cfg.role_normalisation)
+        share = float(summed[0] / summed[:2].sum()) if float(summed[:2].sum()) > 0 else 0.0
+        return normaliser_R.to(device), {"search_share": share, "aggregation_sequences": float(summed[3])}
+
+    def _grad_copy(self) -> dict[int, torch.Tensor]:
+        """The current gradient of every parameter that has one, copied (the search role's, before aggregation)."""
+        return {id(p): p.grad.detach().clone() for p in self.model.parameters() if p.grad is not None}
+
+    def _grad_norms(self, search_grads: dict[int, torch.Tensor] | None, device: torch.device) -> dict[str, float]:
+        """Norms of the search, aggregation and total gradients before clipping, and whether the step clips."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        totals = [local_shard(p.grad) for p in params]
+        if search_grads is None:  # no aggregation sequence on any rank: the whole gradient is the search role's
+            searches = totals
+        else:
+            searches = [local_shard(search_grads[id(p)]) if id(p) in search_grads else torch.zeros_like(t)
+                        for p, t in zip(params, totals, strict=True)]  # fmt: skip
+        sq_3 = role_grad_sq_norms(searches, totals)
+        if self.sharded:
+            sq_3 = self.reduce_sum(sq_3.to(device)).cpu()
+        norm_3 = sq_3.sqrt()
+        return {
+            "grad_norm/search": float(norm_3[0]),
+            "grad_norm/aggregation": float(norm_3[1]),
+            "grad_norm/total": float(norm_3[2]),
+            "clip_rate": float(norm_3[2] > self.config.max_grad_norm),
+        }
 
     def _zero_weight_micro_batch(self, backward: Callable[[torch.Tensor], None], device: torch.device) -> None:
         """The forwards (policy, and reference with KL on) and backward of a micro-batch, with zero gradient."""
@@ -271,7 +338,7 @@ class PolicyUpdater:
         self,
         sequences: list[TrainSequence],
         rows: list[int],
-        normaliser: torch.Tensor,
+        normaliser_R: torch.Tensor,
         weights: tuple[float, float],
         backward: Callable[[torch.Tensor], None],
         device: torch.device,
@@ -289,7 +356,11 @@ class PolicyUpdater:
                 ref_BT = token_logprobs(self._logits(self.reference, batch), batch.targets_BT1, temperature_B)
         roles_B = torch.tensor([sequences[i].role for i in rows], device=device)
         adv_B = torch.tensor([sequences[i].advantage for i in rows], device=device, dtype=torch.float32)
-        weights_B = torch.tensor(weights, device=device)[roles_B]
+        if cfg.role_normalisation == "shared":
+            normaliser, weights_B = normaliser_R[0], torch.tensor(weights, device=device)[roles_B]
+        else:  # each role's own mean: its weight over its own denominator
+            normaliser = torch.ones((), device=device)
+            weights_B = (torch.tensor(weights, device=device) / normaliser_R)[roles_B]
         mask_BT = batch.completion_mask_BT1
         loss, stats = policy_loss(
             logp_BT,
@@ -326,16 +397,3 @@ class PolicyUpdater:
                     out[f"loss/{name}"] = (float(role_stats["pg_loss"]), n_role)
                     out[f"entropy/{name}"] = (float((entropy_BT.detach() * role_mask).sum()) / n_role, n_role)
         return out
-
-
-def dummy_batch(pad_id: int, device: torch.device) -> PackedBatch:
-    """One sequence of two pad tokens: the cheapest input that runs every layer of the model."""
-    return pack([[pad_id]], [[pad_id]], pad_id).to(device)
-
-
-def zero_weight_pass(model: Callable[..., Any], batch: PackedBatch, backward: Callable[[torch.Tensor], None]) -> None:
-    """A forward and a backward whose gradient is exactly zero (every parameter that the forward used gets
-    a zero gradient): the collectives of a real pass (DDP all-reduce, FSDP all-gather and reduce-scatter)
-    for a rank that has run out of micro-batches."""
-    logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-    backward(logits.float().sum() * 0.0)

@@ -56,14 +56,16 @@ EXPECTED_METRICS = {
         "train/loss/search", "train/clip_frac_low", "train/clip_frac_high", "train/approx_kl",
         "train/entropy/search", "length/search", "truncated/search", "tokens/search",
         "time/generate", "time/verify", "time/update", "time/generate_tokens_per_s",
-        "train/ratio_dev_first_minibatch", "verify/search_timeouts", "verify/search_errors",
+        "train/ratio_dev_first_minibatch", "verify/search_timeouts", "verify/search_errors", "verify/search_rejected",
+        "train/grad_norm/search", "train/grad_norm/total", "train/clip_rate", "train/normaliser_share/search",
+        "train/prompts_drawn", "train/prompts_kept", "train/refill_batches",
     ],
     "spiral": [
         "reward/aggregation", "sets/score_mean", "sets/score_std",
         "advantage/aggregation_mean", "advantage/aggregation_std", "advantage/aggregation_min",
         "advantage/aggregation_max", "train/loss/aggregation", "train/entropy/aggregation",
         "length/aggregation", "truncated/aggregation", "tokens/aggregation",
-        "sets/oracle", "sets/majority", "sets/distinct_answers",
+        "sets/oracle", "sets/majority", "sets/distinct_answers", "train/grad_norm/aggregation",
     ],
 }  # fmt: skip
 

@@ -156,3 +156,49 @@ def test_each_role_is_rescored_at_its_own_sampling_temperature(tiny_policy) -> N
     per_role = ratio_dev((1.0, 0.6))
     assert per_role < 1e-4
     assert ratio_dev(1.0) > 100 * per_role + 0.01  # 0.04 on this random tiny model; 0.1-0.3 on a trained one
+
+
+# ----------------------------------------------------------------- the two roles in one update
+def _with_advantage(sequences: list[TrainSequence], role: int, advantage: float) -> list[TrainSequence]:
+    return [
+        TrainSequence(s.prompt_ids, s.completion, advantage if s.role == role else s.advantage, s.role)
+        for s in sequences
+    ]
+
+
+def test_per_role_normalisation_is_the_weighted_sum_of_each_roles_own_mean(tiny_policy, sequences) -> None:
+    model = tiny_policy.model
+    weights = {"search_weight": 0.7, "aggregation_weight": 1.5}
+    _, per_role = _update(model, sequences, UpdateConfig(role_normalisation="per_role", **weights))
+    expected: dict[str, torch.Tensor] = {}
+    for role, weight in ((0, 0.7), (1, 1.5)):
+        alone = [s for s in sequences if s.role == role]  # one role alone: the shared mean is the role's own mean
+        _, grads = _update(model, alone, UpdateConfig())
+        for name, grad in grads.items():
+            expected[name] = expected.get(name, torch.zeros_like(grad)) + weight * grad
+    for name, grad in per_role.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_role_gradient_norms_and_clip_rate(tiny_policy, sequences) -> None:
+    model = tiny_policy.model
+    stats, grads = _update(model, sequences, UpdateConfig(max_grad_norm=1e-9))
+    total = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
+    assert stats["grad_norm/total"] == pytest.approx(float(total), rel=1e-6)
+    # Zero advantages for the aggregation traces leave the search role's gradient alone (same normaliser).
+    _, search_only = _update(model, _with_advantage(sequences, 1, 0.0), UpdateConfig())
+    search = torch.sqrt(sum(g.double().square().sum() for g in search_only.values()))
+    assert stats["grad_norm/search"] == pytest.approx(float(search), rel=1e-5)
+    assert stats["grad_norm/aggregation"] > 0
+    assert stats["clip_rate"] == 1.0
+    assert _update(model, sequences, UpdateConfig(max_grad_norm=1e9))[0]["clip_rate"] == 0.0
+    tokens = [s.completion.num_tokens for s in sequences]
+    search_tokens = sum(t for t, s in zip(tokens, sequences, strict=True) if s.role == 0)
+    assert stats["normaliser_share/search"] == pytest.approx(search_tokens / sum(tokens))
+
+
+def test_running_the_roles_apart_changes_no_gradient(tiny_policy, sequences) -> None:
+    _, apart = _update(tiny_policy.model, sequences, UpdateConfig(role_grad_norms=True, micro_batch_size=3))
+    _, mixed = _update(tiny_policy.model, sequences, UpdateConfig(role_grad_norms=False, micro_batch_size=3))
+    for name, grad in apart.items():
+        torch.testing.assert_close(grad, mixed[name], atol=1e-6, rtol=1e-5, msg=name)
