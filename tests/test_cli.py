@@ -14,7 +14,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from spiral_lit.cli import main
+from spiral_lit.cli import check_config_file, main
+from spiral_lit.errors import PathNotFoundError, UserError
 
 SMALL = [
     "--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.val_check_interval", "2",
@@ -64,3 +65,32 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     spiral = runs / "spiral"
     assert (spiral / "config.yaml").is_file()
     assert (spiral / "hf" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- --config files
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"--config '.*run.yaml' is empty \(or holds only comments\): expected a YAML mapping"),
+        ("# trainer:\n#   max_steps: 1\n", r"--config '.*run.yaml' is empty"),
+        ("- trainer\n- model\n", r"--config '.*run.yaml' holds a YAML list: expected a YAML mapping"),
+        ("spiral.yaml\n", r"--config '.*run.yaml' holds a YAML single value \('spiral.yaml'\)"),
+        ("trainer:\n\tmax_steps: 1\n", r"run.yaml', line 2, column 1: .*\(a tab: YAML indents with spaces only\)"),
+        ("trainer:\n  max_steps: 1\n  logger: a: b\n", r"run.yaml', line 3, column 12: mapping values are not allowed"),
+    ],
+)
+def test_bad_config_files_are_named(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "run.yaml").write_text(content)
+    with pytest.raises(UserError, match=message):
+        main(["fit", "--config", str(tmp_path / "run.yaml")], run=False)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PathNotFoundError, match=r"--config '.*nope.yaml': no such file"):
+        main(["fit", f"--config={tmp_path / 'nope.yaml'}"])
+
+
+def test_inline_config_is_left_to_jsonargparse() -> None:
+    check_config_file("{trainer: {max_steps: 1}}")
+    with pytest.raises(PathNotFoundError):
+        check_config_file("experiments/quickstart/spiral.yml")
