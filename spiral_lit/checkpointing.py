@@ -34,6 +34,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_warn
 
+from spiral_lit.errors import PathNotFoundError, UserError
 from spiral_lit.rollout.base import Completion
 from spiral_lit.update import TrainSequence
 
@@ -45,12 +46,12 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the file previously at that path is unchanged."""
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError):
     """A checkpoint file is unreadable (torn, not a checkpoint, a directory) or holds objects a weights-only load
     refuses. A missing file raises ``FileNotFoundError``."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint belongs to another model than the one it is loaded into."""
 
 
@@ -79,7 +80,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
             "(trainer.strategy: ModelParallelStrategy or FSDPStrategy), not as a file"
         )
     if not file.is_file():
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"checkpoint {str(path)!r} does not exist; give the path of a .ckpt file, or `--ckpt_path last` to "
             "continue from the newest last.ckpt of the run's checkpoint directory"
         )

@@ -170,10 +170,10 @@ class ProblemDataModule(L.LightningDataModule):
             "eval_batch_size": eval_batch_size,
         }.items():
             if value < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {value}")
+                raise UserError(f"data.{key} must be >= 1, got {value}")
         available = task.num_problems("heldout")
         if available is not None and available < heldout_size:
-            raise ValueError(
+            raise UserError(
                 f"data.heldout_size={heldout_size} but task {task.name!r} has only {available} held-out problems"
             )
         self.task = task
@@ -205,7 +205,7 @@ class ProblemDataModule(L.LightningDataModule):
         if world == 1:
             return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=_as_list)
         if len(dataset) < world:
-            raise ValueError(f"data.heldout_size={len(dataset)} is smaller than the {world} processes evaluating it")
+            raise UserError(f"data.heldout_size={len(dataset)} is smaller than the {world} processes evaluating it")
         # Unpadded sharding (module docstring): every held-out problem is evaluated exactly once.
         sampler = UnrepeatedDistributedSampler(
             dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
@@ -220,7 +220,7 @@ class ProblemDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_problems is None:
-            raise ValueError("data.predict_path is not set: predict reads its problems from a JSONL file")
+            raise UserError("data.predict_path is not set: predict reads its problems from a JSONL file")
         # Lightning shards it over ranks without padding (UnrepeatedDistributedSamplerWrapper).
         dataset = HeldoutProblems(self.predict_problems)
         return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=_as_list)

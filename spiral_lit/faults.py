@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from spiral_lit.errors import UserError
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when too many optimiser steps in a row had a NaN or Inf loss or gradient."""
@@ -50,7 +52,7 @@ class NonFiniteGuard:
             key: The YAML key that sets ``max_consecutive``, named in the error.
         """
         if max_consecutive < 1:
-            raise ValueError(f"{key} must be >= 1, got {max_consecutive}")
+            raise UserError(f"{key} must be >= 1, got {max_consecutive}")
         self.max_consecutive, self.key = max_consecutive, key
         self.consecutive = 0
         self.total = 0

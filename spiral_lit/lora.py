@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from spiral_lit.errors import UserError
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,13 +37,13 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"policy.lora.rank must be >= 1, got {self.rank}")
+            raise UserError(f"policy.lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"policy.lora.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"policy.lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"policy.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"policy.lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ValueError("policy.lora.target_modules is empty: name the linear layers to adapt, e.g. [q_proj]")
+            raise UserError("policy.lora.target_modules is empty: name the linear layers to adapt, e.g. [q_proj]")
 
 
 def _peft() -> Any:
@@ -67,7 +69,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
     try:
         return peft.get_peft_model(model, config)
     except ValueError as error:
-        raise ValueError(f"policy.lora.target_modules={settings.target_modules}: {error}") from error
+        raise UserError(f"policy.lora.target_modules={settings.target_modules}: {error}") from error
 
 
 def is_lora(model: torch.nn.Module) -> bool:

@@ -16,6 +16,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from spiral_lit.errors import UserError
 from spiral_lit.tasks.base import Problem
 
 AggregationLayout = Literal["problem_first", "problem_restated"]
@@ -40,7 +41,7 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if self.max_candidate_tokens < 8:
-            raise ValueError(f"prompts.max_candidate_tokens must be >= 8, got {self.max_candidate_tokens}")
+            raise UserError(f"prompts.max_candidate_tokens must be >= 8, got {self.max_candidate_tokens}")
 
 
 def _messages(content: str, config: PromptConfig) -> list[dict[str, str]]:

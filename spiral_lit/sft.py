@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from spiral_lit.batching import length_buckets, pack
 from spiral_lit.checkpointing import check_checkpoint_matches
 from spiral_lit.cpu_memory import KeepFreedCpuMemory
+from spiral_lit.errors import UserError
 from spiral_lit.evaluation import EvalConfig
 from spiral_lit.faults import NonFiniteGuard
 from spiral_lit.models import PolicyConfig
@@ -67,7 +68,7 @@ def warm_start_examples(
     eos = renderer.tokenizer.eos_token
     for problem in problems:
         if problem.solution is None:
-            raise ValueError(f"task {task.name!r}: problem {problem.uid} has no worked solution to fine-tune on")
+            raise UserError(f"task {task.name!r}: problem {problem.uid} has no worked solution to fine-tune on")
         target = renderer.tokenizer.encode(problem.solution + eos, add_special_tokens=False)
         if rng.random() < search_fraction:
             prompts.append(renderer.search(problem))
@@ -135,9 +136,9 @@ class WarmStartModule(L.LightningModule):
         self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
         for key, value in {"search_fraction": search_fraction, "aggregation_fraction": aggregation_fraction}.items():
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"model.{key} must be in [0, 1], got {value}")
+                raise UserError(f"model.{key} must be in [0, 1], got {value}")
         if search_fraction == aggregation_fraction == 0.0:
-            raise ValueError("model.search_fraction and model.aggregation_fraction are both 0: nothing to train on")
+            raise UserError("model.search_fraction and model.aggregation_fraction are both 0: nothing to train on")
         self.policy_config = policy
         self.task = task
         self.prompt_config = prompts or PromptConfig()
@@ -154,7 +155,7 @@ class WarmStartModule(L.LightningModule):
         if self.runtime is not None:
             return
         if self.task is None:
-            raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
+            raise UserError("model.task is not set: run through the CLI, which links it from data.task")
         self.runtime = PolicyRuntime(
             self.policy_config,
             self.task,

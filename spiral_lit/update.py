@@ -28,6 +28,7 @@ from spiral_lit.algorithms import LossType, Reduction, policy_loss, token_entrop
 from spiral_lit.algorithms.losses import truncated_importance_weights
 from spiral_lit.algorithms.roles import RoleNormalisation, role_grad_sq_norms, role_normalisers
 from spiral_lit.batching import PackedBatch, length_buckets, pack, prefix_buckets
+from spiral_lit.errors import UserError
 from spiral_lit.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.prefix_forward import (
     CacheForward,
@@ -97,11 +98,11 @@ class UpdateConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "num_minibatches", "micro_batch_size", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
-                raise ValueError(f"update.{key} must be >= 1, got {getattr(self, key)}")
+                raise UserError(f"update.{key} must be >= 1, got {getattr(self, key)}")
         if self.reduction == "seq_mean_token_sum_norm" and not self.norm_const:
-            raise ValueError("update.norm_const must be set (> 0) when update.reduction is 'seq_mean_token_sum_norm'")
+            raise UserError("update.norm_const must be set (> 0) when update.reduction is 'seq_mean_token_sum_norm'")
         if self.tis_cap is not None and (self.tis_cap <= 0 or not self.recompute_old_logprobs):
-            raise ValueError(
+            raise UserError(
                 f"update.tis_cap={self.tis_cap}: needs a value > 0 and update.recompute_old_logprobs: true (the "
                 "weight compares the trainer's recomputed log-probs with the sampler's)"
             )

@@ -7,6 +7,7 @@ from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from spiral_lit.errors import UserError
 from spiral_lit.rollout.base import Completion, FinishReason, RolloutEngine, SamplingConfig, Seed
 from spiral_lit.rollout.engine import KVCacheEngine
 from spiral_lit.rollout.hf import HFGenerateEngine
@@ -31,7 +32,7 @@ def make_engine(
         return KVCacheEngine(model, tokenizer, max_batch_size)
     if backend == "vllm":
         return VLLMEngine(model, tokenizer, max_batch_size, vllm)
-    raise ValueError(f"rollout backend={backend!r}; allowed: 'hf', 'kv_cache', 'vllm'")
+    raise UserError(f"rollout backend={backend!r}; allowed: 'hf', 'kv_cache', 'vllm'")
 
 
 __all__ = [

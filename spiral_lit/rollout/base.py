@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from spiral_lit.errors import UserError
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -30,11 +32,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass

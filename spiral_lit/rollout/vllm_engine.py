@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from spiral_lit.errors import UserError
 from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig, Seed, check_seeds
 from spiral_lit.rollout.weights import policy_weights, weights_fingerprint
 
@@ -80,12 +81,12 @@ class VLLMConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise UserError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.sync_every_n_updates < 1:
-            raise ValueError(f"vllm.sync_every_n_updates must be >= 1, got {self.sync_every_n_updates}")
+            raise UserError(f"vllm.sync_every_n_updates must be >= 1, got {self.sync_every_n_updates}")
         for key in ("kv_cache_memory_bytes", "max_model_len"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"vllm.{key} must be >= 1 or null, got {getattr(self, key)}")
+                raise UserError(f"vllm.{key} must be >= 1 or null, got {getattr(self, key)}")
 
 
 def _splitmix64(x: int) -> int:

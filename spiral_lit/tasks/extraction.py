@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from spiral_lit.errors import UserError
+
 AnswerFormat = Literal["answer_tag", "boxed"]
 
 _OPEN_TAG = "<answer>"
@@ -27,7 +29,7 @@ def extract_answer(response: str, fmt: AnswerFormat) -> str | None:
     elif fmt == "boxed":
         found = _last_boxed(response)
     else:
-        raise ValueError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
+        raise UserError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
     if found is None:
         return None
     found = found.strip()
@@ -40,7 +42,7 @@ def format_answer(answer: str, fmt: AnswerFormat) -> str:
         return f"{_OPEN_TAG}{answer}{_CLOSE_TAG}"
     if fmt == "boxed":
         return f"{_BOXED}{answer}}}"
-    raise ValueError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
+    raise UserError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
 
 
 def answer_instruction(fmt: AnswerFormat) -> str:
@@ -49,7 +51,7 @@ def answer_instruction(fmt: AnswerFormat) -> str:
         return "Give the final answer as <answer>...</answer>."
     if fmt == "boxed":
         return "Give the final answer as \\boxed{...}."
-    raise ValueError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
+    raise UserError(f"answer format must be 'answer_tag' or 'boxed', got {fmt!r}")
 
 
 def _last_answer_tag(text: str) -> str | None:

@@ -69,14 +69,14 @@ class MathDatasetTask(Task):
         """
         check_on_bad_row(on_bad_row, _ON_BAD_ROW_KEY)
         if heldout_size < 0:
-            raise ValueError(f"math: heldout_size must be >= 0, got {heldout_size}")
+            raise UserError(f"math: heldout_size must be >= 0, got {heldout_size}")
         path = os.path.expanduser(path)
         is_file = path.endswith(_FILE_SUFFIXES)
         # A hub id never starts with "/" or ".", so such a path must exist locally.
         if (is_file and not os.path.isfile(path)) or (path.startswith(("/", ".")) and not os.path.exists(path)):
             raise PathNotFoundError(f"math: path {path!r} does not exist (data.task.init_args.path); check the path")
         if is_file and heldout_split is not None:
-            raise ValueError(
+            raise UserError(
                 f"math: heldout_split applies to datasets with splits, not to the file {path!r}; "
                 "set heldout_size instead"
             )
@@ -90,7 +90,7 @@ class MathDatasetTask(Task):
             self._rows = {"train": train, "heldout": _load_rows(path, heldout_split, columns, is_file, on_bad_row)}
         else:
             if len(train) <= heldout_size:
-                raise ValueError(
+                raise UserError(
                     f"math: {path!r} has {len(train)} rows, not more than heldout_size={heldout_size}; "
                     "lower heldout_size or set heldout_split"
                 )

@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from spiral_lit.errors import UserError
 from spiral_lit.tasks.base import Problem, Task, UnsafeAnswer
 from spiral_lit.tasks.sandbox import harden
 
@@ -95,11 +96,11 @@ class Verifier:
             memory_limit_mb: Address-space limit of a sandboxed worker; 0 for none.
         """
         if not timeout_s > 0:
-            raise ValueError(f"verifier: timeout_s must be > 0, got {timeout_s}")
+            raise UserError(f"verifier: timeout_s must be > 0, got {timeout_s}")
         if num_workers < 0:
-            raise ValueError(f"verifier: num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"verifier: num_workers must be >= 0, got {num_workers}")
         if memory_limit_mb < 0:
-            raise ValueError(f"verifier: memory_limit_mb must be >= 0, got {memory_limit_mb}")
+            raise UserError(f"verifier: memory_limit_mb must be >= 0, got {memory_limit_mb}")
         self.task = task
         self.timeout_s = timeout_s
         self.num_workers = num_workers
