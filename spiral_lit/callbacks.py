@@ -3,6 +3,9 @@ export of the policy, predict's JSONL writer.
 
 The CLI adds :class:`ResumeState` and :class:`GracefulStop` to every run (with
 :class:`~spiral_lit.checkpointing.AtomicCheckpointIO`); a script that builds its own ``Trainer`` adds them itself.
+The writers (:class:`HFExport`, :class:`PredictionWriter`) check their output location when the run is set up,
+before training or prediction, and write aside and rename (:mod:`spiral_lit.output_paths`); :func:`guard_outputs`
+is the CLI's check of the run's own checkpoint directory.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Sequence
@@ -21,10 +23,27 @@ from typing import IO, Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from spiral_lit.checkpointing import gather_per_rank, own_rank_entry, reseed_global_rngs, rng_states, set_rng_states
+from spiral_lit.checkpointing import (
+    gather_per_rank,
+    is_lightning_special_path,
+    own_rank_entry,
+    reseed_global_rngs,
+    rng_states,
+    set_rng_states,
+)
+from spiral_lit.errors import UserError
+from spiral_lit.output_paths import (
+    atomic_dir,
+    check_output,
+    checkpoint_dirs,
+    commit_file,
+    partial_file,
+    run_directories,
+)
 
 
 def _is_peft(model: Any) -> bool:
@@ -35,54 +54,122 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def export_policy(module: L.LightningModule, out_dir: str | Path, merge_lora: bool = False) -> Path:
+def export_policy(
+    module: L.LightningModule,
+    out_dir: str | Path,
+    merge_lora: bool = False,
+    overwrite: bool = False,
+    what: str = "the export directory",
+    flag: str = "overwrite=True",
+    protected: Sequence[tuple[str, str | Path | None]] = (),
+) -> Path:
     """Write the policy, its tokenizer and chat template with ``save_pretrained`` into ``out_dir`` atomically.
 
     A LoRA policy (a ``peft.PeftModel``) is written as its adapter (``adapter_config.json`` naming the base
     model), or, with ``merge_lora``, merged into a copy of the base weights as a plain model; ``merge_lora``
     is ignored for a policy without an adapter. Written to a sibling temporary directory first and renamed,
-    so a crash never leaves a half-written model where the next stage will look for one.
+    so a crash never leaves a half-written model where the next stage will look for one. ``out_dir`` may hold
+    only an earlier export of ours unless ``overwrite`` (``what``, ``flag`` and ``protected`` go to
+    :func:`~spiral_lit.output_paths.check_output`).
     """
     policy = module.policy
     if merge_lora and _is_peft(policy):
         policy = copy.deepcopy(policy).merge_and_unload()  # a copy: the module keeps training its adapter
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    module.runtime.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    with atomic_dir(out_dir, what=what, flag=flag, overwrite=overwrite, protected=protected) as tmp:
+        policy.save_pretrained(tmp)
+        module.runtime.tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _raise_on_every_rank(trainer: L.Trainer, error: UserError | None) -> None:
+    """Raise on every rank if any rank refused its output location (a lone raise would leave the others waiting)."""
+    if trainer.strategy.reduce_boolean_decision(error is None, all=True):
+        return
+    raise error or UserError("another process refused its output location; its message says why")
+
+
+def _continues_in(directory: Path, ckpt_path: str | None) -> bool:
+    """Whether fit resumes from ``ckpt_path`` into ``directory`` (``last``, ``hpc``... resolve to the run's own)."""
+    if ckpt_path is None:
+        return False
+    return is_lightning_special_path(ckpt_path) or directory.resolve() in Path(ckpt_path).resolve().parents
+
+
+def guard_outputs(trainer: L.Trainer, subcommand: str, ckpt_path: str | None, overwrite: bool) -> None:
+    """The CLI's check before a run starts: ``--overwrite`` reaches every writer callback, and a fresh ``fit``
+    refuses a checkpoint directory that holds an earlier run's checkpoints (it would replace that run's config and
+    export and mix the two runs' checkpoints and logs).
+
+    Continuing a run (``--ckpt_path last``, or a checkpoint inside that directory) writes there as intended.
+    """
+    if overwrite:
+        for callback in trainer.callbacks:
+            if isinstance(callback, (HFExport, PredictionWriter)):
+                callback.overwrite = True
+    if subcommand != "fit" or overwrite:
+        return
+    for directory in checkpoint_dirs(trainer):
+        found = sorted(p.name for p in directory.glob("*.ckpt")) if directory.is_dir() else []
+        if not found or _continues_in(directory, ckpt_path):
+            continue
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(
+            f"checkpoint directory {str(directory)!r} already holds {shown} from an earlier run; a fresh fit there "
+            "would replace that run's config.yaml and export and mix its checkpoints and logs with this one's. "
+            "Continue that run with `--ckpt_path last`, give this run its own directory "
+            "(--trainer.logger.init_args.name or .version, or ModelCheckpoint's dirpath), or start over in place "
+            "with `--overwrite` (Lightning keeps the earlier checkpoints and numbers the new ones, e.g. last-v1.ckpt)"
+        )
 
 
 class HFExport(L.Callback):
     """At the end of ``fit``, export the policy as a Hugging Face directory the next stage loads.
 
-    From any checkpoint instead: ``python -m spiral_lit.export --config X.yaml --ckpt_path CKPT --out DIR``.
+    The location is checked when fit is set up, before training: it must not be (or contain) the run's log or
+    checkpoint directory or the model it trains, and may hold only an earlier export of ours unless
+    ``overwrite``. From any checkpoint instead: ``python -m spiral_lit.export --config X.yaml --ckpt_path CKPT
+    --out DIR``.
     """
 
-    def __init__(self, dirpath: str | None = None, merge_lora: bool = False) -> None:
+    WHAT, FLAG = "HFExport's dirpath", "`overwrite: true` to HFExport"
+
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = False, overwrite: bool = False) -> None:
         """
         Args:
             dirpath: Output directory; default ``<log_dir>/hf``.
             merge_lora: Merge a LoRA adapter into the base weights (a plain model); otherwise the adapter is
                 written on its own. Ignored without an adapter.
+            overwrite: Replace what ``dirpath`` holds even if spiral_lit did not write it.
         """
         self.dirpath = dirpath
         self.merge_lora = merge_lora
+        self.overwrite = overwrite
+        self._protected: list[tuple[str, str | Path | None]] = []
+
+    def _out(self, trainer: L.Trainer) -> str:
+        # trainer.log_dir is a broadcast under DDP: every rank must ask for it.
+        return self.dirpath or os.path.join(trainer.log_dir or ".", "hf")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        out, protected = self._out(trainer), run_directories(trainer)
+        policy_path = getattr(getattr(pl_module, "policy_config", None), "path", None)
+        if policy_path is not None and Path(policy_path).expanduser().exists():  # a hub id is not a local input
+            protected.append(("the model it trains (policy.path)", policy_path))
+        self._protected = protected
+        error = None
+        if trainer.is_global_zero:  # only rank 0 writes
+            try:
+                check_output(out, what=self.WHAT, flag=self.FLAG, overwrite=self.overwrite, protected=protected)
+            except UserError as refused:
+                error = refused
+        _raise_on_every_rank(trainer, error)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # trainer.log_dir is a broadcast under DDP: every rank must ask for it, and only rank 0 writes.
-        out = self.dirpath or os.path.join(trainer.log_dir or ".", "hf")
+        out = self._out(trainer)
         if trainer.is_global_zero:
-            path = export_policy(pl_module, out, merge_lora=self.merge_lora)
+            path = export_policy(pl_module, out, self.merge_lora, self.overwrite, self.WHAT, self.FLAG, self._protected)
             print(f"[spiral_lit] exported the policy to {path}")
         trainer.strategy.barrier("spiral_lit.hf_export")
 
@@ -204,6 +291,17 @@ class GracefulStop(L.Callback):
         exception.code = 128 + int(stopped_by)  # the exit status a shell expects of a process stopped by a signal
 
 
+def _predict_inputs(trainer: L.Trainer) -> set[str]:
+    """The files predict reads its problems from: the datamodule's ``predict_path`` if it keeps one, and
+    ``data.predict_path`` of the command line's config (which LightningCLI's ``SaveConfigCallback`` holds)."""
+    found = {getattr(trainer.datamodule, "predict_path", None)}
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            data = callback.config.get("data")
+            found.add(data.get("predict_path") if hasattr(data, "get") else None)
+    return {str(path) for path in found if path}
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict``'s answers as JSON lines, one per problem, as each batch finishes.
 
@@ -211,28 +309,51 @@ class PredictionWriter(BasePredictionWriter):
     found), ``correct`` (only when the input row had a reference ``answer``) and, with
     ``include_traces``, the search ``traces`` and RSA's ``aggregations`` (one list per round).
     The CLI adds this callback to every run (``--prediction_writer.*``); it only acts in predict.
+    The lines go to a hidden file beside the output, moved into place when predict ends; the output
+    is checked at setup, before the model loads, and is never the predict input (``data.predict_path``).
     """
 
-    def __init__(self, output_path: str | None = None, include_traces: bool = False) -> None:
+    FLAG = "--prediction_writer.overwrite true"
+
+    def __init__(self, output_path: str | None = None, include_traces: bool = False, overwrite: bool = False) -> None:
         """
         Args:
             output_path: The JSONL file; default ``<log_dir>/predictions.jsonl``. Under DDP rank r > 0
                 writes ``<stem>.rank<r>.jsonl`` beside it (each rank answers its own share of the problems).
             include_traces: Also write the generated traces (and aggregations) of every problem.
+            overwrite: Replace the output file even if spiral_lit did not write it (never the predict input).
         """
         super().__init__(write_interval="batch")
         self.output_path = output_path
         self.include_traces = include_traces
+        self.overwrite = overwrite
         self._file: IO[str] | None = None
+        self._partial: Path | None = None
 
     def path(self, trainer: L.Trainer) -> Path:
         out = Path(self.output_path or os.path.join(trainer.log_dir or ".", "predictions.jsonl"))
         return out if trainer.global_rank == 0 else out.with_name(f"{out.stem}.rank{trainer.global_rank}.jsonl")
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        path = self.path(trainer)
+        protected = [("the predict input (data.predict_path)", source) for source in _predict_inputs(trainer)]
+        error = None
+        try:
+            check_output(
+                path, what="--prediction_writer.output_path", flag=self.FLAG, overwrite=self.overwrite, is_dir=False,
+                protected=protected,
+            )  # fmt: skip
+        except UserError as refused:
+            error = refused
+        _raise_on_every_rank(trainer, error)
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w")
+        self._partial = partial_file(path)
+        self._file = self._partial.open("w")
 
     def write_on_batch_end(
         self,
@@ -252,7 +373,15 @@ class PredictionWriter(BasePredictionWriter):
         self._file.flush()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._file is not None and self._partial is not None:
+            self._file.close()
+            path = commit_file(self._partial, self.path(trainer))
+            self._file = self._partial = None
+            print(f"[spiral_lit] wrote predictions to {path}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
-            print(f"[spiral_lit] wrote predictions to {self.path(trainer)}")
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)  # the previous output, if any, is untouched
+        self._file = self._partial = None

@@ -38,7 +38,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from spiral_lit.callbacks import GracefulStop, PredictionWriter, ResumeState
+from spiral_lit.callbacks import GracefulStop, PredictionWriter, ResumeState, guard_outputs
 from spiral_lit.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
 from spiral_lit.data import ProblemDataModule
 from spiral_lit.errors import PathNotFoundError, UserError
@@ -70,6 +70,14 @@ class SpiralCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_of, apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Let this run write where files it did not create are (a fresh fit into a run directory that holds "
+            "checkpoints, an export or prediction file of someone else's); inputs and the run's own directory are "
+            "never overwritten.",
+        )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         plugins = _as_list(config.get("plugins"))
@@ -103,6 +111,9 @@ class SpiralCLI(LightningCLI):
 
     def _preflight(self) -> None:
         preflight(self.model, self.datamodule)
+        subcommand = self.config["subcommand"]
+        config = self.config[subcommand]
+        guard_outputs(self.trainer, subcommand, config.get("ckpt_path"), bool(config.get("overwrite")))
 
     before_fit = before_validate = before_test = before_predict = _preflight
 

@@ -17,6 +17,11 @@ Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpo
 budget, k or RSA round), ``accuracy_vs_tokens.png``, ``pass_at_k.png``, ``rsa_rounds.png``, and
 the same figures in TensorBoard (``tensorboard --logdir OUT``). Plotting needs matplotlib
 (``pip install -e ".[plots]"``).
+
+Before anything is evaluated, every checkpoint is checked against its model (a directory must be a Hugging
+Face model directory; a ``.ckpt``'s policy weights must fit the config's model) and ``--out`` is checked
+(:mod:`spiral_lit.output_paths`: new, empty or an earlier compare output, else ``--overwrite``; never a
+checkpoint or the config). The results are written beside ``--out`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -34,9 +39,14 @@ from jsonargparse import ArgumentParser
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from spiral_lit.checkpointing import load_checkpoint_file
+from spiral_lit.checkpointing import checkpoint_policy_path, load_checkpoint_file, state_dict_mismatch
+from spiral_lit.cli import SpiralCLI
 from spiral_lit.cli import main as cli_main
+from spiral_lit.errors import UserError, run_main
+from spiral_lit.output_paths import atomic_dir, check_output
 from spiral_lit.plots import FIGURES, curve_rows
+
+OUT = {"what": "--out", "flag": "--overwrite"}
 
 
 def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
@@ -59,27 +69,69 @@ def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: int | None) -> dict[str, float]:
-    """Mean of every evaluation metric of one checkpoint over the config's held-out problems."""
+def _build(config: str, policy_dir: Path | None = None, heldout_size: int | None = None) -> SpiralCLI:
+    """The config's module (its policy from ``policy_dir`` if given) and data, weights loaded in its precision."""
     args = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    if checkpoint.is_dir():
-        args += ["--model.init_args.policy.path", str(checkpoint)]
+    if policy_dir is not None:
+        args += ["--model.init_args.policy.path", str(policy_dir)]
     if heldout_size is not None:
         args += ["--data.heldout_size", str(heldout_size)]
     # LightningCLI warns when given args while sys.argv holds other ones (here: compare's own).
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = cli_main(args, run=False)
-    module, data = cli.model, cli.datamodule
     # The config's precision (e.g. bf16-true weights, bf16-mixed autocast), as `validate` applies it.
-    precision = cli.trainer.precision_plugin
-    with precision.module_init_context():
-        module.configure_model()
+    with cli.trainer.precision_plugin.module_init_context():
+        cli.model.configure_model()
+    return cli
+
+
+def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str | None]:
+    """The policy's weights in a Lightning checkpoint, named as in the policy (without ``policy.``), and the
+    ``policy.path`` it was trained from (None if not recorded)."""
+    # A local, trusted Lightning checkpoint: its hyperparameters hold config dataclasses, not only tensors.
+    checkpoint = load_checkpoint_file(path, mmap=mmap)
+    state = checkpoint.get("state_dict", {})
+    weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    return weights, checkpoint_policy_path(checkpoint)
+
+
+def check_checkpoints(specs: dict[str, Path], config: str) -> None:
+    """Before any is evaluated: every directory is a Hugging Face model and every ``.ckpt`` fits the config's
+    model (names, shapes), so a wrong entry fails at once instead of after the others were evaluated."""
+    for name, path in specs.items():
+        if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise UserError(
+                f"--checkpoints entry {name}={path}: the directory has no config.json (nor adapter_config.json), so "
+                "it is not a Hugging Face model directory; give a save_pretrained directory (e.g. a run's hf/) or "
+                "a Lightning .ckpt file"
+            )
+    files = {name: path for name, path in specs.items() if path.is_file()}
+    if not files:
+        return
+    cli = _build(config)
+    try:
+        expected, ours = cli.model.policy.state_dict(), cli.model.policy_config.path
+        for name, path in files.items():
+            saved, trained_from = _policy_weights(path, mmap=True)
+            problems = state_dict_mismatch(saved, expected) if saved else ["it holds no policy.* weights"]
+            if problems:
+                source = f"; it was trained from policy.path={trained_from!r}" if trained_from else ""
+                raise UserError(
+                    f"--checkpoints entry {name}={path}: the checkpoint does not fit the config's model "
+                    f"(policy.path={ours!r}{source}): {'; '.join(problems)}. "
+                    "Compare it with the --config of the run that wrote it, or export it (python -m spiral_lit.export) "
+                    "and give the exported directory"
+                )
+    finally:
+        cli.model.runtime.close()
+
+
+def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: int | None) -> dict[str, float]:
+    """Mean of every evaluation metric of one checkpoint over the config's held-out problems."""
+    cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
+    module, data, precision = cli.model, cli.datamodule, cli.trainer.precision_plugin
     if checkpoint.is_file():
-        # A local, trusted Lightning checkpoint: its hyperparameters hold config dataclasses, not only tensors.
-        state = load_checkpoint_file(checkpoint)["state_dict"]
-        module.policy.load_state_dict(
-            {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-        )
+        module.policy.load_state_dict(_policy_weights(checkpoint)[0])
     module.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -113,33 +165,42 @@ def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
     (out / f"{name}.json").write_text(json.dumps([{k: _json_value(v) for k, v in r.items()} for r in rows], indent=1))
 
 
-def compare(checkpoints: list[str], config: str, out: str = "runs/compare", heldout_size: int | None = None) -> Path:
+def compare(
+    checkpoints: list[str],
+    config: str,
+    out: str = "runs/compare",
+    heldout_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Evaluate checkpoints on the same held-out problems and seeds; write tables and plots.
 
     Args:
         checkpoints: ``name=path`` entries: a Hugging Face directory or a Lightning ``.ckpt``.
         config: A run YAML (task, held-out split, prompts, sampling, ``eval`` scaffolds).
-        out: Output directory for the tables, PNGs and TensorBoard events.
+        out: Output directory for the tables, PNGs and TensorBoard events: new, empty or an earlier compare output.
         heldout_size: Evaluate only the first this many held-out problems (default: the config's).
+        overwrite: Replace what ``out`` holds even if spiral_lit did not write it (never a checkpoint or the config).
     """
     specs = parse_checkpoints(checkpoints)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [(f"the checkpoint {name}", path) for name, path in specs.items()] + [("the config (--config)", config)]
+    check_output(out, **OUT, overwrite=overwrite, protected=inputs)
+    check_checkpoints(specs, config)
     metrics = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
     rows = [
         {"checkpoint": c, "metric": k, "value": v} for c, values in metrics.items() for k, v in sorted(values.items())
     ]
-    write_table(rows, out_dir, "metrics")
     curves = curve_rows(metrics)
-    write_table(curves, out_dir, "curves")
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
-    for figure_name, draw in FIGURES.items():
-        figure = draw(curves)
-        figure.savefig(out_dir / f"{figure_name}.png", dpi=120)
-        writer.add_figure(f"compare/{figure_name}", figure)
-    writer.close()
-    print(f"[spiral_lit] compared {', '.join(specs)} -> {out_dir}")
-    return out_dir
+    with atomic_dir(out, **OUT, overwrite=overwrite, protected=inputs) as tmp:
+        write_table(rows, tmp, "metrics")
+        write_table(curves, tmp, "curves")
+        writer = SummaryWriter(str(tmp / "tensorboard"))
+        for figure_name, draw in FIGURES.items():
+            figure = draw(curves)
+            figure.savefig(tmp / f"{figure_name}.png", dpi=120)
+            writer.add_figure(f"compare/{figure_name}", figure)
+        writer.close()
+    print(f"[spiral_lit] compared {', '.join(specs)} -> {out}")
+    return Path(out)
 
 
 def _as_one_list(argv: list[str], option: str) -> list[str]:
@@ -160,13 +221,24 @@ def _as_one_list(argv: list[str], option: str) -> list[str]:
     return out
 
 
+def _bare_flag(argv: list[str], option: str) -> list[str]:
+    """``--overwrite`` alone (at the end or before another option) -> ``--overwrite true``, as export takes it."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     # jsonargparse's auto_cli drops a parameter named ``config``, so the parser is built from the signature here.
     parser = ArgumentParser(prog="python -m spiral_lit.compare", description=compare.__doc__.splitlines()[0])
     parser.add_function_arguments(compare, as_group=False)
-    args = parser.parse_args(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"))
+    argv = _bare_flag(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"), "--overwrite")
+    args = parser.parse_args(argv)
     return compare(**args.as_dict())
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

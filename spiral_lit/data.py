@@ -186,6 +186,7 @@ class ProblemDataModule(L.LightningDataModule):
         self.heldout = [task.problem(i, "heldout") for i in range(heldout_size)]
         self._excluded = frozenset(p.question for p in self.heldout)
         check_on_bad_row(predict_on_bad_row, "data.predict_on_bad_row")
+        self.predict_path = predict_path
         self.predict_problems = (
             read_predict_problems(predict_path, predict_on_bad_row) if predict_path is not None else None
         )

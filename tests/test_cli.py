@@ -94,3 +94,17 @@ def test_inline_config_is_left_to_jsonargparse() -> None:
     check_config_file("{trainer: {max_steps: 1}}")
     with pytest.raises(PathNotFoundError):
         check_config_file("experiments/quickstart/spiral.yml")
+
+
+def test_a_fresh_fit_refuses_a_run_directory_with_checkpoints(tiny_policy, tmp_path: Path) -> None:
+    from tiny_run import cli_config
+
+    config = cli_config(tiny_policy.path, tmp_path, verifier_workers=0)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
+    run = tmp_path / "spiral"
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(UserError, match=r"already holds last\.ckpt.*--ckpt_path last.*--overwrite"):
+        main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
+    main(["fit", "--config", str(config), "--trainer.max_steps", "2", "--ckpt_path", "last"])  # continuing is fine
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--overwrite", "true"])  # so is asking

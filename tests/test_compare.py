@@ -14,7 +14,10 @@ import pytest
 import torch
 import yaml
 
+import spiral_lit.compare as compare_module
 from spiral_lit.compare import _as_one_list, main, parse_checkpoints
+from spiral_lit.errors import UserError
+from spiral_lit.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.plots import curve_rows
 
 FAST_EVAL = {
@@ -105,3 +108,42 @@ def test_checkpoints_may_follow_the_option_as_separate_words() -> None:
     assert _as_one_list(["--checkpoints", "a=x", "b=y", "--out", "o"], "--checkpoints") == joined
     assert _as_one_list(["--checkpoints=a=x", "b=y", "--out", "o"], "--checkpoints") == joined
     assert _as_one_list(["--checkpoints", "[a=x]"], "--checkpoints") == ["--checkpoints", "[a=x]"]
+
+
+def _other_size_checkpoint(path: Path) -> Path:
+    small = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2)
+    other, _ = build_tiny_policy(path.parent / "other", ["12+34=46"] * 20, small)
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in other.state_dict().items()}}, path)
+    return path
+
+
+def test_every_checkpoint_is_checked_before_any_is_evaluated(tiny_policy, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.compare"])
+    evaluated = []
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    bad = _other_size_checkpoint(tmp_path / "small.ckpt")
+    config = _config(tmp_path, tiny_policy.path)
+    args = ["--config", str(config), "--out", str(tmp_path / "compare")]
+    with pytest.raises(UserError, match=r"--checkpoints entry small=.*small\.ckpt.* does not fit .*differ in shape"):
+        main([*args, "--checkpoints", f"hf={tiny_policy.path}", f"small={bad}"])
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match=r"--checkpoints entry e=.*empty_dir.*no config\.json"):
+        main([*args, "--checkpoints", f"hf={tiny_policy.path}", f"e={tmp_path / 'empty_dir'}"])
+    assert evaluated == [] and not (tmp_path / "compare").exists()
+
+
+def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.compare"])
+    evaluated = []
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    config = _config(tmp_path, tiny_policy.path)
+    args = ["--config", str(config), "--checkpoints", f"hf={tiny_policy.path}"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.csv").write_text("keep me")
+    with pytest.raises(UserError, match=r"--out '.*theirs' already holds 1 entry \(results\.csv\).*--overwrite"):
+        main([*args, "--out", str(theirs)])
+    for out in (tiny_policy.path, tiny_policy.path.parent, config):
+        with pytest.raises(UserError, match="would destroy it"):
+            main([*args, "--out", str(out), "--overwrite"])
+    assert evaluated == [] and (theirs / "results.csv").read_text() == "keep me"

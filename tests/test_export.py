@@ -4,6 +4,7 @@ gives the logits of the model it was written from."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from spiral_lit.callbacks import export_policy
 from spiral_lit.checkpointing import CheckpointMismatchError, load_checkpoint_file
 from spiral_lit.cli import main as cli_main
+from spiral_lit.errors import UserError
 from spiral_lit.export import main as export_main
 from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy, load_policy
 
@@ -94,3 +96,44 @@ def test_lora_policy_exports_merged_on_request_and_as_its_adapter_otherwise(tiny
     with_adapter = AutoModelForCausalLM.from_pretrained(adapter_dir)  # base from the adapter's config + adapter
     torch.testing.assert_close(_logits(with_adapter, tokenizer), expected, rtol=1e-5, atol=1e-5)
     assert AutoTokenizer.from_pretrained(adapter_dir).chat_template == tokenizer.chat_template
+
+
+def _refuse_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the output location was refused")
+
+    monkeypatch.setattr("spiral_lit.models.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+def test_export_refuses_a_directory_it_did_not_write_before_loading_anything(
+    fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, checkpoint = fitted
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(theirs)]
+    with monkeypatch.context() as patch:
+        _refuse_model_load(patch)
+        with pytest.raises(UserError, match=r"--out '.*theirs' already holds 1 entry \(notes\.txt\).*--overwrite"):
+            export_main(args)
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    export_main([*args, "--overwrite"])
+    assert AutoModelForCausalLM.from_pretrained(theirs) is not None and not (theirs / "notes.txt").exists()
+    export_main(args)  # its own previous export: replaced without the flag
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]  # no temporary sibling left behind
+
+
+def test_export_never_replaces_the_run_directory_or_its_inputs(fitted, tmp_path: Path, monkeypatch) -> None:
+    config, checkpoint = fitted
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parents[1], run)  # a copy: the module's fixture stays intact
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    own_checkpoint = run / "checkpoints" / "last.ckpt"
+    _refuse_model_load(monkeypatch)
+    for out, what in ((run, "contains .*last.ckpt, which is the checkpoint"), (own_checkpoint, "is the checkpoint")):
+        with pytest.raises(UserError, match=rf"--out '.*' {what}.*--overwrite does not change this"):
+            export_main(["--config", str(config), "--ckpt_path", str(own_checkpoint), "--out", str(out), "--overwrite"])
+    with pytest.raises(UserError, match=r"is the config .*--overwrite does not change this"):
+        export_main(["--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(config), "--overwrite"])
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

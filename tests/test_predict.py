@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from hash_task import VoteTask
 
+from spiral_lit.callbacks import PredictionWriter
 from spiral_lit.cli import main
 from spiral_lit.data import read_predict_problems
+from spiral_lit.errors import UserError
 from spiral_lit.evaluation import EvalConfig
 from spiral_lit.metrics import majority_vote
 from spiral_lit.predict import predict_problems
@@ -111,3 +114,38 @@ def test_predict_names_a_bad_input_file(tiny_policy, tmp_path: Path, monkeypatch
     bad.write_text('{"question": "ok"}\n{"answer": "1"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl.*line 2.*\"question\""):
         main(["predict", "--config", str(config), "--data.predict_path", str(bad)])
+
+
+def test_predict_never_writes_over_its_input_or_a_file_it_did_not_write(
+    tiny_policy, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit"])
+    config = _config(tmp_path, tiny_policy.path, {"n_samples": 1, "pass_k": [1], "set_size": 0})
+    problems = _problems_file(tmp_path / "problems.jsonl")
+    original = problems.read_text()
+    args = ["predict", "--config", str(config), "--data.predict_path", str(problems)]
+    for overwrite in ("false", "true"):  # the input: refused even with overwrite
+        with pytest.raises(UserError, match=r"problems\.jsonl' is the predict input \(data\.predict_path\)"):
+            main([*args, "--prediction_writer.output_path", str(problems), "--prediction_writer.overwrite", overwrite])
+    assert problems.read_text() == original
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text('{"kept": true}\n')
+    with pytest.raises(UserError, match=r"theirs\.jsonl' already holds a file.*--prediction_writer\.overwrite true"):
+        main([*args, "--prediction_writer.output_path", str(theirs)])
+    assert theirs.read_text() == '{"kept": true}\n'
+    main([*args, "--prediction_writer.output_path", str(theirs), "--prediction_writer.overwrite", "true"])
+    assert [json.loads(line)["id"] for line in theirs.read_text().splitlines()] == ["with-answer", "predict/1", "3"]
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []  # written aside, then moved in
+
+
+def test_prediction_writer_refuses_its_input_even_with_overwrite(tmp_path: Path) -> None:
+    problems = _problems_file(tmp_path / "problems.jsonl")
+    trainer = SimpleNamespace(
+        global_rank=0, log_dir=str(tmp_path), datamodule=SimpleNamespace(predict_path=str(problems)), callbacks=[],
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+    )  # fmt: skip
+    for overwrite in (False, True):
+        writer = PredictionWriter(output_path=str(problems), overwrite=overwrite)
+        with pytest.raises(UserError, match=r"problems\.jsonl' is the predict input \(data\.predict_path\)"):
+            writer.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    PredictionWriter(output_path=str(tmp_path / "answers.jsonl")).setup(trainer, None, "predict")  # type: ignore[arg-type]

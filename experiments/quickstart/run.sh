@@ -10,6 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=runs/quickstart
+if [ -e "$out" ]; then
+  echo "error: $out already exists (an earlier quickstart); move it away or delete it (rm -r $out) to run again" >&2
+  exit 2
+fi
 # Each stage announces itself with a timestamp; when the output is a file (a job's log), the runs also print a
 # progress line every 30 s (spiral_lit.progress).
 stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] quickstart stage $1"; }
