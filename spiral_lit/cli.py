@@ -110,8 +110,8 @@ class SpiralCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _preflight(self) -> None:
-        preflight(self.model, self.datamodule)
         subcommand = self.config["subcommand"]
+        preflight(self.model, self.datamodule, self.trainer, subcommand)
         config = self.config[subcommand]
         guard_outputs(self.trainer, subcommand, config.get("ckpt_path"), bool(config.get("overwrite")))
 

@@ -2,7 +2,9 @@
 
 ``load_policy`` is the only place a model or tokenizer is read: a local directory or a
 hub id through ``AutoModelForCausalLM`` / ``AutoTokenizer``, so the tiny model that the
-quickstart builds travels the same code path as Qwen or Llama checkpoints.
+quickstart builds travels the same code path as Qwen or Llama checkpoints. Before anything is
+read, :func:`check_policy_files` checks the path (:mod:`spiral_lit.model_files`: what counts as
+local, which files a directory needs, one quick probe of the hub instead of minutes of retries).
 
 ``build_tiny_policy`` makes a small Llama and a byte-level BPE tokenizer trained on the
 task's own text (digits kept as single tokens, so arithmetic stays learnable), with a
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,7 +33,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from spiral_lit.errors import UserError
 from spiral_lit.lora import LoraSettings
+from spiral_lit.model_files import check_local_path, check_policy_dir, hub_access, looks_local
 from spiral_lit.sharding import Fsdp2Settings
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
@@ -41,6 +45,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+KEY = "model.init_args.policy.path"
 
 
 @dataclass
@@ -67,26 +72,46 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError("policy.path: give a local model directory or a hub id")
-        looks_local = self.path.startswith((".", "/", "~")) or self.path.count("/") != 1
-        if looks_local and not Path(self.path).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"policy.path={self.path!r} is not a directory (and not a hub id of the form 'org/name'). "
-                "Build the quickstart's tiny model with `python -m spiral_lit.tiny --out DIR`, or run the stage "
-                "that exports it first"
-            )
+            raise UserError(f"{KEY}: give a local model directory or a hub id")
+        if looks_local(self.path):
+            check_local_path(self.path, KEY)
+
+
+def check_policy_files(config: PolicyConfig, tokenizer: bool = True, model: bool = True) -> dict[str, Any]:
+    """Check that ``config.path`` can load, before anything is read; returns the ``from_pretrained`` arguments.
+
+    A local directory must hold the tokenizer files (with ``tokenizer``) and the config and weights (with ``model``);
+    a hub id must be a repository we can reach or have cached (:mod:`spiral_lit.model_files`). When the hub is
+    unreachable and the model cached, ``local_files_only`` is added, so transformers does not retry the hub for
+    minutes before it uses the cache.
+    """
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
+    if not _check_local(config, tokenizer, model) and hub_access(config.path, config.revision, KEY) == "cached_only":
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _check_local(config: PolicyConfig, tokenizer: bool, model: bool) -> bool:
+    """Check a local ``config.path`` (False for a hub id); transformers too takes an existing directory as local."""
+    directory = Path(config.path).expanduser()
+    if not directory.is_dir() and not looks_local(config.path):
+        return False
+    check_local_path(config.path, KEY)
+    check_policy_dir(directory, KEY, tokenizer, model, config.trust_remote_code)
+    return True
 
 
 def load_policy(config: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The policy model and its tokenizer; checks the tokenizer can render chats and stop."""
-    tokenizer = load_tokenizer(config)
+    kwargs = check_policy_files(config, tokenizer=True, model=False)
+    tokenizer = _tokenizer(config, kwargs)  # its chat template and EOS are checked before the weights are looked for
+    _check_local(config, tokenizer=False, model=True)
+    if kwargs.get("local_files_only"):
+        # transformers' look-up of a PEFT adapter config does not inherit local_files_only and retries the hub.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        config.path,
-        dtype=dtype,
-        attn_implementation=config.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-        revision=config.revision,
+        config.path, dtype=dtype, attn_implementation=config.attn_implementation, **kwargs
     )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -111,16 +136,18 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
     """The policy's tokenizer with left padding (generation) and a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.path, trust_remote_code=config.trust_remote_code, revision=config.revision
-    )
+    return _tokenizer(config, check_policy_files(config, tokenizer=True, model=False))
+
+
+def _tokenizer(config: PolicyConfig, kwargs: dict[str, Any]) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(config.path, **kwargs)
     if tokenizer.chat_template is None:
-        raise ValueError(
-            f"policy.path={config.path!r}: the tokenizer has no chat template; spiral_lit renders both prompts "
+        raise UserError(
+            f"{KEY}={config.path!r}: the tokenizer has no chat template; spiral_lit renders both prompts "
             "through it. Use an instruct/chat checkpoint or set `chat_template` in its tokenizer_config.json"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"policy.path={config.path!r}: the tokenizer has no EOS token, so generation cannot stop")
+        raise UserError(f"{KEY}={config.path!r}: the tokenizer has no EOS token, so generation cannot stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -130,11 +157,11 @@ def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
 def context_length(config: PolicyConfig) -> int | None:
     """The longest sequence the policy was built for, read from its config alone (no weights): the checks of
     token budgets run before any model is loaded (issue 7). None when the config does not say, or is not a plain
-    model config (a LoRA adapter directory, an unreachable hub id)."""
+    model config (a LoRA adapter directory). A missing directory, or a hub id neither reachable nor cached, raises
+    (:func:`check_policy_files`)."""
+    kwargs = check_policy_files(config, tokenizer=False, model=False)
     try:
-        model_config = AutoConfig.from_pretrained(
-            config.path, trust_remote_code=config.trust_remote_code, revision=config.revision
-        )
+        model_config = AutoConfig.from_pretrained(config.path, **kwargs)
     except (OSError, ValueError):
         return None
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config

@@ -1,6 +1,11 @@
-"""Checks that need the tokenizer and the model's config but not its weights, run by the CLI before any
-model is loaded (issue 7): the chat template and EOS token, token budgets against the model's context, and
-the update's minibatch split against the sequences a step produces.
+"""Checks run by the CLI before any model is loaded: settings that would train nothing, output directories
+that cannot be written, model files that are missing, and what needs the tokenizer and the model's config but
+not its weights (the chat template and EOS token, token budgets against the model's context, the update's
+minibatch split against the sequences a step produces).
+
+Outputs are checked, not created (Lightning creates them when it first writes): an existing directory must be
+writable, and a missing one must be creatable, so a checkpoint directory below a file or in a read-only place
+fails at start instead of at the first save, after training.
 
 A prompt plus its generation longer than the model's ``max_position_embeddings`` does not fail: rotary
 models run past it and silently degrade. So the budgets are checked up front, on the longest prompt of a
@@ -9,15 +14,20 @@ sample of the run's problems, with every candidate of an aggregation prompt at i
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from spiral_lit.data import ProblemDataModule
+from spiral_lit.errors import UserError
 from spiral_lit.evaluation import EvalConfig
-from spiral_lit.models import PolicyConfig, context_length, load_tokenizer
+from spiral_lit.models import PolicyConfig, check_policy_files, context_length, load_tokenizer
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.tasks.base import Problem
 
@@ -147,7 +157,7 @@ def check_token_budgets(module: L.LightningModule, data: ProblemDataModule) -> N
                 if need.new_tokens
                 else f"the longest one ({total} tokens, problem {need.uid})"
             )
-            raise ValueError(
+            raise UserError(
                 f"{need.what}: {size} exceeds the {context}-token context of policy.path={policy.path!r} "
                 f"(max_position_embeddings in its config.json). Lower {need.keys}"
             )
@@ -163,15 +173,91 @@ def check_minibatches(module: L.LightningModule, data: ProblemDataModule) -> Non
     per_prompt = algo.n_search + (algo.n_sets * algo.n_agg if algo.algorithm == "spiral" else 0)
     sequences = data.batch_size * per_prompt
     if module.update_config.num_minibatches > sequences:
-        raise ValueError(
+        raise UserError(
             f"{_MODEL}update.num_minibatches={module.update_config.num_minibatches} exceeds the {sequences} "
             f"sequences of a step (data.batch_size={data.batch_size} x {per_prompt} per prompt): some optimiser "
             "steps would have no data"
         )
 
 
-def preflight(module: L.LightningModule, data: L.LightningDataModule) -> None:
-    """Every check above, for the CLI's ``before_<subcommand>`` hooks."""
+def _write_error(directory: Path) -> str | None:
+    """Why nothing can be created in the existing ``directory`` (None when something can). ``os.access`` misses
+    some refusals (sysfs, root-squashed NFS, immutable directories), so an empty directory is created there and
+    removed again."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "it is not writable by this user"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".spiral_lit_write_check-", dir=directory))
+    except OSError as error:
+        return f"nothing can be created in it ({error.strerror or error})"
+    return None
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise, naming ``key`` and ``path``, unless ``path`` is a directory we may write or may create. Leaves
+    nothing behind: a missing directory is created later, by whatever writes there first, as before."""
+    target = Path(path).expanduser().absolute()
+    fix = "choose another location or fix its permissions"
+    if target.exists():
+        if not target.is_dir():
+            raise UserError(f"{key}={str(path)!r} is a file, not a directory: {fix}")
+        if (why := _write_error(target)) is not None:
+            raise UserError(f"{key}={str(path)!r}: {why}; {fix}")
+        return
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{key}={str(path)!r}: cannot create this directory, {str(ancestor)!r} is a file; {fix}")
+    if (why := _write_error(ancestor)) is not None:
+        raise UserError(f"{key}={str(path)!r}: cannot create this directory below {str(ancestor)!r}: {why}; {fix}")
+
+
+def output_dirs(trainer: L.Trainer, stage: str) -> list[tuple[str, str]]:
+    """(directory, YAML key) of every local location the run writes: the loggers' directories (or
+    ``default_root_dir`` without a logger) and, for ``fit``, checkpoint and export directories given explicitly
+    (their defaults lie under the log directory, checked already)."""
+    from spiral_lit.callbacks import HFExport, PredictionWriter
+
+    dirs: list[tuple[str, str]] = []
+    for logger in trainer.loggers:
+        key = "trainer.logger.init_args.save_dir"
+        if len(trainer.loggers) > 1:
+            key = f"trainer.logger[{type(logger).__name__}].init_args.save_dir"
+        dirs += [(str(d), key) for d in (logger.save_dir, getattr(logger, "log_dir", None)) if d]
+    if not trainer.loggers:
+        dirs.append((trainer.default_root_dir, "trainer.default_root_dir"))
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if stage == "fit" and isinstance(callback, (ModelCheckpoint, HFExport)) and callback.dirpath:
+            dirs.append((str(callback.dirpath), f"trainer.callbacks[{name}].init_args.dirpath"))
+        if stage == "predict" and isinstance(callback, PredictionWriter) and callback.output_path:
+            dirs.append((str(Path(callback.output_path).parent), "prediction_writer.output_path (its directory)"))
+    return [(d, key) for d, key in dirs if "://" not in d]  # remote file systems are the logger's business
+
+
+def check_training_settings(module: L.LightningModule) -> None:
+    """``fit`` only: the training sampling must let samples of a prompt differ (evaluation may be greedy)."""
+    from spiral_lit.module import SpiralModule
+    from spiral_lit.step_config import check_training_sampling
+
+    if isinstance(module, SpiralModule):
+        check_training_sampling(module.algo, module.search_sampling, module.aggregation_sampling, _MODEL)
+
+
+def preflight(
+    module: L.LightningModule, data: L.LightningDataModule, trainer: L.Trainer | None = None, stage: str | None = None
+) -> None:
+    """Every check above, for the CLI's ``before_<subcommand>`` hooks (``stage`` is the subcommand). Without a
+    trainer the output directories are not checked; without a stage the fit-only checks are skipped."""
+    if stage == "fit":
+        check_training_settings(module)
+    if trainer is not None:
+        for directory, key in output_dirs(trainer, stage or ""):
+            check_writable(directory, key)
+    policy: PolicyConfig | None = getattr(module, "policy_config", None)
+    if policy is not None:
+        check_policy_files(policy)  # a missing tokenizer or weights file, a hub id we cannot reach
     if isinstance(data, ProblemDataModule):
         check_minibatches(module, data)
         check_token_budgets(module, data)

@@ -4,13 +4,18 @@ and the credit (advantages, kept prompts, sequences to train on). Used by :mod:`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from spiral_lit.errors import UserError
+from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.tasks.verify import VerifyResult
 from spiral_lit.update import TrainSequence
+
+_KEY = "model.init_args.algorithm."
 
 
 @dataclass
@@ -40,33 +45,83 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         for key in ("n_search", "n_sets", "set_size", "n_agg"):
             if getattr(self, key) < 1:
-                raise ValueError(f"algorithm.{key} must be >= 1, got {getattr(self, key)}")
+                raise UserError(f"{_KEY}{key} must be >= 1, got {getattr(self, key)}")
         if self.max_refill_batches < 0:
-            raise ValueError(f"algorithm.max_refill_batches must be >= 0, got {self.max_refill_batches}")
+            raise UserError(f"{_KEY}max_refill_batches must be >= 0, got {self.max_refill_batches}")
         if self.length_target is not None and self.length_target < 1:
-            raise ValueError(f"algorithm.length_target must be >= 1 token (or null), got {self.length_target}")
+            raise UserError(f"{_KEY}length_target must be >= 1 token (or null), got {self.length_target}")
         if self.algorithm == "grpo" and self.n_search < 2:
-            raise ValueError(
-                f"algorithm.n_search={self.n_search}: GRPO's baseline is the mean of a prompt's group, so a group "
+            raise UserError(
+                f"{_KEY}n_search={self.n_search}: GRPO's baseline is the mean of a prompt's group, so a group "
                 "of one has zero advantage and nothing is learnt; use n_search >= 2"
             )
-        if self.algorithm == "spiral" and self.n_sets * self.n_agg < 2:
-            raise ValueError(
-                "algorithm.n_sets=1 with algorithm.n_agg=1: SPIRAL's advantages compare sets with each other and "
-                "aggregations of a set with each other, so one aggregation per prompt learns nothing; raise either"
-            )
         if self.algorithm == "spiral":
-            if self.set_size > self.n_search:
-                raise ValueError(
-                    f"algorithm.set_size={self.set_size} exceeds algorithm.n_search={self.n_search}: "
-                    "a set is drawn from the prompt's search traces"
-                )
-            n_subsets = math.comb(self.n_search, self.set_size)
-            if self.n_sets > n_subsets:
-                raise ValueError(
-                    f"algorithm.n_sets={self.n_sets} but only C({self.n_search}, {self.set_size}) = {n_subsets} "
-                    "distinct sets exist"
-                )
+            self._check_spiral_shape()
+
+    def _check_spiral_shape(self) -> None:
+        """Sets must exist, and each advantage of method.md section 3 must be able to differ from 0."""
+        if self.n_sets * self.n_agg < 2:
+            raise UserError(
+                f"{_KEY}n_sets=1 with algorithm.n_agg=1: SPIRAL's advantages compare sets with each other and "
+                "aggregations of a set with each other, so one aggregation per prompt learns nothing; use "
+                "n_sets >= 2 and n_agg >= 2"
+            )
+        if self.n_agg == 1:
+            raise UserError(
+                f"{_KEY}n_agg=1: a set's aggregation advantage R[i, j] - mean_j' R[i, j'] compares the set's "
+                "aggregations with each other, so with one aggregation per set it is 0 and the aggregator never "
+                f"learns (method.md section 3). Use n_agg >= 2 (the paper uses 4), or {_KEY}algorithm: grpo to "
+                "train the search role alone"
+            )
+        if self.set_size > self.n_search:
+            raise UserError(
+                f"{_KEY}set_size={self.set_size} exceeds algorithm.n_search={self.n_search}: "
+                "a set is drawn from the prompt's search traces"
+            )
+        n_subsets = math.comb(self.n_search, self.set_size)
+        if self.n_sets > n_subsets:
+            raise UserError(
+                f"{_KEY}n_sets={self.n_sets} but only C({self.n_search}, {self.set_size}) = {n_subsets} distinct "
+                f"sets exist: lower n_sets, or use set_size < n_search (every set of n_search traces is the same)"
+            )
+        if self.n_sets == 1:
+            # A user may mean it (train the aggregator alone), so this warns instead of refusing.
+            warnings.warn(
+                f"{_KEY}n_sets=1: a set's advantage f_i - mean_i' f_i' compares the prompt's sets with each other, "
+                "so with one set every search trace gets advantage 0 and only the aggregator learns "
+                "(method.md section 3). Use n_sets >= 2 (with set_size < n_search) to train the search role too",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def check_training_sampling(
+    algo: AlgorithmConfig, search: SamplingConfig, aggregation: SamplingConfig, key: str = "model.init_args."
+) -> None:
+    """Refuse greedy sampling of a role that training credits by comparing samples of the same prompt.
+
+    Greedy decoding gives every sample of a prompt the same text, so the group baselines of method.md sections
+    3 and 5 equal each sample's reward. Evaluation may decode greedily; this check is for ``fit`` only.
+    """
+    if search.temperature == 0:
+        why = (
+            "every reward of a group is the same and every advantage is 0: nothing is learnt"
+            if algo.algorithm == "grpo"
+            else "every set holds the same candidates, and the search traces' credit is only the noise of "
+            "aggregation sampling"
+        )
+        raise UserError(
+            f"{key}search_sampling.temperature=0 (greedy) for training: the {algo.n_search} search traces of a "
+            f"prompt are identical, so {why}. Sample for training (temperature 1.0 in the paper); greedy decoding "
+            "is fine for evaluation: pass --model.init_args.search_sampling.temperature 0 to validate or test"
+        )
+    if algo.algorithm == "spiral" and aggregation.temperature == 0:
+        raise UserError(
+            f"{key}aggregation_sampling.temperature=0 (greedy) for training: the {algo.n_agg} aggregations of a "
+            "set are identical, so every aggregation advantage R[i, j] - mean_j' R[i, j'] is 0 and the aggregator "
+            "never learns. Sample for training (temperature 1.0 in the paper); greedy decoding is fine for "
+            "evaluation: pass --model.init_args.aggregation_sampling.temperature 0 to validate or test"
+        )
 
 
 @dataclass

@@ -210,3 +210,22 @@ def test_no_eval_or_exec_in_the_package() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
                 calls.append(f"{file.relative_to(ROOT)}:{node.lineno}")
     assert calls == []
+
+
+@pytest.mark.parametrize("role", ["search_sampling", "aggregation_sampling"])
+def test_greedy_training_sampling_is_refused_before_the_model_loads(config: Path, role: str, no_model_load) -> None:
+    from spiral_lit.errors import UserError
+
+    with pytest.raises(UserError, match=rf"{role}\.temperature"):
+        _fit(config, f"--model.init_args.{role}.temperature", "0")
+
+
+def test_unwritable_checkpoint_directory_is_refused_before_the_model_loads(
+    config: Path, tmp_path: Path, no_model_load
+) -> None:
+    from spiral_lit.errors import UserError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="a_file"):
+        _fit(config, "--trainer.logger.init_args.save_dir", str(blocker / "runs"))
