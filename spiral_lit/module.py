@@ -206,7 +206,10 @@ class SpiralModule(L.LightningModule):
         )
 
     def _step_seed(self, phase: int) -> int:
-        return hash((self.hparams.seed, self.global_step, self.global_rank, phase)) % (2**31)
+        # By rollout batch, not optimiser step: a batch that waits for a refill, or follows a skipped step, shares
+        # its global step with the next one and must not reuse its draws (the batch count is checkpointed).
+        batch = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else self.global_step
+        return hash((self.hparams.seed, batch, self.global_rank, phase)) % (2**31)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:

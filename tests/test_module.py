@@ -127,3 +127,24 @@ def test_dynamic_sampling_refills_the_batch(tiny_policy, tmp_path) -> None:
         assert k >= 2 or r == algorithm.max_refill_batches  # batch_size 2 kept prompts, or the bound
         assert d == 2 * (r + 1) and k <= d
     assert max(refills) >= 1
+
+
+def test_rollout_seeds_change_with_every_batch_also_while_waiting_for_a_refill(tiny_policy, tmp_path) -> None:
+    import lightning as L
+    from tiny_run import HalfSignalTask, make_module
+    from tiny_run import fit as fit_with_checkpoints
+
+    class Seeds(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.seen.append((trainer.global_step, pl_module._step_seed(1)))
+
+    algorithm = AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2, max_refill_batches=2)
+    module = make_module(tiny_policy.path, HalfSignalTask(n_terms=2, digits=2), algorithm=algorithm)
+    seeds = Seeds()
+    fit_with_checkpoints(tmp_path, module, 2, callbacks=[seeds])
+    steps = [step for step, _ in seeds.seen]
+    assert len(set(steps)) < len(steps)  # some batches waited for a refill at the same global step
+    assert len({seed for _, seed in seeds.seen}) == len(seeds.seen)
