@@ -50,7 +50,7 @@ QUICK = {"hidden_size": 128, "intermediate_size": 384, "num_layers": 2, "num_hea
 
 def _sequences(n: int, prompt_len: int, completion_len: int, vocab: int) -> list:
     from spiral_lit.rollout import Completion
-    from spiral_lit.update import TrainSequence
+    from spiral_lit.training.update import TrainSequence
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -90,9 +90,9 @@ def _bytes(tensors) -> int:  # noqa: ANN001 - any iterable of tensors
 
 def child(model_dir: str, config: dict, args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process."""
-    from spiral_lit.lora import LoraSettings, apply_lora
-    from spiral_lit.models import PolicyConfig, load_policy
-    from spiral_lit.update import PolicyUpdater, UpdateConfig
+    from spiral_lit.runtime.lora import LoraSettings, apply_lora
+    from spiral_lit.runtime.models import PolicyConfig, load_policy
+    from spiral_lit.training.update import PolicyUpdater, UpdateConfig
 
     torch.set_num_threads(args.threads)
     policy = PolicyConfig(
@@ -157,10 +157,10 @@ def main() -> None:
         print(json.dumps(child(args.model_dir, CONFIGS[args.child], args)))
         return
 
-    from spiral_lit.models import TinyModelConfig, build_tiny_policy
     from spiral_lit.prompts import PromptConfig
+    from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
     from spiral_lit.tasks import ChainSumTask
-    from spiral_lit.tiny import tokenizer_corpus
+    from spiral_lit.tools.tiny import tokenizer_corpus
 
     size = QUICK if args.quick else FULL
     results: dict[str, dict] = {}

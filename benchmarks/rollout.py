@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from spiral_lit.models import TinyModelConfig, build_tiny_policy
+from spiral_lit.fastpath.decode import fused_decode_refusal
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import HFGenerateEngine, KVCacheEngine, RolloutEngine, SamplingConfig
-from spiral_lit.rollout.decode import fused_decode_refusal
+from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.tasks import ChainSumTask
-from spiral_lit.tiny import tokenizer_corpus
+from spiral_lit.tools.tiny import tokenizer_corpus
 
 MODEL_SIZES = {
     "tiny": {},

@@ -103,7 +103,7 @@ def main() -> None:
     out.mkdir(parents=True)
     before_tree = _checkout(args.before, out)
     tiny = out / "tiny"
-    _run(before_tree, "-m", "spiral_lit.tiny", "--out", str(tiny))
+    _run(before_tree, "-m", "spiral_lit.tools.tiny", "--out", str(tiny))
     _fits(before_tree, tiny, out / "before", args.steps)
     _fits(_checkout(args.after, out), tiny, out / "after", args.steps)
     result = compare(out / "before", out / "after")

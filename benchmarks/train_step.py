@@ -12,8 +12,8 @@ forward pass), backward, optimiser step. The update is timed per phase here, whi
 a warm-up and is not counted.
 
 ``--shared-prefix both`` (the default) runs the update of every step twice on the same traces, with
-``update.shared_prefix`` off and on (each distinct prompt encoded once: spiral_lit/fused_prefix.py on CPU, as
-``PolicyUpdater`` runs it, else spiral_lit/prefix_forward.py), in
+``update.shared_prefix`` off and on (each distinct prompt encoded once: spiral_lit/fastpath/fused_prefix.py on CPU, as
+``PolicyUpdater`` runs it, else spiral_lit/training/prefix_forward.py), in
 alternating order, and reports both; the phase table shows the ``on`` run.
 """
 
@@ -29,18 +29,18 @@ from pathlib import Path
 import torch
 
 from spiral_lit.algorithms import grpo_advantages, policy_loss, sample_sets_batch, spiral_advantages, token_logprobs
-from spiral_lit.batching import length_buckets, pack, prefix_buckets
-from spiral_lit.experience import aggregation_sequences, search_sequences
-from spiral_lit.fused_prefix import fused_prefix_logits, fused_prefix_refusal
-from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy
-from spiral_lit.policy import PolicyRuntime, VerifierConfig
-from spiral_lit.prefix_forward import cache_forward, pack_shared_prefix, shared_prefix_logits
+from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.runtime.models import PolicyConfig, TinyModelConfig, build_tiny_policy
+from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.scaffolds import sample_aggregations, sample_search
 from spiral_lit.tasks import ChainSumTask
-from spiral_lit.tiny import tokenizer_corpus
-from spiral_lit.update import TrainSequence
+from spiral_lit.tools.tiny import tokenizer_corpus
+from spiral_lit.training.batching import length_buckets, pack, prefix_buckets
+from spiral_lit.training.experience import aggregation_sequences, search_sequences
+from spiral_lit.training.prefix_forward import cache_forward, pack_shared_prefix, shared_prefix_logits
+from spiral_lit.training.update import TrainSequence
 
 PHASES = ("generate", "verify", "logprobs", "backward", "optimizer")
 MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}

@@ -36,7 +36,8 @@ training) to the end of this one; the first step is a warm-up, reported apart, n
 Generated tokens/s = the step's generated tokens / its wall time; the generation phase alone is shown
 too. Peak RSS = the worker's ``ru_maxrss`` (model, optimiser, framework, activations).
 
-Memory allocator: on CPU spiral_lit has glibc's malloc keep freed memory for reuse (``spiral_lit/cpu_memory.py``,
+Memory allocator: on CPU spiral_lit has glibc's malloc keep freed memory for reuse
+(``spiral_lit/training/cpu_memory.py``,
 on by default), which TRL does not do. TRL runs as shipped, and once more per repetition in a process with that
 same setting applied (``trl_keep_freed``), so the table shows how much of the ratio that setting accounts for.
 
@@ -71,7 +72,7 @@ N_SETS, SET_SIZE, N_AGG = 4, 4, 4
 """The paper's SPIRAL shape besides the search traces."""
 MODES = ("spiral_lit", "trl", "trl_keep_freed", "spiral")
 """spiral_lit in GRPO mode, TRL's GRPOTrainer as shipped, TRL's GRPOTrainer in a process whose malloc keeps freed
-memory as spiral_lit's does on CPU (spiral_lit/cpu_memory.py; the ratio against it isolates that setting),
+memory as spiral_lit's does on CPU (spiral_lit/training/cpu_memory.py; the ratio against it isolates that setting),
 spiral_lit in SPIRAL mode."""
 
 
@@ -149,7 +150,7 @@ def ban_tokens(model: torch.nn.Module, token_ids: list[int]) -> None:
 
 def training_problems(n: int) -> list[Any]:
     """The first ``n`` problems of spiral_lit's training stream (held-out questions excluded)."""
-    from spiral_lit.data import ProblemDataModule, ProblemStream
+    from spiral_lit.training.data import ProblemDataModule, ProblemStream
 
     data = ProblemDataModule(_task())
     stream = ProblemStream(data.task, data.seed, 0, 1, frozenset(p.question for p in data.heldout))
@@ -167,10 +168,10 @@ def run_spiral_lit(model_dir: str, work: Work, algorithm: str) -> list[dict[str,
     import lightning as L
 
     from spiral_lit import ProblemDataModule, SpiralModule
-    from spiral_lit.models import PolicyConfig
-    from spiral_lit.module import AlgorithmConfig
     from spiral_lit.rollout import SamplingConfig
-    from spiral_lit.update import UpdateConfig
+    from spiral_lit.runtime.models import PolicyConfig
+    from spiral_lit.training.spiral_module import AlgorithmConfig
+    from spiral_lit.training.update import UpdateConfig
 
     sampling = SamplingConfig(max_new_tokens=work.max_tokens, temperature=1.0)
     module = SpiralModule(
@@ -249,8 +250,8 @@ def run_trl(model_dir: str, work: Work) -> list[dict[str, float]]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from spiral_lit.models import PolicyConfig, load_tokenizer
     from spiral_lit.prompts import PromptConfig, PromptRenderer, search_text
+    from spiral_lit.runtime.models import PolicyConfig, load_tokenizer
 
     task = _task()
     tokenizer = load_tokenizer(PolicyConfig(model_dir))
@@ -363,7 +364,7 @@ def worker(spec: dict[str, Any]) -> None:
         torch.set_num_threads(work.threads)
     mode = spec["mode"]
     if mode == "trl_keep_freed":
-        from spiral_lit.cpu_memory import keep_freed_memory
+        from spiral_lit.training.cpu_memory import keep_freed_memory
 
         reason = keep_freed_memory()
         assert reason is None, f"trl_keep_freed: {reason}"

@@ -9,11 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from spiral_lit import _moved
+
+_moved.install()  # the flat layout's module paths (spiral_lit.module, spiral_lit.callbacks, ...) still import
+
 __version__ = "0.1.0"
 _EXPORTS = {
-    "ProblemDataModule": "spiral_lit.data",
-    "SpiralModule": "spiral_lit.module",
-    "WarmStartModule": "spiral_lit.sft",
+    "ProblemDataModule": "spiral_lit.training.data",
+    "SpiralModule": "spiral_lit.training.spiral_module",
+    "WarmStartModule": "spiral_lit.training.warm_start",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,17 +10,18 @@ instantiation, so the verifier and the prompts always match the data.
 (``--prediction_writer.output_path``, ``--prediction_writer.include_traces``), which the CLI
 adds to every run.
 
-Reliable runs (issue 7): every Trainer gets :class:`~spiral_lit.checkpointing.AtomicCheckpointIO`
-(crash-safe, weights-only checkpoints) and the :class:`~spiral_lit.callbacks.ResumeState` and
-:class:`~spiral_lit.callbacks.GracefulStop` callbacks, so ``fit --ckpt_path last`` continues exactly,
+Reliable runs (issue 7): every Trainer gets :class:`~spiral_lit.reliability.checkpointing.AtomicCheckpointIO`
+(crash-safe, weights-only checkpoints) and the :class:`~spiral_lit.reliability.callbacks.ResumeState` and
+:class:`~spiral_lit.reliability.callbacks.GracefulStop` callbacks, so ``fit --ckpt_path last`` continues exactly,
 also after SIGTERM or Ctrl-C. Before any model is loaded, an explicit ``--ckpt_path`` must exist and
 belong to the configured model, and token budgets must fit the model's context
-(:mod:`spiral_lit.preflight`).
+(:mod:`spiral_lit.reliability.preflight`).
 
 Bad input gets one message: a ``--config`` file that is missing, empty, not a mapping or not valid YAML is
 named (with the line) before parsing; a parser error shows one usage line, not every option; a
 :class:`~spiral_lit.errors.UserError` is printed without a traceback by ``python -m spiral_lit``
-(:func:`~spiral_lit.errors.run_main`). Every Trainer also gets :class:`~spiral_lit.progress.ProgressLog`, which
+(:func:`~spiral_lit.errors.run_main`). Every Trainer also gets :class:`~spiral_lit.reliability.progress.ProgressLog`,
+which
 prints a progress line every 30 s when the output is a log file rather than a terminal.
 """
 
@@ -38,12 +39,12 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from spiral_lit.callbacks import GracefulStop, PredictionWriter, ResumeState, guard_outputs
-from spiral_lit.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
-from spiral_lit.data import ProblemDataModule
 from spiral_lit.errors import PathNotFoundError, UserError
-from spiral_lit.preflight import preflight
-from spiral_lit.progress import ProgressLog
+from spiral_lit.reliability.callbacks import GracefulStop, PredictionWriter, ResumeState, guard_outputs
+from spiral_lit.reliability.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
+from spiral_lit.reliability.preflight import preflight
+from spiral_lit.reliability.progress import ProgressLog
+from spiral_lit.training.data import ProblemDataModule
 
 
 def _task_of(data: ProblemDataModule):  # noqa: ANN202 - jsonargparse reads the return annotation lazily

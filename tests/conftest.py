@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from spiral_lit.models import PolicyConfig, TinyModelConfig, build_tiny_policy, load_policy
 from spiral_lit.prompts import PromptConfig
+from spiral_lit.runtime.models import PolicyConfig, TinyModelConfig, build_tiny_policy, load_policy
 from spiral_lit.tasks import ChainSumTask
-from spiral_lit.tiny import tokenizer_corpus
+from spiral_lit.tools.tiny import tokenizer_corpus
 
 TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
 

@@ -1,7 +1,7 @@
 """A short fit of a ``SpiralModule`` through a plain CPU Trainer, and the TensorBoard scalars it logged.
 
-Shared by the integration tests that fit a real model for a step or two (tests/test_module.py,
-tests/test_smollm2.py, tests/rollout/test_vllm_engine.py); the resume and fault tests use tiny_run.py,
+Shared by the integration tests that fit a real model for a step or two (tests/training/test_spiral_module.py,
+tests/runtime/test_smollm2.py, tests/rollout/test_vllm_engine.py); the resume and fault tests use tiny_run.py,
 which adds checkpoints and the CLI's callbacks.
 """
 
@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spiral_lit.data import ProblemDataModule
-from spiral_lit.module import SpiralModule
+from spiral_lit.training.data import ProblemDataModule
+from spiral_lit.training.spiral_module import SpiralModule
 
 
 def plain_trainer(log_dir: str, max_steps: int) -> L.Trainer:

@@ -15,8 +15,8 @@ from tiny_run import ROOT, cli_config
 
 from spiral_lit.cli import main
 from spiral_lit.errors import PathNotFoundError, UserError, find_user_error, run_main
-from spiral_lit.step_config import AlgorithmConfig
 from spiral_lit.tasks.chain_sum import ChainSumTask
+from spiral_lit.training.step_config import AlgorithmConfig
 
 
 class RefusingTask(ChainSumTask):
@@ -119,8 +119,12 @@ def _run(module: str, *args: str, debug: bool = False) -> subprocess.CompletedPr
     ("module", "args", "message"),
     [
         ("spiral_lit", ["fit", "--config", "{tmp}/empty.yaml"], r"--config '.*empty.yaml' is empty"),
-        ("spiral_lit.tiny", ["--out", "{tmp}/tiny", "--n_corpus_problems", "0"], r"--n_corpus_problems must be >= 1"),
-        ("spiral_lit.convert_gguf", ["--gguf", "{tmp}/nope.gguf"], r"--gguf '.*nope.gguf' is not a file"),
+        (
+            "spiral_lit.tools.tiny",
+            ["--out", "{tmp}/tiny", "--n_corpus_problems", "0"],
+            r"--n_corpus_problems must be >= 1",
+        ),
+        ("spiral_lit.tools.convert_gguf", ["--gguf", "{tmp}/nope.gguf"], r"--gguf '.*nope.gguf' is not a file"),
     ],
 )
 def test_entry_points_print_user_errors_without_traceback(

@@ -21,15 +21,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spiral_lit.callbacks import GracefulStop, ResumeState
-from spiral_lit.checkpointing import AtomicCheckpointIO
-from spiral_lit.data import ProblemDataModule
-from spiral_lit.models import PolicyConfig
-from spiral_lit.module import AlgorithmConfig, SpiralModule
-from spiral_lit.policy import VerifierConfig
+from spiral_lit.reliability.callbacks import GracefulStop, ResumeState
+from spiral_lit.reliability.checkpointing import AtomicCheckpointIO
 from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.runtime.models import PolicyConfig
+from spiral_lit.runtime.policy import VerifierConfig
 from spiral_lit.tasks.base import Problem, Split
-from spiral_lit.update import UpdateConfig
+from spiral_lit.training.data import ProblemDataModule
+from spiral_lit.training.spiral_module import AlgorithmConfig, SpiralModule
+from spiral_lit.training.update import UpdateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

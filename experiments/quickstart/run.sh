@@ -15,11 +15,11 @@ if [ -e "$out" ]; then
   exit 2
 fi
 # Each stage announces itself with a timestamp; when the output is a file (a job's log), the runs also print a
-# progress line every 30 s (spiral_lit.progress).
+# progress line every 30 s (spiral_lit.reliability.progress).
 stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] quickstart stage $1"; }
 
 stage "1/7: build the tiny model -> $out/tiny"
-python -m spiral_lit.tiny --out "$out/tiny"
+python -m spiral_lit.tools.tiny --out "$out/tiny"
 stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min) -> $out/warmstart_search"
 python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
 stage "3/7: warm start, both roles (120 steps) -> $out/warmstart"

@@ -9,8 +9,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from spiral_lit.errors import UserError
 from spiral_lit.rollout.base import Completion, FinishReason, RolloutEngine, SamplingConfig, Seed
-from spiral_lit.rollout.engine import KVCacheEngine
 from spiral_lit.rollout.hf import HFGenerateEngine
+from spiral_lit.rollout.kv_cache import KVCacheEngine
 from spiral_lit.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
 Backend = Literal["hf", "kv_cache", "vllm"]

@@ -64,7 +64,7 @@ class RolloutEngine(Protocol):
     """Generates ``n`` completions for each prompt; the same seed gives the same completions.
 
     With one seed per prompt, a prompt's completions do not depend on the other prompts of the
-    request either (up to floating point, see :mod:`spiral_lit.rollout.engine`): evaluation relies
+    request either (up to floating point, see :mod:`spiral_lit.rollout.kv_cache`): evaluation relies
     on it so that a problem's rollouts are the same whichever batch or rank it lands in (issue 4).
     """
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from spiral_lit.rollout.base import Completion, SamplingConfig, Seed, check_seeds
-from spiral_lit.sharding import synced_generate
+from spiral_lit.rollout.fsdp import synced_generate
 
 
 class _LogprobRecorder(LogitsProcessor):

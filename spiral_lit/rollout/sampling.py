@@ -4,7 +4,7 @@ Sampling is inverse-CDF with one uniform number per (row, step), drawn up front 
 caller from an explicit ``torch.Generator``. A row's token then depends only on its own
 logits and its own uniform, not on which other rows share the batch, so batch
 compaction and chunking cannot change what a row samples (up to the floating-point
-effects of batch size on the logits themselves; see :mod:`spiral_lit.rollout.engine`).
+effects of batch size on the logits themselves; see :mod:`spiral_lit.rollout.kv_cache`).
 """
 
 from __future__ import annotations

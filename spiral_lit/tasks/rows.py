@@ -6,7 +6,7 @@ text here, and a number becomes its ``str`` (``42`` -> ``"42"``, ``0.5`` -> ``"0
 :class:`~spiral_lit.errors.UserError` naming the file, the row (1-based line of a JSONL file, 0-based index of a JSON
 list, Parquet file or dataset split), the column and what was expected; with ``on_bad_row: skip`` it is dropped
 instead, and the count is logged once with the first few rows. Used by
-:class:`~spiral_lit.tasks.math_task.MathDatasetTask` and by the ``predict`` input file (``spiral_lit.data``).
+:class:`~spiral_lit.tasks.math_task.MathDatasetTask` and by the ``predict`` input file (``spiral_lit.training.data``).
 """
 
 from __future__ import annotations

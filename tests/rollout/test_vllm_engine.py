@@ -19,14 +19,14 @@ from rollout_checks import training_logprobs
 
 pytest.importorskip("vllm")
 
-from spiral_lit.data import ProblemDataModule  # noqa: E402
-from spiral_lit.models import PolicyConfig  # noqa: E402
-from spiral_lit.module import AlgorithmConfig, SpiralModule  # noqa: E402
-from spiral_lit.policy import VerifierConfig  # noqa: E402
 from spiral_lit.prompts import PromptConfig, PromptRenderer  # noqa: E402
 from spiral_lit.rollout import HFGenerateEngine, SamplingConfig, VLLMConfig, VLLMEngine, make_engine  # noqa: E402
+from spiral_lit.runtime.models import PolicyConfig  # noqa: E402
+from spiral_lit.runtime.policy import VerifierConfig  # noqa: E402
 from spiral_lit.tasks import ChainSumTask  # noqa: E402
-from spiral_lit.update import UpdateConfig  # noqa: E402
+from spiral_lit.training.data import ProblemDataModule  # noqa: E402
+from spiral_lit.training.spiral_module import AlgorithmConfig, SpiralModule  # noqa: E402
+from spiral_lit.training.update import UpdateConfig  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -1,0 +1,245 @@
+"""Compare checkpoints on the same held-out problems and seeds (issue 4).
+
+    python -m spiral_lit.evaluation.compare --config experiments/quickstart/compare.yaml --out runs/quickstart/compare
+    \\
+        --checkpoints warmstart=runs/quickstart/warmstart/hf spiral=runs/quickstart/spiral/hf
+
+``--config`` is any run YAML of ``python -m spiral_lit``: its task, held-out split, prompts,
+sampling and ``eval`` section (which scaffolds are measured) are read through the project's
+CLI parser. Each checkpoint is ``name=path``: a Hugging Face directory (``save_pretrained``,
+e.g. a run's ``hf/`` export), or a Lightning ``.ckpt`` whose policy weights are loaded over the
+config's ``model.init_args.policy.path`` (which then gives the architecture and tokenizer).
+Seeds derive from ``eval.seed`` and each problem's uid, so every checkpoint sees the same
+problems and draws, and the numbers equal those ``python -m spiral_lit validate`` logs with the
+same config.
+
+Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpoint),
+``curves.csv``/``.json`` (accuracy, generated and prompt tokens per scaffold and x: token
+budget, k or RSA round), ``accuracy_vs_tokens.png``, ``pass_at_k.png``, ``rsa_rounds.png``, and
+the same figures in TensorBoard (``tensorboard --logdir OUT``). Plotting needs matplotlib
+(``pip install -e ".[plots]"``).
+
+Before anything is evaluated, every checkpoint is checked against its model (a directory must be a Hugging
+Face model directory; a ``.ckpt``'s policy weights must fit the config's model) and ``--out`` is checked
+(:mod:`spiral_lit.reliability.output_paths`: new, empty or an earlier compare output, else ``--overwrite``; never a
+checkpoint or the config). The results are written beside ``--out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from jsonargparse import ArgumentParser
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from spiral_lit.cli import SpiralCLI
+from spiral_lit.cli import main as cli_main
+from spiral_lit.errors import UserError, run_main
+from spiral_lit.evaluation.plots import FIGURES, curve_rows
+from spiral_lit.reliability.checkpointing import checkpoint_policy_path, load_checkpoint_file, state_dict_mismatch
+from spiral_lit.reliability.output_paths import atomic_dir, check_output
+
+OUT = {"what": "--out", "flag": "--overwrite"}
+
+
+def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
+    """``["name=path", ...]`` -> ``{name: path}``; the path must be a directory or a ``.ckpt`` file."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--checkpoints entry {spec!r}: expected name=path")
+        if name in out:
+            raise ValueError(f"--checkpoints entry {spec!r}: the name {name!r} is used twice")
+        checkpoint = Path(path)
+        if not (checkpoint.is_dir() or (checkpoint.is_file() and checkpoint.suffix == ".ckpt")):
+            raise FileNotFoundError(
+                f"--checkpoints entry {spec!r}: {path} is neither a Hugging Face directory nor a Lightning .ckpt file"
+            )
+        out[name] = checkpoint
+    if not out:
+        raise ValueError("--checkpoints: give at least one name=path")
+    return out
+
+
+def _build(config: str, policy_dir: Path | None = None, heldout_size: int | None = None) -> SpiralCLI:
+    """The config's module (its policy from ``policy_dir`` if given) and data, weights loaded in its precision."""
+    args = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    if policy_dir is not None:
+        args += ["--model.init_args.policy.path", str(policy_dir)]
+    if heldout_size is not None:
+        args += ["--data.heldout_size", str(heldout_size)]
+    # LightningCLI warns when given args while sys.argv holds other ones (here: compare's own).
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = cli_main(args, run=False)
+    # The config's precision (e.g. bf16-true weights, bf16-mixed autocast), as `validate` applies it.
+    with cli.trainer.precision_plugin.module_init_context():
+        cli.model.configure_model()
+    return cli
+
+
+def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str | None]:
+    """The policy's weights in a Lightning checkpoint, named as in the policy (without ``policy.``), and the
+    ``policy.path`` it was trained from (None if not recorded)."""
+    # A local, trusted Lightning checkpoint: its hyperparameters hold config dataclasses, not only tensors.
+    checkpoint = load_checkpoint_file(path, mmap=mmap)
+    state = checkpoint.get("state_dict", {})
+    weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    return weights, checkpoint_policy_path(checkpoint)
+
+
+def check_checkpoints(specs: dict[str, Path], config: str) -> None:
+    """Before any is evaluated: every directory is a Hugging Face model and every ``.ckpt`` fits the config's
+    model (names, shapes), so a wrong entry fails at once instead of after the others were evaluated."""
+    for name, path in specs.items():
+        if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise UserError(
+                f"--checkpoints entry {name}={path}: the directory has no config.json (nor adapter_config.json), so "
+                "it is not a Hugging Face model directory; give a save_pretrained directory (e.g. a run's hf/) or "
+                "a Lightning .ckpt file"
+            )
+    files = {name: path for name, path in specs.items() if path.is_file()}
+    if not files:
+        return
+    cli = _build(config)
+    try:
+        expected, ours = cli.model.policy.state_dict(), cli.model.policy_config.path
+        for name, path in files.items():
+            saved, trained_from = _policy_weights(path, mmap=True)
+            problems = state_dict_mismatch(saved, expected) if saved else ["it holds no policy.* weights"]
+            if problems:
+                source = f"; it was trained from policy.path={trained_from!r}" if trained_from else ""
+                raise UserError(
+                    f"--checkpoints entry {name}={path}: the checkpoint does not fit the config's model "
+                    f"(policy.path={ours!r}{source}): {'; '.join(problems)}. "
+                    "Compare it with the --config of the run that wrote it, or export it "
+                    "(python -m spiral_lit.tools.export) and give the exported directory"
+                )
+    finally:
+        cli.model.runtime.close()
+
+
+def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: int | None) -> dict[str, float]:
+    """Mean of every evaluation metric of one checkpoint over the config's held-out problems."""
+    cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
+    module, data, precision = cli.model, cli.datamodule, cli.trainer.precision_plugin
+    if checkpoint.is_file():
+        module.policy.load_state_dict(_policy_weights(checkpoint)[0])
+    module.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    problems, size = data.heldout, data.eval_batch_size
+    try:
+        with tqdm(total=len(problems), desc=name, unit="problem") as bar:
+            for start in range(0, len(problems), size):
+                batch = problems[start : start + size]
+                with precision.val_step_context(), torch.inference_mode():
+                    values = module.evaluate_batch(batch)
+                for key, value in values.items():
+                    kept = value.double()[~value.isnan()]
+                    sums[key] = sums.get(key, 0.0) + float(kept.sum())
+                    counts[key] = counts.get(key, 0) + kept.numel()
+                bar.update(len(batch))
+    finally:
+        module.runtime.close()
+    return {key: sums[key] / counts[key] if counts[key] else math.nan for key in sums}
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
+    """``name.csv`` and ``name.json`` (a list of row objects; NaN as null)."""
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["checkpoint"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{name}.json").write_text(json.dumps([{k: _json_value(v) for k, v in r.items()} for r in rows], indent=1))
+
+
+def compare(
+    checkpoints: list[str],
+    config: str,
+    out: str = "runs/compare",
+    heldout_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Evaluate checkpoints on the same held-out problems and seeds; write tables and plots.
+
+    Args:
+        checkpoints: ``name=path`` entries: a Hugging Face directory or a Lightning ``.ckpt``.
+        config: A run YAML (task, held-out split, prompts, sampling, ``eval`` scaffolds).
+        out: Output directory for the tables, PNGs and TensorBoard events: new, empty or an earlier compare output.
+        heldout_size: Evaluate only the first this many held-out problems (default: the config's).
+        overwrite: Replace what ``out`` holds even if spiral_lit did not write it (never a checkpoint or the config).
+    """
+    specs = parse_checkpoints(checkpoints)
+    inputs = [(f"the checkpoint {name}", path) for name, path in specs.items()] + [("the config (--config)", config)]
+    check_output(out, **OUT, overwrite=overwrite, protected=inputs)
+    check_checkpoints(specs, config)
+    metrics = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
+    rows = [
+        {"checkpoint": c, "metric": k, "value": v} for c, values in metrics.items() for k, v in sorted(values.items())
+    ]
+    curves = curve_rows(metrics)
+    with atomic_dir(out, **OUT, overwrite=overwrite, protected=inputs) as tmp:
+        write_table(rows, tmp, "metrics")
+        write_table(curves, tmp, "curves")
+        writer = SummaryWriter(str(tmp / "tensorboard"))
+        for figure_name, draw in FIGURES.items():
+            figure = draw(curves)
+            figure.savefig(tmp / f"{figure_name}.png", dpi=120)
+            writer.add_figure(f"compare/{figure_name}", figure)
+        writer.close()
+    print(f"[spiral_lit] compared {', '.join(specs)} -> {out}")
+    return Path(out)
+
+
+def _as_one_list(argv: list[str], option: str) -> list[str]:
+    """``--checkpoints a=x b=y`` -> ``--checkpoints '["a=x", "b=y"]'`` (jsonargparse reads a list as one value)."""
+    out, i = [], 0
+    while i < len(argv):
+        name, sep, first = argv[i].partition("=")
+        if name != option:
+            out.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values = [first] * bool(sep) + argv[i + 1 : j]
+        out += [option, values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
+        i = j
+    return out
+
+
+def _bare_flag(argv: list[str], option: str) -> list[str]:
+    """``--overwrite`` alone (at the end or before another option) -> ``--overwrite true``, as export takes it."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    # jsonargparse's auto_cli drops a parameter named ``config``, so the parser is built from the signature here.
+    parser = ArgumentParser(prog="python -m spiral_lit.evaluation.compare", description=compare.__doc__.splitlines()[0])
+    parser.add_function_arguments(compare, as_group=False)
+    argv = _bare_flag(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"), "--overwrite")
+    args = parser.parse_args(argv)
+    return compare(**args.as_dict())
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,117 @@
+"""Evaluation metrics of method.md section 6: pass@k, majority vote and aggregation diagnostics.
+
+Pure functions on Python numbers, answer strings and tensors. Evaluation turns them into
+per-problem values that :func:`spiral_lit.runtime.policy.log_eval_metrics` accumulates with
+torchmetrics (so several ranks sum correctly); training logs their step means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (section 6).
+
+    pass@k = 1 - C(n - c, k) / C(n, k), the chance that k samples drawn without replacement
+    from the n include a correct one. Evaluated in the product form
+    1 - prod_{i = n-c+1}^{n} (1 - k / i) (Chen et al. 2021), which stays finite and accurate
+    for n in the thousands where the binomials overflow floats.
+    """
+    if n < 0 or c < 0 or k < 1:
+        raise ValueError(f"pass_at_k needs n >= 0, c >= 0 and k >= 1; got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k needs k <= n (k samples are drawn from the n); got n={n}, k={k}")
+    if c > n:
+        raise ValueError(f"pass_at_k needs c <= n (correct samples are among the n); got n={n}, c={c}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most frequent non-None answer (maj@n, section 6); None if every answer is None.
+
+    Tie rule: among answers with the top count, the one that appeared FIRST in ``answers``
+    wins, so the vote is deterministic given the order of the traces.
+    """
+    counts: dict[str, int] = {}  # insertion order = order of first appearance
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    if not counts:
+        return None
+    # max() returns the first maximal key in iteration order, i.e. the earliest answer.
+    return max(counts, key=counts.__getitem__)
+
+
+def majority_vote_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the majority-voted answer is correct: the correctness of the first trace that gave it.
+
+    False when no trace has an answer. ``correct[i]`` is the verifier's verdict on ``answers[i]``.
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"answers ({len(answers)}) and correct ({len(correct)}) must have the same length")
+    voted = majority_vote(answers)
+    if voted is None:
+        return False
+    return bool(correct[list(answers).index(voted)])
+
+
+def gather_sets(per_trace_BN: Sequence[Sequence[T]], sets_BKS: torch.Tensor) -> list[list[list[T]]]:
+    """The members of every set, ``[B][K][S]``: ``per_trace_BN[b][sets_BKS[b, k, s]]``."""
+    return [[[per_trace_BN[b][int(i)] for i in set_S] for set_S in sets_KS] for b, sets_KS in enumerate(sets_BKS)]
+
+
+def set_diagnostics(
+    answers_BKS: Sequence[Sequence[Sequence[str | None]]],
+    candidate_correct_BKS: torch.Tensor,
+    aggregation_correct_BKA: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """What aggregation does with each set: float tensors ``[B, K]`` (issue 4).
+
+    Args:
+        answers_BKS: the candidates' extracted final answers (None = none found).
+        candidate_correct_BKS: [B, K, S] bool, the verifier's verdict on each candidate.
+        aggregation_correct_BKA: [B, K, A] bool, the verdict on each of the set's A aggregation traces.
+
+    Returns:
+        ``set_oracle``: 1 when some candidate is correct (the ceiling of an aggregator that only picks);
+        ``set_majority``: 1 when the set's majority-voted answer is correct (:func:`majority_vote_correct`);
+        ``accuracy``: the fraction of the set's aggregations that are correct;
+        ``recovery``: that fraction where the majority is wrong (NaN where it is right);
+        ``override``: the fraction of wrong aggregations where the majority is right (NaN where it is wrong);
+        ``distinct_answers``: distinct final answers among the candidates (unparsed ones not counted).
+        A mean that skips NaNs turns recovery and override into rates over the sets where they are defined.
+    """
+    B, K, S = candidate_correct_BKS.shape
+    if len(answers_BKS) != B or any(len(a) != K or any(len(s) != S for s in a) for a in answers_BKS):
+        raise ValueError(f"answers_BKS must be [B={B}][K={K}][S={S}] like candidate_correct_BKS")
+    if aggregation_correct_BKA.shape[:2] != (B, K):
+        raise ValueError(f"aggregation_correct_BKA {tuple(aggregation_correct_BKA.shape)} must be [B={B}, K={K}, A]")
+    majority_BK = torch.tensor(
+        [
+            [majority_vote_correct(answers, correct) for answers, correct in zip(answers_KS, correct_KS, strict=True)]
+            for answers_KS, correct_KS in zip(answers_BKS, candidate_correct_BKS.tolist(), strict=True)
+        ],
+        dtype=torch.bool,
+    ).view(B, K)
+    accuracy_BK = aggregation_correct_BKA.float().mean(-1)
+    nan = torch.full_like(accuracy_BK, math.nan)
+    distinct_BK = torch.tensor(
+        [[float(len({a for a in answers if a is not None})) for answers in answers_KS] for answers_KS in answers_BKS]
+    ).view(B, K)
+    return {
+        "set_oracle": candidate_correct_BKS.any(-1).float(),
+        "set_majority": majority_BK.float(),
+        "accuracy": accuracy_BK,
+        "recovery": torch.where(majority_BK, nan, accuracy_BK),
+        "override": torch.where(majority_BK, 1.0 - accuracy_BK, nan),
+        "distinct_answers": distinct_BK,
+    }

@@ -1,0 +1,3 @@
+"""Runs that survive mistakes and interruptions: checkpoints, signals, faults, preflight checks, output-path
+safety, progress lines.
+"""

@@ -1,0 +1,1 @@
+"""Stand-alone tools: the tiny model, GGUF conversion, export of a checkpoint."""

@@ -1,0 +1,258 @@
+"""Warm start: supervised fine-tuning of the shared policy on worked solutions, both roles.
+
+RL cannot start from a model that never answers correctly, so users run this stage
+first. Each training problem becomes, with probability ``search_fraction``, a search
+example (search prompt -> worked solution) and, with probability
+``aggregation_fraction``, an aggregation example (problem + ``set_size`` candidates, a
+random number of them deliberately wrong -> the correct worked solution). Loss:
+token-mean cross-entropy on the solution tokens.
+
+Aggregation examples are ~4x longer than search examples, so the quickstart first
+trains search alone until it can solve problems, then both roles (two configs).
+
+Under DDP/FSDP each rank builds examples from its own problems; the token count that
+normalises the loss is summed over ranks before the backward passes, and every rank runs as
+many backward passes as the busiest one (:func:`spiral_lit.training.rank_passes.zero_weight_pass`), so the
+gradient is the token mean over the whole global batch.
+
+Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from spiral_lit.errors import UserError
+from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
+from spiral_lit.evaluation.predict import predict_problems
+from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.reliability.checkpointing import check_checkpoint_matches
+from spiral_lit.reliability.faults import NonFiniteGuard
+from spiral_lit.rollout import Backend
+from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.rollout.vllm_engine import VLLMConfig
+from spiral_lit.runtime.models import PolicyConfig
+from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
+from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.training.batching import length_buckets, pack
+from spiral_lit.training.cpu_memory import KeepFreedCpuMemory
+from spiral_lit.training.optimisation import clip_and_step, configure_policy_optimizers
+from spiral_lit.training.rank_passes import dummy_batch, zero_weight_pass
+from spiral_lit.training.strategy import HoldGatheredForEvaluation, data_parallel_mesh, log_eval_metrics, sharding_of
+
+
+def warm_start_examples(
+    problems: list[Problem],
+    task: Task,
+    renderer: PromptRenderer,
+    set_size: int,
+    search_fraction: float,
+    aggregation_fraction: float,
+    rng: random.Random,
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(prompt ids, target ids, role) per example; role 0 = search, 1 = aggregation."""
+    prompts, targets, roles = [], [], []
+    eos = renderer.tokenizer.eos_token
+    for problem in problems:
+        if problem.solution is None:
+            raise UserError(f"task {task.name!r}: problem {problem.uid} has no worked solution to fine-tune on")
+        target = renderer.tokenizer.encode(problem.solution + eos, add_special_tokens=False)
+        if rng.random() < search_fraction:
+            prompts.append(renderer.search(problem))
+            targets.append(target)
+            roles.append(0)
+        if rng.random() < aggregation_fraction:
+            n_right = rng.randint(0, set_size)
+            candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
+            prompts.append(renderer.aggregation_from_texts(problem, candidates, rng))
+            targets.append(target)
+            roles.append(1)
+    return prompts, targets, roles
+
+
+class WarmStartModule(L.LightningModule):
+    """Supervised warm start of the policy on both roles; evaluated like the RL module."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        task: Task | None = None,
+        prompts: PromptConfig | None = None,
+        search_fraction: float = 1.0,
+        aggregation_fraction: float = 0.5,
+        set_size: int = 4,
+        micro_batch_size: int = 64,
+        micro_batch_tokens: int | None = 8192,
+        max_grad_norm: float = 1.0,
+        eval: EvalConfig | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        verifier: VerifierConfig | None = None,
+        rollout_backend: Backend = "kv_cache",
+        vllm: VLLMConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+        max_nonfinite_steps: int = 3,
+        cpu_keep_freed_memory: bool = True,
+    ) -> None:
+        """
+        Args:
+            policy: The model to fine-tune (the tiny model's directory in the quickstart).
+            task: The task; linked from ``data.task`` by the CLI.
+            prompts: Prompt wording and layout, the same as in RL.
+            search_fraction: Probability that a problem yields a search example.
+            aggregation_fraction: Probability that a problem yields an aggregation example.
+            set_size: Candidates per aggregation example.
+            micro_batch_size: Most sequences per forward/backward (length-bucketed).
+            micro_batch_tokens: Most padded tokens per forward/backward; None = no limit.
+            max_grad_norm: Gradient clipping by global norm.
+            eval: Held-out evaluation (validation/test).
+            eval_sampling: Sampling for evaluation traces (both roles).
+            verifier: Reward computation settings.
+            rollout_backend: Engine for evaluation rollouts: ``kv_cache``, ``hf`` or ``vllm``.
+            vllm: Engine settings of ``rollout_backend: vllm`` (issue 10).
+            optimizer: Optimiser ``class_path``/``init_args``.
+            lr_scheduler: Optional scheduler ``class_path``/``init_args`` (stepped every step).
+            seed: Seed of the example mixing.
+            max_nonfinite_steps: Steps whose loss or gradient is NaN/Inf are skipped and counted
+                (``train/nonfinite_steps``); this many in a row stop the run (issue 7).
+            cpu_keep_freed_memory: On CPU, have glibc's malloc reuse freed memory instead of returning it to the
+                kernel after every large tensor (spiral_lit/training/cpu_memory.py; ~1.5x faster updates at 50M
+                parameters).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["task", "optimizer", "lr_scheduler"])
+        for key, value in {"search_fraction": search_fraction, "aggregation_fraction": aggregation_fraction}.items():
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"model.{key} must be in [0, 1], got {value}")
+        if search_fraction == aggregation_fraction == 0.0:
+            raise UserError("model.search_fraction and model.aggregation_fraction are both 0: nothing to train on")
+        self.policy_config = policy
+        self.task = task
+        self.prompt_config = prompts or PromptConfig()
+        self.eval_config = eval or EvalConfig()
+        self.eval_sampling = eval_sampling or SamplingConfig()
+        self.verifier_config = verifier or VerifierConfig()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.runtime: PolicyRuntime | None = None
+        self.eval_metrics = torch.nn.ModuleDict()
+        self.automatic_optimization = False
+        self._nonfinite = NonFiniteGuard(max_nonfinite_steps, key="model.init_args.max_nonfinite_steps")
+
+    def configure_model(self) -> None:
+        if self.runtime is not None:
+            return
+        if self.task is None:
+            raise UserError("model.task is not set: run through the CLI, which links it from data.task")
+        self.runtime = PolicyRuntime(
+            self.policy_config,
+            self.task,
+            self.prompt_config,
+            self.verifier_config,
+            backend=self.hparams.rollout_backend,
+            sharding=sharding_of(self),
+            device_mesh=data_parallel_mesh(self),
+            vllm=self.hparams.vllm,
+        )
+        self.policy = self.runtime.model
+        self.policy.train()
+
+    def configure_optimizers(self) -> Any:
+        return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
+
+    def examples(self, batch: list[Problem]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """This rank's (prompt ids, target ids, role) for ``batch``, drawn with a seed of (seed, rank, step)."""
+        assert self.runtime is not None
+        rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
+        return warm_start_examples(
+            batch,
+            self.runtime.task,
+            self.runtime.renderer,
+            self.hparams.set_size,
+            self.hparams.search_fraction,
+            self.hparams.aggregation_fraction,
+            rng,
+        )
+
+    def training_step(self, batch: list[Problem], batch_idx: int) -> None:
+        assert self.runtime is not None
+        start = time.perf_counter()
+        prompts, targets, roles = self.examples(batch)
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        # Summed over ranks; DDP/FSDP average the gradients, so each rank's loss is scaled by the world size.
+        n_tokens = torch.tensor(float(sum(len(t) for t in targets)), device=self.device)
+        n_tokens = strategy.reduce(n_tokens, reduce_op="sum")
+        scale = world / n_tokens.clamp(min=1.0)
+        role_loss = torch.zeros(2, device=self.device)
+        role_tokens = torch.zeros(2, device=self.device)
+        buckets = length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
+        # Agreed before the first backward: DDP's first backwards also run collectives (bucket rebuilding).
+        busiest = int(strategy.reduce(torch.tensor(float(len(buckets)), device=self.device), reduce_op="max"))
+        for rows in buckets:
+            packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], self.runtime.tokenizer.pad_token_id)
+            packed = packed.to(self.device)
+            logits = self.policy(input_ids=packed.input_ids_BT, attention_mask=packed.attention_mask_BT).logits
+            nll_BT = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), packed.targets_BT1, reduction="none")
+            mask = packed.completion_mask_BT1
+            per_seq_B = (nll_BT * mask).sum(1)
+            role_B = torch.tensor([roles[i] for i in rows], device=self.device)
+            role_loss.index_add_(0, role_B, per_seq_B.detach())
+            role_tokens.index_add_(0, role_B, mask.sum(1).float())
+            # Token mean over the whole batch, so the micro-batch split does not change the gradient.
+            self.manual_backward(per_seq_B.sum() * scale)
+        dummy = dummy_batch(self.runtime.tokenizer.pad_token_id, self.device)
+        for _ in range(busiest - len(buckets)):  # each backward is a collective under DDP/FSDP
+            zero_weight_pass(self.policy, dummy, self.manual_backward)
+        clip_and_step(self, self.hparams.max_grad_norm, self._nonfinite)  # skips a NaN/Inf step (issue 7)
+        # Token means over all ranks: the sums are reduced, then divided.
+        role_loss = strategy.reduce(role_loss, reduce_op="sum")
+        role_tokens = strategy.reduce(role_tokens, reduce_op="sum").clamp(min=1)
+        self.log("train/loss", role_loss.sum() / role_tokens.sum(), prog_bar=True)
+        self.log("train/loss_search", role_loss[0] / role_tokens[0])
+        self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
+        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))  # this rank's
+        self.log("train/nonfinite_steps", float(self._nonfinite.total))
+
+    def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
+        """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
+        assert self.runtime is not None
+        return evaluate_problems(
+            *self.runtime.triple(), batch, self.eval_config, self.eval_sampling, self.eval_sampling
+        )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        keep_freed = [KeepFreedCpuMemory()] if self.hparams.cpu_keep_freed_memory else []
+        return [HoldGatheredForEvaluation(), *keep_freed]
+
+    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
+        log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
+
+    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
+        log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
+
+    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
+        """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
+        assert self.runtime is not None
+        return predict_problems(*self.runtime.triple(), batch, self.eval_config, self.eval_sampling, self.eval_sampling)
+
+    def teardown(self, stage: str) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+    # ----------------------------------------------------------------- checkpoints (issue 7)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["spiral_lit"] = {"nonfinite": self._nonfinite.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another model's checkpoint, naming it; restore the non-finite step counter."""
+        check_checkpoint_matches(checkpoint, self, self._trainer.ckpt_path if self._trainer is not None else None)
+        if "spiral_lit" in checkpoint:
+            self._nonfinite.load_state_dict(checkpoint["spiral_lit"]["nonfinite"])

@@ -1,0 +1,149 @@
+"""``python -m spiral_lit.evaluation.compare`` on two tiny checkpoints (a Hugging Face directory and a Lightning .ckpt),
+and the curve table behind its plots."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import spiral_lit.evaluation.compare as compare_module
+from spiral_lit.errors import UserError
+from spiral_lit.evaluation.compare import _as_one_list, main, parse_checkpoints
+from spiral_lit.evaluation.plots import curve_rows
+from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
+
+FAST_EVAL = {
+    "n_samples": 2, "pass_k": [1, 2], "set_size": 2, "n_agg": 1, "budgets": [3, 6],
+    "rsa_population": 2, "rsa_set_size": 2, "rsa_rounds": 2,
+}  # fmt: skip
+
+
+def _config(tmp_path: Path, policy_dir: Path) -> Path:
+    config = {
+        "trainer": {"accelerator": "cpu", "precision": "32-true"},
+        "model": {
+            "class_path": "spiral_lit.SpiralModule",
+            "init_args": {
+                "policy": {"path": str(policy_dir)},
+                "search_sampling": {"max_new_tokens": 6},
+                "aggregation_sampling": {"max_new_tokens": 4},
+                "verifier": {"num_workers": 0},
+                "eval": FAST_EVAL,
+            },
+        },
+        "data": {"task": {"class_path": "hash_task.VoteTask", "init_args": {"n_terms": 2, "digits": 2}},
+                 "heldout_size": 4, "eval_batch_size": 3},
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    # The same weights as a Lightning checkpoint: its numbers must equal the directory's (same problems and seeds).
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in tiny_policy.model.state_dict().items()}}, ckpt)
+    out = tmp_path / "compare"
+    config = _config(tmp_path, tiny_policy.path)
+    main(["--checkpoints", f"hf={tiny_policy.path}", f"ckpt={ckpt}", "--config", str(config), "--out", str(out)])
+    for name in ("metrics.csv", "metrics.json", "curves.csv", "curves.json", "accuracy_vs_tokens.png", "pass_at_k.png",
+                 "rsa_rounds.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    assert glob.glob(str(out / "tensorboard" / "events.out.tfevents*"))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    by_checkpoint: dict[str, dict[str, float | None]] = {}
+    for row in metrics:
+        by_checkpoint.setdefault(row["checkpoint"], {})[row["metric"]] = row["value"]
+    assert by_checkpoint["hf"] == by_checkpoint["ckpt"]
+    assert {"search/pass@2", "sequential/accuracy@6", "rsa/majority@2", "aggregation/recovery"} <= set(
+        by_checkpoint["hf"]
+    )
+    curves = list(csv.DictReader((out / "curves.csv").open()))
+    assert {(r["checkpoint"], r["scaffold"]) for r in curves} == {
+        (c, s) for c in ("hf", "ckpt") for s in ("sequential", "majority", "pass@k", "rsa", "rsa_majority")
+    }
+    assert [r["x"] for r in curves if r["checkpoint"] == "hf" and r["scaffold"] == "rsa"] == ["0", "1", "2"]
+
+
+def test_curve_rows_from_metric_names() -> None:
+    metrics = {
+        "a": {
+            "search/pass@1": 0.2, "search/pass@4": 0.6, "search/maj@1": 0.2, "search/maj@4": 0.3,
+            "search/tokens@1": 10.0, "search/tokens@4": 40.0, "search/prompt_tokens": 30.0,
+            "sequential/accuracy@8": 0.1, "sequential/tokens@8": 8.0, "sequential/prompt_tokens@8": 30.0,
+            "rsa/accuracy@0": 0.25, "rsa/majority@0": 0.3, "rsa/tokens@0": 40.0, "rsa/prompt_tokens@0": 30.0,
+            "aggregation/accuracy": 0.4,
+        }
+    }  # fmt: skip
+    rows = {(r["scaffold"], r["x"]): r for r in curve_rows(metrics)}
+    assert set(rows) == {("pass@k", 1), ("pass@k", 4), ("majority", 1), ("majority", 4), ("sequential", 8),
+                         ("rsa", 0), ("rsa_majority", 0)}  # fmt: skip
+    assert rows[("majority", 4)] == {"checkpoint": "a", "scaffold": "majority", "x": 4, "accuracy": 0.3,
+                                     "tokens": 40.0, "prompt_tokens": 30.0}  # fmt: skip
+    assert rows[("sequential", 8)]["prompt_tokens"] == 30.0 and rows[("rsa_majority", 0)]["accuracy"] == 0.3
+    assert not math.isnan(rows[("pass@k", 4)]["tokens"])
+
+
+def test_bad_checkpoint_entries_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="expected name=path"):
+        parse_checkpoints(["just-a-path"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        parse_checkpoints([f"a={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match="used twice"):
+        parse_checkpoints([f"a={tmp_path}", f"a={tmp_path}"])
+
+
+def test_checkpoints_may_follow_the_option_as_separate_words() -> None:
+    joined = ["--checkpoints", '["a=x", "b=y"]', "--out", "o"]
+    assert _as_one_list(["--checkpoints", "a=x", "b=y", "--out", "o"], "--checkpoints") == joined
+    assert _as_one_list(["--checkpoints=a=x", "b=y", "--out", "o"], "--checkpoints") == joined
+    assert _as_one_list(["--checkpoints", "[a=x]"], "--checkpoints") == ["--checkpoints", "[a=x]"]
+
+
+def _other_size_checkpoint(path: Path) -> Path:
+    small = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2)
+    other, _ = build_tiny_policy(path.parent / "other", ["12+34=46"] * 20, small)
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in other.state_dict().items()}}, path)
+    return path
+
+
+def test_every_checkpoint_is_checked_before_any_is_evaluated(tiny_policy, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    evaluated = []
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    bad = _other_size_checkpoint(tmp_path / "small.ckpt")
+    config = _config(tmp_path, tiny_policy.path)
+    args = ["--config", str(config), "--out", str(tmp_path / "compare")]
+    with pytest.raises(UserError, match=r"--checkpoints entry small=.*small\.ckpt.* does not fit .*differ in shape"):
+        main([*args, "--checkpoints", f"hf={tiny_policy.path}", f"small={bad}"])
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match=r"--checkpoints entry e=.*empty_dir.*no config\.json"):
+        main([*args, "--checkpoints", f"hf={tiny_policy.path}", f"e={tmp_path / 'empty_dir'}"])
+    assert evaluated == [] and not (tmp_path / "compare").exists()
+
+
+def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    evaluated = []
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    config = _config(tmp_path, tiny_policy.path)
+    args = ["--config", str(config), "--checkpoints", f"hf={tiny_policy.path}"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.csv").write_text("keep me")
+    with pytest.raises(UserError, match=r"--out '.*theirs' already holds 1 entry \(results\.csv\).*--overwrite"):
+        main([*args, "--out", str(theirs)])
+    for out in (tiny_policy.path, tiny_policy.path.parent, config):
+        with pytest.raises(UserError, match="would destroy it"):
+            main([*args, "--out", str(out), "--overwrite"])
+    assert evaluated == [] and (theirs / "results.csv").read_text() == "keep me"

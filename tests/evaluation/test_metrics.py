@@ -1,0 +1,125 @@
+"""pass@k, majority vote and aggregation diagnostics (method.md section 6; issue 4)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from spiral_lit.evaluation.metrics import gather_sets, majority_vote, majority_vote_correct, pass_at_k, set_diagnostics
+
+
+def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of the k-subsets of n samples (the first c correct) that hold a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_brute_force() -> None:
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_hand_values() -> None:
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the mean accuracy c / n
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(5, 3, 3) == 1.0  # only 2 wrong samples: every 3-subset has a correct one
+
+
+def test_pass_at_k_stable_for_n_1024() -> None:
+    n = 1024
+    for c in (0, 1, 7, 100, 512, 1023, 1024):
+        values = [pass_at_k(n, c, k) for k in range(1, n + 1)]
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), c
+        assert all(a <= b + 1e-12 for a, b in zip(values, values[1:], strict=False)), f"not monotone in k, c={c}"
+    # Against exact rational arithmetic, where the binomials (~1e140) overflow a float.
+    for c, k in [(7, 100), (1, 1000), (100, 5), (3, 512)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "match"),
+    [(4, 1, 5, "k <= n"), (4, 5, 2, "c <= n"), (-1, 0, 1, "n >= 0"), (4, -1, 1, "c >= 0"), (4, 1, 0, "k >= 1")],
+)
+def test_pass_at_k_errors(n: int, c: int, k: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        pass_at_k(n, c, k)
+
+
+def test_majority_vote() -> None:
+    assert majority_vote(["a", "b", "b"]) == "b"
+    assert majority_vote([None, "x", None]) == "x"  # None never wins, even when most frequent
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+
+
+def test_majority_vote_tie_goes_to_first_appearance() -> None:
+    assert majority_vote(["a", "b", "b", "a"]) == "a"
+    assert majority_vote(["b", "a", "a", "b"]) == "b"
+    assert majority_vote([None, "c", "b", "b", "c", None]) == "c"
+
+
+def test_majority_vote_correct() -> None:
+    # Voted "2" (2 votes); the first trace that gave it is index 1.
+    assert majority_vote_correct(["1", "2", "2"], [False, True, False]) is True
+    assert majority_vote_correct(["1", "2", "2"], [True, False, True]) is False
+    assert majority_vote_correct(["1", "2"], [False, True]) is False  # tie -> "1", the first
+    assert majority_vote_correct([None, None], [False, False]) is False
+    with pytest.raises(ValueError, match="same length"):
+        majority_vote_correct(["1"], [True, False])
+
+
+def test_gather_sets_picks_each_sets_members() -> None:
+    sets_BKS = torch.tensor([[[0, 2], [1, 2]], [[1, 0], [2, 2]]])
+    assert gather_sets([["a", "b", "c"], ["x", "y", "z"]], sets_BKS) == [
+        [["a", "c"], ["b", "c"]],
+        [["y", "x"], ["z", "z"]],
+    ]
+
+
+def _nan_equal(actual: torch.Tensor, expected: list[list[float]]) -> bool:
+    return torch.equal(actual.isnan(), torch.tensor(expected).isnan()) and torch.allclose(
+        actual.nan_to_num(-1.0), torch.tensor(expected).nan_to_num(-1.0)
+    )
+
+
+def test_set_diagnostics_on_hand_built_sets() -> None:
+    nan = math.nan
+    # Set 0: majority "5" is right, one of two aggregations goes wrong (override 0.5).
+    # Set 1: majority "7" is wrong, both aggregations find the lone right "5" (recovery 1).
+    # Set 2: no candidate is right and two are unparsed; the aggregations stay wrong (recovery 0).
+    answers = [[["5", "5", "7"], ["7", "7", "5"], [None, None, "9"]]]
+    candidate_correct = torch.tensor([[[True, True, False], [False, False, True], [False, False, False]]])
+    aggregation_correct = torch.tensor([[[True, False], [True, True], [False, False]]])
+    diag = set_diagnostics(answers, candidate_correct, aggregation_correct)
+    assert _nan_equal(diag["set_oracle"], [[1.0, 1.0, 0.0]])
+    assert _nan_equal(diag["set_majority"], [[1.0, 0.0, 0.0]])
+    assert _nan_equal(diag["accuracy"], [[0.5, 1.0, 0.0]])
+    assert _nan_equal(diag["recovery"], [[nan, 1.0, 0.0]])
+    assert _nan_equal(diag["override"], [[0.5, nan, nan]])
+    assert _nan_equal(diag["distinct_answers"], [[2.0, 2.0, 1.0]])
+    # Rates over the sets where they are defined, as a NaN-skipping mean gives them.
+    assert float(diag["recovery"].nanmean()) == 0.5
+    assert float(diag["override"].nanmean()) == 0.5
+
+
+def test_set_diagnostics_majority_tie_uses_the_first_answer() -> None:
+    # "1" and "2" tie; "1" appeared first and is wrong, so the majority is wrong although "2" is right.
+    diag = set_diagnostics([[["1", "2"]]], torch.tensor([[[False, True]]]), torch.tensor([[[True]]]))
+    assert diag["set_majority"].item() == 0.0 and diag["set_oracle"].item() == 1.0
+    assert diag["recovery"].item() == 1.0 and diag["override"].isnan().item()
+
+
+def test_set_diagnostics_checks_shapes() -> None:
+    with pytest.raises(ValueError, match="answers_BKS"):
+        set_diagnostics([[["1"]]], torch.zeros(1, 1, 2, dtype=torch.bool), torch.zeros(1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="aggregation_correct_BKA"):
+        set_diagnostics([[["1"]]], torch.zeros(1, 1, 1, dtype=torch.bool), torch.zeros(1, 2, 1, dtype=torch.bool))

@@ -1,0 +1,113 @@
+"""fused_prefix.py: the written-out shared-prefix forward gives the log-probs and gradients of the full forward.
+
+Reuses the sharp random models and interleaved rows of tests/training/test_prefix_forward.py (a wrong mask or position
+moves the log-probs by far more than the tolerance there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from spiral_lit.algorithms import token_logprobs
+from spiral_lit.fastpath import fused_prefix
+from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal, prompt_runs
+from spiral_lit.training.prefix_forward import pack_shared_prefix
+from tests.training.test_prefix_forward import PAD, _assert_close_relative, _full_logprobs, _grads, _model, _rows
+
+
+def _fused_logprobs(model, prompts, completions) -> list[torch.Tensor]:
+    batch = pack_shared_prefix(prompts, completions, PAD)
+    logp_BS = token_logprobs(fused_prefix_logits(model, batch), batch.targets_BT1, 0.7)
+    return [logp_BS[i, : len(c)] for i, c in enumerate(completions)]
+
+
+def _long_prompt_rows() -> tuple[list[list[int]], list[list[int]]]:
+    """Two prompts of 30 tokens with 2 rows each and completions of 1-7 tokens: the rows of a prompt hold fewer
+    tokens (2 x 7) than the prefix width (29), so they take the stacked attention; two 5-token prompts with 5 rows
+    each (5 x 7 > 29) take the gathered attention."""
+    g = torch.Generator().manual_seed(3)
+    long = [torch.randint(1, 61, (30,), generator=g).tolist() for _ in range(2)]
+    short = [torch.randint(1, 61, (5,), generator=g).tolist() for _ in range(2)]
+    prompts = [long[0]] * 2 + [long[1]] * 2 + [short[0]] * 5 + [short[1]] * 5
+    completions = [torch.randint(1, 61, (1 + i % 7,), generator=g).tolist() for i in range(len(prompts))]
+    return prompts, completions
+
+
+def test_prompt_runs_hand_checked() -> None:
+    # Rows of prompts 0, 1, 0, 2, 2, 1, 3: prompt 0 has rows 0 and 2, prompt 1 rows 1 and 5, prompt 2 rows 3
+    # and 4, prompt 3 row 6: runs of 2 rows for prompts 0-2, then 1 row for prompt 3.
+    assert prompt_runs([0, 1, 0, 2, 2, 1, 3]) == ([0, 2, 1, 5, 3, 4, 6], [(0, 3, 2), (3, 4, 1)])
+    assert prompt_runs([0, 0, 1]) == ([0, 1, 2], [(0, 1, 2), (1, 2, 1)])
+    with pytest.raises(ValueError, match="first appearance"):
+        prompt_runs([1, 0])
+
+
+@pytest.mark.parametrize("rows", [_rows, _long_prompt_rows])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_logprobs_and_gradients_equal_the_full_forward(family: str, rows) -> None:
+    model = _model(family, "sdpa").train()
+    assert fused_prefix_refusal(model) is None
+    prompts, completions = rows()
+    full = _full_logprobs(model, prompts, completions)
+    fused = _fused_logprobs(model, prompts, completions)
+    assert (torch.cat(fused) - torch.cat(full)).abs().max() <= 1e-5
+    reference = _grads(model, full)
+    assert len(reference) == len(list(model.parameters()))
+    _assert_close_relative(_grads(model, fused), reference, 1e-5)
+
+
+def test_both_attention_forms_run_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The long-prompt rows take the stacked attention and the short ones the gathered one; forcing either form
+    everywhere gives the same log-probs."""
+    model = _model("llama", "sdpa").eval()
+    prompts, completions = _long_prompt_rows()
+    used = []
+    for name in ("stacked_attention", "gathered_attention"):
+        original = getattr(fused_prefix, name)
+        monkeypatch.setattr(fused_prefix, name, lambda *a, f=original, n=name: used.append(n) or f(*a))
+    with torch.no_grad():
+        both = torch.cat(_fused_logprobs(model, prompts, completions))
+        assert set(used) == {"stacked_attention", "gathered_attention"}
+        for forced in ("stacked_attention", "gathered_attention"):
+            monkeypatch.setattr(fused_prefix, "gathered_attention" if forced == "stacked_attention" else
+                                "stacked_attention", getattr(fused_prefix, forced))  # fmt: skip
+            assert (torch.cat(_fused_logprobs(model, prompts, completions)) - both).abs().max() <= 1e-5
+
+
+def test_bf16_weights_match_the_full_forward() -> None:
+    """``policy.dtype: bfloat16`` (no autocast): rotary runs in float32 (complex bf16 does not exist), as in the
+    fused decode step; log-probs stay within bf16 rounding of the model's own forward, and gradients flow."""
+    model = _model("llama", "sdpa").to(torch.bfloat16).train()
+    assert fused_prefix_refusal(model) is None
+    prompts, completions = _rows()
+    full = torch.cat(_full_logprobs(model, prompts, completions))
+    fused = torch.cat(_fused_logprobs(model, prompts, completions))
+    assert torch.isfinite(fused).all()
+    # Sharp random weights: log-probs reach -20, and bf16 keeps about 3 significant digits.
+    assert ((fused - full).abs() / full.abs().clamp(min=1.0)).max() <= 0.05
+    grads = _grads(model, [fused])
+    assert all(torch.isfinite(g).all() for g in grads.values()) and len(grads) == len(list(model.parameters()))
+
+
+def test_single_token_prompts() -> None:
+    model = _model("llama", "sdpa").eval()
+    prompts, completions = [[5], [5], [7]], [[1, 2, 3], [4], [9, 9]]
+    with torch.no_grad():
+        full = torch.cat(_full_logprobs(model, prompts, completions))
+        assert (torch.cat(_fused_logprobs(model, prompts, completions)) - full).abs().max() <= 1e-5
+
+
+def test_what_it_does_not_reproduce_is_refused() -> None:
+    model = _model("llama", "sdpa")
+    lora = get_peft_model(_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "not one of" in fused_prefix_refusal(lora)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert "checkpointing" in fused_prefix_refusal(model)
+    hooked = _model("llama", "sdpa")
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    assert "hooks" in fused_prefix_refusal(hooked)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" in fused_prefix_refusal(_model("llama", "sdpa"))
+    assert "CPU only" in fused_prefix_refusal(_model("llama", "sdpa").to("meta"))  # e.g. a GPU: never measured there

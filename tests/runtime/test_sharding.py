@@ -1,0 +1,74 @@
+"""sharding.py and the memory features (issue 6), in one process; the 2-process checks are in test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hash_task import VoteTask
+
+from spiral_lit.prompts import PromptConfig
+from spiral_lit.runtime.lora import LoraSettings, apply_lora
+from spiral_lit.runtime.models import PolicyConfig, load_policy
+from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
+from spiral_lit.runtime.sharding import decoder_layers, fsdp2_modules, gathered_params
+from spiral_lit.training.batching import pack
+from spiral_lit.training.strategy import mean_over_ranks
+
+
+def test_decoder_layers_are_found_through_a_lora_wrapper(tiny_policy) -> None:
+    model, _ = load_policy(PolicyConfig(str(tiny_policy.path)))
+    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
+    pytest.importorskip("peft")
+    lora = apply_lora(model, LoraSettings(rank=2))
+    assert [type(m).__name__ for m in decoder_layers(lora)] == ["LlamaDecoderLayer"] * 2
+
+
+def test_gathering_an_unsharded_model_changes_nothing(tiny_policy) -> None:
+    model = tiny_policy.model
+    assert fsdp2_modules(model) == []
+    before = [p for p in model.parameters()]
+    with gathered_params(model):
+        assert list(model.parameters()) == before
+
+
+def test_sharded_runtimes_refuse_the_kv_cache_backend(tiny_policy) -> None:
+    with pytest.raises(ValueError, match="model.rollout_backend='kv_cache'.*set model.rollout_backend: hf"):
+        PolicyRuntime(
+            PolicyConfig(str(tiny_policy.path)), VoteTask(), PromptConfig(), VerifierConfig(num_workers=0),
+            backend="kv_cache", sharding="fsdp2",
+        )  # fmt: skip
+
+
+def test_metrics_are_averaged_over_the_ranks_that_report_them() -> None:
+    per_rank = [{"reward": 1.0, "loss/search": 2.0}, {"reward": 0.0}, {"reward": 0.5, "loss/search": 4.0}]
+    assert mean_over_ranks(per_rank) == {"reward": 0.5, "loss/search": 3.0}
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    batch = pack([[5, 6, 7, 8]], [[9, 10, 11]], pad_id=0)
+    model.zero_grad(set_to_none=True)
+    model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits.float().pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_the_gradient(tiny_policy) -> None:
+    plain, _ = load_policy(PolicyConfig(str(tiny_policy.path)))
+    checkpointed, _ = load_policy(PolicyConfig(str(tiny_policy.path), gradient_checkpointing=True))
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    want, got = _gradients(plain.train()), _gradients(checkpointed.train())
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bitsandbytes_8bit_adamw_steps_on_cpu(tiny_policy) -> None:
+    """bitsandbytes 0.50 runs AdamW8bit on CPU: tensors of >= 4096 elements get uint8 moments."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model, _ = load_policy(PolicyConfig(str(tiny_policy.path)))
+    optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _gradients(model.train())
+    optimizer.step()
+    embedding = model.get_input_embeddings().weight
+    assert optimizer.state[embedding]["state1"].dtype == torch.uint8
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
