@@ -36,7 +36,6 @@ MOVED = {
     "spiral_lit.sharding": "spiral_lit.runtime.sharding",
     "spiral_lit.lora": "spiral_lit.runtime.lora",
     "spiral_lit.cpu_memory": "spiral_lit.training.cpu_memory",
-    "spiral_lit.evaluation": "spiral_lit.evaluation.held_out",
     "spiral_lit.metrics": "spiral_lit.evaluation.metrics",
     "spiral_lit.predict": "spiral_lit.evaluation.predict",
     "spiral_lit.compare": "spiral_lit.evaluation.compare",
@@ -63,7 +62,8 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        target = importlib.util.find_spec(MOVED[fullname])  # its file: runpy puts it in sys.argv[0]
+        return importlib.util.spec_from_loader(fullname, self, origin=target.origin if target else None)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         new = MOVED[spec.name]
