@@ -187,12 +187,15 @@ class TinyModelConfig:
     """Seed of the weight initialisation."""
 
     def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise UserError(f"tiny.{key} must be >= 1, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise UserError(
                 f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads ({self.num_heads})"
             )
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"tiny.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet + specials)")
+            raise UserError(f"tiny.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet + specials)")
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -293,3 +293,11 @@ def test_unreachable_hub_loads_tokenizer_and_model_from_the_cache_only(monkeypat
     assert calls["tokenizer"]["local_files_only"] is True
     assert calls["model"]["local_files_only"] is True
     assert calls["model"]["adapter_kwargs"] == {"local_files_only": True}
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "intermediate_size", "num_layers", "num_heads"])
+def test_tiny_model_sizes_must_be_positive(key: str) -> None:
+    from spiral_lit.errors import UserError
+
+    with pytest.raises(UserError, match=rf"tiny\.{key} must be >= 1"):
+        TinyModelConfig(**{key: -4})
