@@ -1,4 +1,4 @@
-"""The ``vllm`` backend in the rollout benchmark (issue 10), for ``benchmarks/rollout.py`` to call.
+"""The ``vllm`` backend in the rollout benchmark, for ``benchmarks/rollout.py`` to call.
 
 ``make_vllm_engine(model, tokenizer)`` returns the project's :class:`~spiral_lit.rollout.VLLMEngine` built
 from the benchmark's model, or None, with the reason printed, where vLLM is not installed or cannot run

@@ -1,4 +1,4 @@
-"""Peak memory of one policy-gradient training step on CPU, each memory feature on and off (issue 6).
+"""Peak memory of one policy-gradient training step on CPU, each memory feature on and off (docs/algorithm.md §8.3).
 
 Run:  python benchmarks/memory.py                 # ~100M-parameter model, writes benchmarks/memory.json
       python benchmarks/memory.py --quick         # a small model, for checking the script (~1 minute)

@@ -1,4 +1,4 @@
-"""Rollout throughput: our ``KVCacheEngine`` against ``HFGenerateEngine`` (issue 5).
+"""Rollout throughput: our ``KVCacheEngine`` against ``HFGenerateEngine`` (docs/algorithm.md §8.1).
 
 Run: ``python benchmarks/rollout.py --repeats 3 --out benchmarks/rollout.json``
 (``--models tiny`` for a quick look; ``--threads 1`` on a machine shared with other jobs,
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--vllm", action="store_true", help="also time the vllm backend (issue 10; needs vllm)")
+    parser.add_argument("--vllm", action="store_true", help="also time the vllm backend (needs vllm)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"model {name}: {n_params / 1e6:.2f}M parameters")
         ban_eos(model, tokenizer.eos_token_id)
         refusal = fused_decode_refusal(model)
-        print(f"  kv_cache decode step: {'fused (rollout/decode.py)' if refusal is None else refusal}")
+        print(f"  kv_cache decode step: {'fused (fastpath/decode.py)' if refusal is None else refusal}")
         engines: dict[str, RolloutEngine] = {
             "hf": HFGenerateEngine(model, tokenizer),
             "kv_cache": KVCacheEngine(model, tokenizer),

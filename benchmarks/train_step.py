@@ -1,4 +1,4 @@
-"""Where one SPIRAL (or GRPO) step spends its time (issue 5): seconds per phase and the share of each.
+"""Where one SPIRAL (or GRPO) step spends its time: seconds per phase and the share of each.
 
 Run: ``python benchmarks/train_step.py --model runs/quickstart/warmstart/hf --steps 5``
 (without ``--model`` it builds the quickstart's tiny model with random weights in a temp dir).

@@ -1,4 +1,4 @@
-"""spiral_lit against TRL's ``GRPOTrainer`` on identical GRPO work (issue 8).
+"""spiral_lit against TRL's ``GRPOTrainer`` on identical GRPO work.
 
 Run: ``python benchmarks/vs_trl.py`` (about 10 minutes on 2 quiet cores; ``--quick`` for a
 ~1-minute smoke run; ``--threads 1`` on a machine shared with other jobs). Needs the ``bench``

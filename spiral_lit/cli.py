@@ -1,4 +1,11 @@
-"""``python -m spiral_lit {fit,validate,test,predict} --config X.yaml``: LightningCLI.
+"""``python -m spiral_lit {fit,validate,test,predict} --config X.yaml``: LightningCLI; ``python -m spiral_lit
+{compare,export,tiny,convert_gguf} ...``: the tools, each with its own options (``spiral-lit`` is the same command).
+
+The Trainer subcommands are LightningCLI's own. A tool named first is handed the rest of the command line before
+LightningCLI parses anything (:data:`TOOLS`), since it is no Trainer method; the top-level ``--help`` lists the tools
+beside the Trainer subcommands, and ``python -m spiral_lit compare --help`` shows the tool's options. The tools'
+module entry points (``python -m spiral_lit.evaluation.compare``, ``spiral_lit.tools.export``, ...) still run,
+with a ``FutureWarning``, for one release (:func:`run_alias`).
 
 The model is chosen by ``class_path`` (``spiral_lit.WarmStartModule`` or
 ``spiral_lit.SpiralModule``); the data module is always :class:`ProblemDataModule`.
@@ -10,23 +17,24 @@ instantiation, so the verifier and the prompts always match the data.
 (``--prediction_writer.output_path``, ``--prediction_writer.include_traces``), which the CLI
 adds to every run.
 
-Reliable runs (issue 7): every Trainer gets :class:`~spiral_lit.reliability.checkpointing.AtomicCheckpointIO`
-(crash-safe, weights-only checkpoints) and the :class:`~spiral_lit.reliability.callbacks.ResumeState` and
-:class:`~spiral_lit.reliability.callbacks.GracefulStop` callbacks, so ``fit --ckpt_path last`` continues exactly,
-also after SIGTERM or Ctrl-C. Before any model is loaded, an explicit ``--ckpt_path`` must exist and
-belong to the configured model, and token budgets must fit the model's context
-(:mod:`spiral_lit.reliability.preflight`).
+Reliable runs (docs/algorithm.md §8.4): every Trainer gets
+:class:`~spiral_lit.reliability.checkpointing.AtomicCheckpointIO` (crash-safe, weights-only checkpoints) and the
+:class:`~spiral_lit.reliability.callbacks.ResumeState` and :class:`~spiral_lit.reliability.callbacks.GracefulStop`
+callbacks, so ``fit --ckpt_path last`` continues exactly, also after SIGTERM or Ctrl-C. Before any model is
+loaded, an explicit ``--ckpt_path`` must exist and belong to the configured model, and token budgets must fit
+the model's context (:mod:`spiral_lit.reliability.preflight`).
 
 Bad input gets one message: a ``--config`` file that is missing, empty, not a mapping or not valid YAML is
 named (with the line) before parsing; a parser error shows one usage line, not every option; a
 :class:`~spiral_lit.errors.UserError` is printed without a traceback by ``python -m spiral_lit``
-(:func:`~spiral_lit.errors.run_main`). Every Trainer also gets :class:`~spiral_lit.reliability.progress.ProgressLog`,
-which
-prints a progress line every 30 s when the output is a log file rather than a terminal.
+(:func:`~spiral_lit.errors.run_main`), also by the tools. Every Trainer also gets
+:class:`~spiral_lit.reliability.progress.ProgressLog`, which prints a progress line every 30 s when the output is a
+log file rather than a terminal.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,16 +43,33 @@ from typing import IO, Any
 
 import lightning as L
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from spiral_lit.errors import PathNotFoundError, UserError
+from spiral_lit.errors import PathNotFoundError, UserError, run_main
 from spiral_lit.reliability.callbacks import GracefulStop, PredictionWriter, ResumeState, guard_outputs
 from spiral_lit.reliability.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
 from spiral_lit.reliability.preflight import preflight
 from spiral_lit.reliability.progress import ProgressLog
 from spiral_lit.training.data import ProblemDataModule
+
+PROG = "python -m spiral_lit"
+
+DESCRIPTION = (
+    "SPIRAL on PyTorch Lightning. fit, validate, test and predict run the Trainer on a run YAML (--config); "
+    "compare, export, tiny and convert_gguf are tools with their own options. Add --help after any subcommand."
+)
+
+TOOLS = {
+    "compare": ("spiral_lit.evaluation.compare", "Evaluate checkpoints on the same held-out problems and seeds "
+                "(trainer.validate); write tables and plots."),
+    "export": ("spiral_lit.tools.export", "Write a checkpoint's policy as a Hugging Face directory."),
+    "tiny": ("spiral_lit.tools.tiny", "Build the quickstart's tiny Llama and tokenizer locally."),
+    "convert_gguf": ("spiral_lit.tools.convert_gguf", "Turn a GGUF checkpoint into a save_pretrained directory."),
+}  # fmt: skip
+"""Subcommands that are no Trainer method: name -> (module whose ``main(argv)`` runs it, one line of help)."""
 
 
 def _task_of(data: ProblemDataModule):  # noqa: ANN202 - jsonargparse reads the return annotation lazily
@@ -66,7 +91,26 @@ class _Parser(LightningArgumentParser):
 
 
 class SpiralCLI(LightningCLI):
-    """LightningCLI with the data -> model task link, predict's writer and the issue-7 safeguards."""
+    """LightningCLI with the data -> model task link, predict's writer, the reliability safeguards
+    (docs/algorithm.md §8.4) and the tools listed among the subcommands."""
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's Trainer subcommands, then each tool as an entry of the same list, so ``--help`` and a usage
+        error name them too; :func:`main` runs a tool before this parser sees its options."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, (_, description) in TOOLS.items():
+            tool_parser = self.parser_class(description=f"{description} Options: {PROG} {name} --help.")
+            parser._subcommands_action.add_subcommand(name, tool_parser, help=description)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing without its warning for ``args`` given while ``sys.argv`` holds others: :func:`main`
+        always passes the arguments, its own (``sys.argv[1:]``) or a tool's (compare, export build the run from
+        theirs)."""
+        is_object = isinstance(args, (dict, Namespace))
+        self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
+        tool = self.config.get("subcommand")
+        if tool in TOOLS:
+            raise UserError(f"{tool} takes its own options, after its name: {PROG} {tool} --help lists them.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_of, apply_on="instantiate")
@@ -169,15 +213,20 @@ def check_config_file(value: str) -> None:
         raise UserError(f"--config '{path}' holds a YAML {kind}: {expected}.")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> SpiralCLI:
-    """Parse ``args`` (default: ``sys.argv``); with ``run=False`` (no subcommand) only build the objects.
+def main(args: list[str] | None = None, run: bool = True) -> Any:
+    """Run ``args`` (default: ``sys.argv[1:]``): a tool named first gets the rest and its result is returned;
+    otherwise LightningCLI parses them and the :class:`SpiralCLI` is returned (with ``run=False``, and no
+    subcommand, it only builds the objects).
 
     Raises :class:`~spiral_lit.errors.UserError` for bad input; ``python -m spiral_lit`` prints it without a traceback.
     """
-    for value in _config_values(sys.argv[1:] if args is None else args):
+    args = sys.argv[1:] if args is None else list(args)
+    if run and args and args[0] in TOOLS:
+        return importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
+    for value in _config_values(args):
         check_config_file(value)
     # Lightning 2.6 warns on every periodic save under manual optimisation that the checkpoint holds the state
-    # after the optimiser step: exactly the step boundary that an exact resume needs (issue 7).
+    # after the optimiser step: exactly the step boundary that an exact resume needs (docs/algorithm.md §8.4).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     return SpiralCLI(
         L.LightningModule,
@@ -185,7 +234,25 @@ def main(args: list[str] | None = None, run: bool = True) -> SpiralCLI:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         parser_class=_Parser,
-        parser_kwargs={"prog": "python -m spiral_lit"},
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION},
         args=args,
         run=run,
     )
+
+
+def console_main() -> None:
+    """The ``spiral-lit`` command (pyproject ``[project.scripts]``) and ``python -m spiral_lit``: :func:`main`, with
+    bad input printed without a traceback (exit status 2). Returns nothing, so the exit status is 0 on success."""
+    run_main(main)
+
+
+def run_alias(tool: str, spec: Any) -> None:
+    """``python -m <module>`` of a tool (``spec``: the ``__spec__`` it runs under): a ``FutureWarning`` naming the
+    new spelling, then the tool as ``python -m spiral_lit <tool>`` runs it."""
+    old = getattr(spec, "name", None) or TOOLS[tool][0]
+    warnings.warn(
+        f"python -m {old} is now `{PROG} {tool}` (same options); the old spelling goes in the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    run_main(lambda: main([tool, *sys.argv[1:]]))

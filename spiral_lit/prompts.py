@@ -1,11 +1,11 @@
 """Search and aggregation prompts, rendered through the tokenizer's chat template.
 
-One policy plays both roles; only the prompt differs (method.md section 1). The
+One policy plays both roles; only the prompt differs (docs/algorithm.md §1). The
 aggregation prompt shows the problem and a numbered set of candidate solutions and asks
 for one audited, corrected solution. Layout ``problem_restated`` repeats the problem
 after the candidates **[ours]**: a 1.85M-parameter model was 22% accurate with the
 problem only before four candidates (it lost the operands ~250 tokens back) and
-recovered once the problem was restated (issue 2).
+recovered once the problem was restated (docs/algorithm.md §1.2).
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 - parallel search: ``n`` independent traces per problem;
 - aggregation: one prompt per set of earlier traces, ``n_agg`` traces per prompt;
-- recursive self-aggregation (RSA, method.md section 6): rounds of aggregation, each new
+- recursive self-aggregation (RSA, docs/algorithm.md §7.5): rounds of aggregation, each new
   population member reading a random subset of the previous population.
 
-Used by training (the SPIRAL rollout, method.md section 2) and evaluation alike, so the
-two never drift apart. Seeds are derived from (seed, phase) by the caller. Training passes
-one seed per call; evaluation passes one seed per problem (derived from the problem's uid
-with :func:`stable_seed`), so that a problem's rollouts, candidate orders and RSA sets do
-not depend on which batch or rank it lands in (issue 4).
+Used by training (the SPIRAL rollout, docs/algorithm.md §2) and evaluation alike, so the
+two never drift apart. Seeds are derived from (seed, phase) by the caller, with the seed functions below (every
+seed of the package is derived here). Training passes one seed per call (:func:`step_seed`); evaluation passes
+one seed per problem (derived from the problem's uid with :func:`derive_seed`), so that a problem's rollouts,
+candidate orders and RSA sets do not depend on which batch or rank it lands in (docs/algorithm.md §7.1).
 """
 
 from __future__ import annotations
@@ -26,14 +26,29 @@ from spiral_lit.rollout.base import Completion, RolloutEngine, SamplingConfig, S
 from spiral_lit.tasks.base import Problem
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts`` (joined by ``/``), the same in every process and run.
+def derive_seed(*parts: object) -> int:
+    """The seed of the draw that ``parts`` name: 63 bits of a digest of the parts joined by ``/``, the same in every
+    process and run (every evaluation seed, and the scaffolds' per-problem draws; docs/algorithm.md §7.1).
 
     Python's ``hash()`` of a str is salted per process (PYTHONHASHSEED), so two DDP ranks would
     disagree; a cryptographic digest does not.
     """
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def derive_rng(*parts: object) -> random.Random:
+    """A Python RNG for the draw that ``parts`` name, seeded with the parts joined by ``/`` (Python seeds a str
+    through SHA-512, the same in every process): candidate orders, the warm start's examples, the data order."""
+    return random.Random("/".join(map(str, parts)))
+
+
+def step_seed(seed: int, batch: int, rank: int, phase: int) -> int:
+    """The seed of a training step's ``phase`` (1 search, 2 sets, 3 aggregation, 6 update order) on ``rank``, from
+    the run's ``seed`` and the rollout ``batch``: Python's hash of the int tuple (ints are not salted, so every
+    process agrees), mod 2**31 (docs/algorithm.md §2.5). Kept as it was: another derivation would change every
+    run's draws."""
+    return hash((seed, batch, rank, phase)) % (2**31)
 
 
 @dataclass
@@ -90,7 +105,7 @@ def sample_aggregations(
     per_problem = isinstance(seed, list)
 
     def order_rng(b: int, k: int) -> random.Random:
-        return random.Random(f"{seed[b]}/{k}" if per_problem else f"{seed}/{b}/{k}")
+        return derive_rng(seed[b], k) if per_problem else derive_rng(seed, b, k)
 
     prompts = [
         [
@@ -99,7 +114,7 @@ def sample_aggregations(
         ]
         for b, problem in enumerate(problems)
     ]
-    engine_seed = [stable_seed(seed[b], "set", k) for b in range(B) for k in range(K)] if per_problem else seed
+    engine_seed = [derive_seed(seed[b], "set", k) for b in range(B) for k in range(K)] if per_problem else seed
     flat = engine.generate([p for per_problem in prompts for p in per_problem], n_agg, sampling, engine_seed)
     traces = [flat[b * K : (b + 1) * K] for b in range(B)]
     return AggregationRollout(sets_BKS, prompts, traces)
@@ -115,7 +130,7 @@ def recursive_aggregation(
     sampling: SamplingConfig,
     seeds: list[int],
 ) -> list[AggregationRollout]:
-    """RSA (method.md section 6): ``rounds`` rounds over the initial ``population`` ``[B][N]``.
+    """RSA (docs/algorithm.md §7.5): ``rounds`` rounds over the initial ``population`` ``[B][N]``.
 
     In round t each of the N new members aggregates its own uniformly random ``set_size``-subset
     of the population of round t - 1 (one aggregation trace per member). Returns one rollout per
@@ -125,9 +140,9 @@ def recursive_aggregation(
     out: list[AggregationRollout] = []
     for t in range(1, rounds + 1):
         N = len(population[0])
-        generators = [torch.Generator().manual_seed(stable_seed(s, "rsa_sets", t)) for s in seeds]
+        generators = [torch.Generator().manual_seed(derive_seed(s, "rsa_sets", t)) for s in seeds]
         sets_BNK = torch.stack([sample_member_sets(N, N, set_size, g) for g in generators])
-        round_seeds = [stable_seed(s, "rsa", t) for s in seeds]
+        round_seeds = [derive_seed(s, "rsa", t) for s in seeds]
         agg = sample_aggregations(engine, renderer, problems, population, sets_BNK, 1, sampling, round_seeds)
         out.append(agg)
         population = [[per_set[0] for per_set in per_problem] for per_problem in agg.traces]

@@ -1,4 +1,4 @@
-"""A test-only task whose scorer fails in every way a verifier must survive (issue 7).
+"""A test-only task whose scorer fails in every way a verifier must survive (docs/algorithm.md §2.6).
 
 Kept in its own light module (like ``hash_task``): verifier workers unpickle the task and import its
 module, and a test module would drag Lightning into every restarted worker.

@@ -1,10 +1,81 @@
-"""Shared by the engine tests: an independent reference for log-probabilities and an EOS-forcing hook."""
+"""Shared by the engine tests: prompts, an independent reference for log-probabilities, EOS-forcing hooks, the
+test vLLM settings."""
 
 from __future__ import annotations
 
-import torch
+import random
 
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.rollout import Completion, VLLMConfig
+from spiral_lit.tasks import ChainSumTask
 from spiral_lit.training.batching import pack
+
+VLLM_TEST_ENGINE = VLLMConfig(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=128 << 20, max_model_len=1024)
+"""fp32, no torch.compile, a small KV cache: fast start-up and exact comparisons on a shared CPU."""
+
+
+def chat_prompts(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Three chat-rendered search prompts and an aggregation prompt of ~300 tokens, all of different lengths.
+
+    Different lengths make batched backends left-pad; the long prompt spans several KV blocks (prefix caching).
+    """
+    task = ChainSumTask()
+    renderer = PromptRenderer(tokenizer, PromptConfig(), task.answer_instruction)
+    problem = task.problem(0, "train")
+    candidates = [problem.solution or "", *task.wrong_solutions(problem, 3, random.Random(0))]
+    out = [
+        renderer.search(ChainSumTask(n_terms=5).problem(0, "train")),
+        renderer.search(ChainSumTask(n_terms=2, digits=1).problem(0, "train")),
+        renderer.search(ChainSumTask(n_terms=3, digits=2).problem(1, "train")),
+        renderer.aggregation_from_texts(problem, candidates, random.Random(0)),
+    ]
+    assert len({len(p) for p in out}) == len(out)
+    return out
+
+
+def set_noised_weights(
+    model: torch.nn.Module, original: dict[str, torch.Tensor], seed: int, scale: float = 0.2
+) -> None:
+    """The original weights plus seeded noise, written in place (as an optimiser step would).
+
+    Noise of std 0.2 (10x the initialisation's) makes greedy traces varied instead of one repeated token, and greedy
+    near-ties (where backends that round differently may pick different tokens) rare.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(original[name] + scale * torch.randn(param.shape, generator=g))
+
+
+def ids(groups: list[list[Completion]]) -> list[list[list[int]]]:
+    """The token ids of every completion, grouped as returned."""
+    return [[c.token_ids for c in group] for group in groups]
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends a trace: the generation config's EOS ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
+
+
+def greedy_reference(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int], max_new_tokens: int
+) -> list[int]:
+    """``model.generate``'s greedy completion of one unpadded prompt, cut after the first EOS."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids(model, tokenizer)),
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+    end = next((i + 1 for i, t in enumerate(out) if t in eos_ids(model, tokenizer)), len(out))
+    return out[:end]
 
 
 def training_logprobs(model, prompts, completions, temperature: float) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""End to end through the CLI: warm start for 2 steps, then SPIRAL for 1 step from its export.
+"""End to end through the CLI: warm start for 2 steps, then SPIRAL for 1 step from its export; ``--config`` files;
+one command line for the Trainer subcommands and the tools (``python -m spiral_lit compare ...``, ``spiral-lit``).
 
 The shipped quickstart YAMLs are used with only sizes and paths overridden, so this is
 the pipeline a user runs, shrunk to seconds.
@@ -6,15 +7,23 @@ the pipeline a user runs, shrunk to seconds.
 
 from __future__ import annotations
 
+import ast
 import glob
+import importlib
+import os
+import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from spiral_lit.cli import check_config_file, main
+from spiral_lit.cli import TOOLS, check_config_file, console_main, main, run_alias
 from spiral_lit.errors import PathNotFoundError, UserError
 
 SMALL = [
@@ -51,9 +60,11 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     changed = [not torch.equal(a, b) for a, b in zip(exported.parameters(), before.parameters(), strict=True)]
     assert all(changed)
 
+    # A 2-step warm start never writes a right chain sum, so every reward would be 0 and SPIRAL would not move a
+    # weight: VoteTask's hash-based verdicts give this seed's batch of 4 prompts signal (tests/hash_task.py).
     main(
-        ["fit", "--config", "experiments/quickstart/spiral.yaml", *SMALL, "--trainer.max_steps", "1",
-         "--model.init_args.policy.path", str(warm / "hf"), "--data.batch_size", "2",
+        ["fit", "--config", "experiments/quickstart/spiral.yaml", "--data.task", "hash_task.VoteTask", *SMALL,
+         "--trainer.max_steps", "1", "--model.init_args.policy.path", str(warm / "hf"), "--data.batch_size", "4",
          "--model.init_args.algorithm.n_search", "4", "--model.init_args.algorithm.n_sets", "2",
          "--model.init_args.algorithm.set_size", "2", "--model.init_args.algorithm.n_agg", "2",
          "--model.init_args.search_sampling.max_new_tokens", "8",
@@ -64,7 +75,17 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     )  # fmt: skip
     spiral = runs / "spiral"
     assert (spiral / "config.yaml").is_file()
-    assert (spiral / "hf" / "model.safetensors").is_file()
+    from fit_helpers import tensorboard_scalars
+
+    scalars = tensorboard_scalars(str(spiral))
+    for tag in ("reward/search", "reward/aggregation", "train/loss", "train/loss/search", "train/loss/aggregation"):
+        assert scalars.get(tag) and all(torch.isfinite(torch.tensor(scalars[tag]))), (tag, scalars.get(tag))
+    assert scalars["train/sequences"][-1] > 0 and scalars["train/grad_norm/total"][-1] > 0  # a real update ran
+    trained = AutoModelForCausalLM.from_pretrained(spiral / "hf")
+    warm_start = AutoModelForCausalLM.from_pretrained(warm / "hf")
+    moved = [name for (name, a), b in zip(trained.named_parameters(), warm_start.parameters(), strict=True)
+             if not torch.equal(a, b)]  # fmt: skip
+    assert moved == [name for name, _ in warm_start.named_parameters()]  # every parameter moved in the SPIRAL step
 
 
 # ----------------------------------------------------------------------------- --config files
@@ -108,3 +129,85 @@ def test_a_fresh_fit_refuses_a_run_directory_with_checkpoints(tiny_policy, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
     main(["fit", "--config", str(config), "--trainer.max_steps", "2", "--ckpt_path", "last"])  # continuing is fine
     main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--overwrite", "true"])  # so is asking
+
+
+# ----------------------------------------------------------------------------- one command line
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_a_tool_named_first_gets_the_rest_of_the_command_line(tool: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    given = []
+    monkeypatch.setattr(importlib.import_module(TOOLS[tool][0]), "main", lambda argv: given.append(argv) or "done")
+    assert main([tool, "--out", "x", "--config", "not-checked-here.yaml"]) == "done"
+    assert given == [["--out", "x", "--config", "not-checked-here.yaml"]]
+
+
+def test_help_lists_the_trainer_subcommands_and_the_tools() -> None:
+    result = _run("-m", "spiral_lit", "--help")
+    assert result.returncode == 0, result.stderr
+    listed = re.findall(r"^    (\w+) ", result.stdout, re.M)
+    assert listed == ["fit", "validate", "test", "predict", *TOOLS]
+    tool_help = _run("-m", "spiral_lit", "export", "--help")
+    assert tool_help.returncode == 0 and tool_help.stdout.startswith("usage: python -m spiral_lit export")
+
+
+def test_a_tool_user_error_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    result = _run("-m", "spiral_lit", "compare", "--config", "c.yaml", "--checkpoints", "no-name", "--out", "o")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --checkpoints entry 'no-name': expected name=path")
+    assert "Traceback" not in result.stderr
+
+
+def test_options_before_a_tool_name_are_refused() -> None:
+    with pytest.raises(UserError, match=r"compare takes its own options, after its name: .*compare --help"):
+        main(["--config", "{}", "compare"])
+
+
+def test_the_console_script_is_main_through_run_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["spiral-lit"].partition(":")
+    entry = getattr(importlib.import_module(module), name)
+    assert entry is console_main
+    monkeypatch.setattr(importlib.import_module(TOOLS["tiny"][0]), "main", lambda argv: Path("built"))
+    monkeypatch.setattr("sys.argv", ["spiral-lit", "tiny"])
+    assert entry() is None  # what a console script returns is its exit status: None is 0
+    monkeypatch.setattr("sys.argv", ["spiral-lit", "fit", "--config", "missing.yaml"])
+    with pytest.raises(SystemExit) as exit_info:
+        entry()
+    assert exit_info.value.code == 2
+
+
+def test_a_tool_module_entry_point_warns_and_runs_the_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    given = []
+    monkeypatch.setattr(importlib.import_module(TOOLS["export"][0]), "main", lambda argv: given.append(argv))
+    monkeypatch.setattr("sys.argv", ["export.py", "--out", "x"])
+    with pytest.warns(FutureWarning, match=r"python -m spiral_lit\.export is now `python -m spiral_lit export`"):
+        run_alias("export", SimpleNamespace(name="spiral_lit.export"))
+    assert given == [["--out", "x"]]
+
+
+def test_given_args_do_not_warn_about_sys_argv(tiny_policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tools build the run from their own arguments while ``sys.argv`` holds the tool's command line."""
+    monkeypatch.setattr("sys.argv", ["spiral_lit", "export", "--ckpt_path", "x.ckpt"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LightningCLI's args parameter")
+        config = "experiments/quickstart/spiral.yaml"
+        main(["--config", config, "--model.init_args.policy.path", str(tiny_policy.path)], run=False)
+
+
+def test_no_module_of_the_package_imports_unittest() -> None:
+    """Production code runs real Lightning calls; mocks belong to the tests."""
+    found = []
+    for path in sorted((ROOT / "spiral_lit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "unittest"]
+    assert not found, found

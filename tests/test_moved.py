@@ -24,10 +24,8 @@ def test_old_paths_are_the_new_modules() -> None:
 
 
 def test_the_old_evaluation_module_names_resolve_in_its_package() -> None:
-    from spiral_lit.evaluation import held_out
+    from spiral_lit.evaluation import EvalConfig, held_out
 
-    with pytest.warns(FutureWarning, match="held_out"):
-        from spiral_lit.evaluation import EvalConfig
     assert EvalConfig is held_out.EvalConfig
 
 

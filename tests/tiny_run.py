@@ -1,4 +1,4 @@
-"""Tiny SPIRAL runs through the Trainer API for the resume, fault and export tests (issue 7).
+"""Tiny SPIRAL runs through the Trainer API for the resume, fault and export tests.
 
 A run is the tiny random policy on ``VoteTask`` (pseudo-random but deterministic rewards, so
 advantages are non-zero), with the same checkpoint IO and callbacks the CLI adds to every run.

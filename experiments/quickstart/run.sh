@@ -19,7 +19,7 @@ fi
 stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] quickstart stage $1"; }
 
 stage "1/7: build the tiny model -> $out/tiny"
-python -m spiral_lit.tools.tiny --out "$out/tiny"
+python -m spiral_lit tiny --out "$out/tiny"
 stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min) -> $out/warmstart_search"
 python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
 stage "3/7: warm start, both roles (120 steps) -> $out/warmstart"

@@ -1,14 +1,14 @@
-"""The small-scale reproduction (issue 9): SPIRAL against compute-matched GRPO on countdown.
+"""The small-scale reproduction (docs/algorithm.md §8.6): SPIRAL against compute-matched GRPO on countdown.
 
     python experiments/tiny_repro/run.py                 # the whole study (3 seeds)
     python experiments/tiny_repro/run.py --seeds 1       # re-run one seed's row
 
-1. build the tiny Llama and its tokenizer on countdown text (``python -m spiral_lit.tools.tiny``);
+1. build the tiny Llama and its tokenizer on countdown text (``python -m spiral_lit tiny``);
 2. warm-start both roles once (``warmstart.yaml``, then ``warmstart_agg.yaml`` for the aggregator); every RL
    run starts from this one checkpoint;
 3. per seed, train GRPO (``grpo.yaml``) and SPIRAL (``spiral.yaml``) for ``--steps`` steps of 8 prompts
    with the same output-token ceiling per prompt (12 x 96 = 24 x 48 = 1152);
-4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit.evaluation.compare`` on the same
+4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit compare`` on the same
    200 held-out problems and evaluation seeds (``eval.yaml``: pass@k, majority vote, single chains at
    three budgets, one aggregation with its diagnostics, the control sets, RSA by round);
 5. write ``results.json`` / ``results.md`` (mean, spread and per-seed values) and the figures.
@@ -105,7 +105,7 @@ def train_command(method: str, seed: int, steps: int, out: Path) -> list[str]:
 def compare_command(checkpoints: dict[str, Path], out_dir: Path) -> list[str]:
     specs = [f"{name}={path}" for name, path in checkpoints.items()]
     return [
-        sys.executable, "-m", "spiral_lit.evaluation.compare", "--config", str(HERE / "eval.yaml"),
+        sys.executable, "-m", "spiral_lit", "compare", "--config", str(HERE / "eval.yaml"),
         "--out", str(out_dir), "--checkpoints", *specs,
     ]  # fmt: skip
 
@@ -304,7 +304,8 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-m",
-            "spiral_lit.tools.tiny",
+            "spiral_lit",
+            "tiny",
             "--out",
             str(out / "tiny"),
             "--task",

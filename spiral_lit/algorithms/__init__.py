@@ -1,4 +1,4 @@
-"""Pure tensor maths of SPIRAL (method.md sections 2-4): set sampling, advantages, losses.
+"""Pure tensor maths of SPIRAL (docs/algorithm.md §2-§4): set sampling, advantages, losses.
 
 Imports nothing else of spiral_lit and nothing of Lightning, so it can be tested and
 reused on its own.
@@ -14,6 +14,7 @@ from spiral_lit.algorithms.advantages import (
 from spiral_lit.algorithms.losses import (
     LossType,
     Reduction,
+    loss_denominators,
     loss_normaliser,
     policy_loss,
     token_entropy,
@@ -28,6 +29,7 @@ __all__ = [
     "informative_groups",
     "informative_prompts",
     "length_gate",
+    "loss_denominators",
     "loss_normaliser",
     "policy_loss",
     "sample_member_sets",

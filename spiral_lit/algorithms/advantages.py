@@ -1,4 +1,4 @@
-"""Per-sequence advantages for SPIRAL and the GRPO baseline (method.md sections 3 and 5).
+"""Per-sequence advantages for SPIRAL and the GRPO baseline (docs/algorithm.md §3 and §5).
 
 Every advantage is a scalar per sequence; the loss broadcasts it to the sequence's tokens.
 
@@ -30,7 +30,7 @@ def _centre(values: torch.Tensor, scale_by_std: bool) -> torch.Tensor:
 def spiral_advantages(
     rewards: torch.Tensor, sets: torch.Tensor, n_search: int, scale_by_std: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPIRAL advantages of the search and aggregation traces (method.md section 3).
+    """SPIRAL advantages of the search and aggregation traces (docs/algorithm.md §3.1, §3.2).
 
     Args:
         rewards: ``[B, K, A]`` reward of aggregation sample j of set i, R[i, j].
@@ -67,7 +67,7 @@ def spiral_advantages(
 
 
 def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
-    """GRPO baseline advantages (method.md section 5): ``[B, G]`` reward minus group mean.
+    """GRPO baseline advantages (docs/algorithm.md §5): ``[B, G]`` reward minus group mean.
 
     With ``scale_by_std``, divided by (sample std of the group + 1e-6), as in the module docstring.
     """
@@ -77,7 +77,7 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.
 
 
 def length_gate(advantages: torch.Tensor, lengths: torch.Tensor, length_target: int) -> torch.Tensor:
-    """Zero the *positive* advantages of sequences longer than ``length_target`` (paper Eq. 8, section 3).
+    """Zero the *positive* advantages of sequences longer than ``length_target`` (paper Eq. 8, docs/algorithm.md §3.5).
 
     Negative and zero advantages are kept, so overlong wrong answers are still pushed down
     while overlong right ones are not rewarded. ``lengths`` has the shape of ``advantages``.
@@ -89,7 +89,7 @@ def length_gate(advantages: torch.Tensor, lengths: torch.Tensor, length_target: 
 
 
 def informative_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B]``: True (keep) where the group's rewards are not all equal (dynamic sampling, section 3).
+    """Bool ``[B]``: True (keep) where the group's rewards are not all equal (dynamic sampling, docs/algorithm.md §3.6).
 
     A group of equal rewards has all-zero advantages and carries no gradient signal.
     """
@@ -98,7 +98,7 @@ def informative_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
 
 
 def informative_prompts(rewards_BKA: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B]``: True (keep) where not every aggregation reward of the prompt is equal (section 3).
+    """Bool ``[B]``: True (keep) where not every aggregation reward of the prompt is equal (docs/algorithm.md §3.6).
 
     Then all set and aggregation advantages are zero, and so are the search advantages.
     """

@@ -1,13 +1,13 @@
-"""Policy-gradient surrogate losses and token log-probabilities (method.md section 4).
+"""Policy-gradient surrogate losses and token log-probabilities (docs/algorithm.md §4).
 
 One loss covers search and aggregation sequences alike: each sequence carries one scalar
-advantage (section 3) broadcast to its tokens. The loss type is a ``Literal`` dispatched in
+advantage (§3) broadcast to its tokens. The loss type is a ``Literal`` dispatched in
 exactly one place (:func:`_surrogate_BT`).
 
 Micro-batch invariance: :func:`policy_loss` divides the *sum* over kept tokens by a
 normaliser the caller computes once over the whole minibatch (all micro-batches, all ranks)
-with :func:`loss_normaliser`. Summing the micro-batch losses then gives the loss and gradient
-of one pass over the whole minibatch, whatever the split.
+with :func:`loss_normaliser` (per role: :func:`spiral_lit.algorithms.roles.role_normalisers`). Summing the
+micro-batch losses then gives the loss and gradient of one pass over the whole minibatch, whatever the split.
 """
 
 from __future__ import annotations
@@ -22,21 +22,34 @@ Reduction = Literal["token_mean", "seq_mean_token_sum_norm"]
 """``token_mean``: divide by the kept-token count; ``seq_mean_token_sum_norm``: by n_seq * const (Dr.GRPO)."""
 
 
-def loss_normaliser(mask_BT: torch.Tensor, reduction: Reduction, norm_const: float | None = None) -> torch.Tensor:
-    """The scalar the summed token loss is divided by (section 4, loss reductions).
+def loss_denominators(
+    tokens: torch.Tensor, sequences: torch.Tensor, reduction: Reduction, norm_const: float | None
+) -> torch.Tensor:
+    """The loss denominator of each group of tokens, elementwise over ``tokens`` / ``sequences`` (any shape, the
+    kept tokens and the sequences of each group), before the floor at 1 (docs/algorithm.md §4.5).
 
-    ``token_mean``: number of kept tokens (at least 1, so an empty batch gives loss 0, not NaN).
-    ``seq_mean_token_sum_norm``: number of sequences * ``norm_const`` (e.g. the max response
-    length), a constant that does not depend on how long the sampled sequences are.
-    Compute it over the whole minibatch, not per micro-batch (module docstring).
+    ``token_mean``: the number of kept tokens. ``seq_mean_token_sum_norm``: the number of sequences *
+    ``norm_const`` (e.g. the max response length), a constant that does not depend on how long the sampled
+    sequences are. The one implementation of the reductions: :func:`loss_normaliser` and
+    :func:`spiral_lit.algorithms.roles.role_normalisers` (what the update uses) both call it.
     """
     if reduction == "token_mean":
-        return mask_BT.sum().to(torch.float32).clamp(min=1.0)
+        return tokens.float()
     if reduction == "seq_mean_token_sum_norm":
         if norm_const is None or norm_const <= 0:
             raise ValueError(f"reduction='seq_mean_token_sum_norm' needs norm_const > 0; got norm_const={norm_const}")
-        return torch.tensor(mask_BT.shape[0] * float(norm_const), dtype=torch.float32, device=mask_BT.device)
+        return sequences.float() * float(norm_const)
     raise ValueError(f"reduction={reduction!r}; allowed: 'token_mean', 'seq_mean_token_sum_norm'")
+
+
+def loss_normaliser(mask_BT: torch.Tensor, reduction: Reduction, norm_const: float | None = None) -> torch.Tensor:
+    """The scalar the summed token loss of the rows of ``mask_BT`` ``[B, T]`` is divided by: :func:`loss_denominators`
+    of its kept tokens and its B sequences, at least 1 (so an empty batch gives loss 0, not NaN).
+
+    Compute it over the whole minibatch, not per micro-batch (module docstring).
+    """
+    sequences = torch.tensor(float(mask_BT.shape[0]), device=mask_BT.device)
+    return loss_denominators(mask_BT.sum(), sequences, reduction, norm_const).clamp(min=1.0)
 
 
 def _surrogate_BT(
@@ -74,7 +87,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     token_weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Surrogate loss of one micro-batch (section 4); returns ``(loss, stats)``.
+    """Surrogate loss of one micro-batch (docs/algorithm.md §4.2); returns ``(loss, stats)``.
 
     Per kept token: pg = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) for ``ppo_clip``, or
     -r A for ``reinforce_is``, with r = exp(logp - logp_old); plus ``kl_coef`` * k3(ref || pi)
@@ -139,7 +152,7 @@ def policy_loss(
 def truncated_importance_weights(
     trainer_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Truncated importance sampling (TIS) weights between the trainer and the sampler, per token (issue 10).
+    """Truncated importance sampling (TIS) weights of trainer against sampler, per token (docs/algorithm.md §4.3).
 
     When the rollout engine's log-probabilities differ from the trainer's (a bf16 engine, other kernels,
     weights a few updates stale), the tokens were drawn from pi_sampler, not from the pi_old the PPO ratio
@@ -196,7 +209,8 @@ def token_logprobs(
     Memory-lean: a chunk of rows at a time (:data:`LOGITS_CHUNK_BYTES` of float32; one row of a 150k vocabulary
     and 1k tokens is already more), so the forward pass holds at most a couple of chunk-sized temporaries instead
     of ``[B, T, V]`` copies; only the logsumexp input of each chunk is kept for backward (as TRL's
-    selective_log_softmax does). Small vocabularies take few chunks instead of one call per row (issue 8).
+    selective_log_softmax does). Small vocabularies take few chunks instead of one call per row
+    (docs/algorithm.md §8.2).
     """
     if logits_BTV.shape[0] == 0:
         return logits_BTV.new_zeros(targets_BT.shape, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """How the two roles (search, aggregation) share one update: loss normalisers and gradient norms per role.
 
-Both roles train one policy through one loss (docs/algorithm.md, losses and reductions). With the paper's
+Both roles train one policy through one loss (docs/algorithm.md §4.5, §4.6). With the paper's
 shared token mean, a role's weight in the gradient is its share of the minibatch's tokens: with 8 search
 and 16 aggregation traces per prompt, aggregation prompts carrying four candidates, search tokens are
 about a third of the denominator, and the search role's credit (set RL) is already weaker than GRPO's.
@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from spiral_lit.algorithms.losses import Reduction
+from spiral_lit.algorithms.losses import Reduction, loss_denominators
 
 RoleNormalisation = Literal["shared", "per_role"]
 
@@ -32,16 +32,10 @@ def role_normalisers(
     ``tokens_R`` / ``sequences_R``: kept completion tokens / sequences of each role in the minibatch (summed
     over ranks by the caller). ``shared``: every role gets the whole minibatch's denominator (the number of
     tokens for ``token_mean``, sequences x ``norm_const`` for ``seq_mean_token_sum_norm``). ``per_role``: each
-    role its own. At least 1, so an empty role or minibatch gives loss 0, not NaN.
+    role its own. At least 1, so an empty role or minibatch gives loss 0, not NaN. The reductions are
+    :func:`spiral_lit.algorithms.losses.loss_denominators`.
     """
-    if reduction == "token_mean":
-        per_role_R = tokens_R.float()
-    elif reduction == "seq_mean_token_sum_norm":
-        if norm_const is None or norm_const <= 0:
-            raise ValueError(f"reduction='seq_mean_token_sum_norm' needs norm_const > 0; got norm_const={norm_const}")
-        per_role_R = sequences_R.float() * float(norm_const)
-    else:
-        raise ValueError(f"reduction={reduction!r}; allowed: 'token_mean', 'seq_mean_token_sum_norm'")
+    per_role_R = loss_denominators(tokens_R, sequences_R, reduction, norm_const)
     if mode == "shared":
         return per_role_R.sum().expand_as(per_role_R).clamp(min=1.0)
     if mode == "per_role":

@@ -1,4 +1,4 @@
-"""Drawing the aggregation sets of a SPIRAL rollout (method.md section 2, step 2).
+"""Drawing the aggregation sets of a SPIRAL rollout (docs/algorithm.md §2.2).
 
 For each prompt, ``n_sets`` *distinct* unordered subsets of size ``set_size`` are drawn
 uniformly, without replacement, from all C(n_search, set_size) subsets of the search
@@ -68,8 +68,8 @@ def sample_sets(n_search: int, n_sets: int, set_size: int, generator: torch.Gene
     """Draw ``n_sets`` distinct subsets of ``range(n_search)``, uniformly without replacement.
 
     Returns a LongTensor ``[n_sets, set_size]``, indices ascending within each set (the set
-    is unordered; candidate order in the aggregation prompt is shuffled elsewhere, section 2
-    step 3). Raises ``ValueError`` for a count < 1, ``set_size > n_search`` or
+    is unordered; candidate order in the aggregation prompt is shuffled elsewhere,
+    docs/algorithm.md §1.2). Raises ``ValueError`` for a count < 1, ``set_size > n_search`` or
     ``n_sets > C(n_search, set_size)``.
     """
     n_subsets = _check_counts(n_search, n_sets, set_size)
@@ -91,7 +91,7 @@ def sample_sets_batch(
 def sample_member_sets(
     n_members: int, population: int, set_size: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Recursive self-aggregation's sets (method.md section 6): LongTensor ``[n_members, set_size]``.
+    """Recursive self-aggregation's sets (docs/algorithm.md §7.5): LongTensor ``[n_members, set_size]``.
 
     Each new member draws its own uniformly random ``set_size``-subset of ``range(population)``
     (indices ascending), independently of the others: unlike :func:`sample_sets`, two members

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any
 
 
@@ -12,5 +11,4 @@ def __getattr__(name: str) -> Any:
     held_out = importlib.import_module("spiral_lit.evaluation.held_out")
     if name.startswith("_") or not hasattr(held_out, name):
         raise AttributeError(f"module 'spiral_lit.evaluation' has no attribute {name!r}")
-    warnings.warn(f"spiral_lit.evaluation.{name} moved to spiral_lit.evaluation.held_out", FutureWarning, 2)
     return getattr(held_out, name)

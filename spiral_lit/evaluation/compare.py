@@ -1,7 +1,6 @@
-"""Compare checkpoints on the same held-out problems and seeds (issue 4).
+"""Compare checkpoints on the same held-out problems and seeds (docs/algorithm.md §7.6).
 
-    python -m spiral_lit.evaluation.compare --config experiments/quickstart/compare.yaml --out runs/quickstart/compare
-    \\
+    python -m spiral_lit compare --config experiments/quickstart/compare.yaml --out runs/quickstart/compare \\
         --checkpoints warmstart=runs/quickstart/warmstart/hf spiral=runs/quickstart/spiral/hf
 
 ``--config`` is any run YAML of ``python -m spiral_lit``: its task, held-out split, prompts,
@@ -10,8 +9,9 @@ CLI parser. Each checkpoint is ``name=path``: a Hugging Face directory (``save_p
 e.g. a run's ``hf/`` export), or a Lightning ``.ckpt`` whose policy weights are loaded over the
 config's ``model.init_args.policy.path`` (which then gives the architecture and tokenizer).
 Seeds derive from ``eval.seed`` and each problem's uid, so every checkpoint sees the same
-problems and draws, and the numbers equal those ``python -m spiral_lit validate`` logs with the
-same config.
+problems and draws. Each checkpoint is evaluated by ``trainer.validate`` on the config's Trainer, in one process
+(``devices: 1``, the default strategy, every held-out batch), so the numbers are those
+``python -m spiral_lit validate`` logs with the same config, without a logger.
 
 Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpoint),
 ``curves.csv``/``.json`` (accuracy, generated and prompt tokens per scaffold and x: token
@@ -33,16 +33,15 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import torch
+import lightning as L
 from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from spiral_lit.cli import SpiralCLI
+from spiral_lit.cli import PROG, SpiralCLI, run_alias
 from spiral_lit.cli import main as cli_main
-from spiral_lit.errors import UserError, run_main
+from spiral_lit.errors import PathNotFoundError, UserError
 from spiral_lit.evaluation.plots import FIGURES, curve_rows
 from spiral_lit.reliability.checkpointing import checkpoint_policy_path, load_checkpoint_file, state_dict_mismatch
 from spiral_lit.reliability.output_paths import atomic_dir, check_output
@@ -56,12 +55,12 @@ def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--checkpoints entry {spec!r}: expected name=path")
+            raise UserError(f"--checkpoints entry {spec!r}: expected name=path, e.g. spiral=runs/quickstart/spiral/hf")
         if name in out:
             raise ValueError(f"--checkpoints entry {spec!r}: the name {name!r} is used twice")
         checkpoint = Path(path)
         if not (checkpoint.is_dir() or (checkpoint.is_file() and checkpoint.suffix == ".ckpt")):
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"--checkpoints entry {spec!r}: {path} is neither a Hugging Face directory nor a Lightning .ckpt file"
             )
         out[name] = checkpoint
@@ -70,20 +69,31 @@ def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
     return out
 
 
+ONE_PROCESS = ["--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+"""compare writes its results from one process: the config's accelerator, one device, no sharding."""
+
+
 def _build(config: str, policy_dir: Path | None = None, heldout_size: int | None = None) -> SpiralCLI:
-    """The config's module (its policy from ``policy_dir`` if given) and data, weights loaded in its precision."""
-    args = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    """The config's module (its policy from ``policy_dir`` if given), data and Trainer (no logger, one process,
+    every held-out batch)."""
+    args = ["--config", config, "--trainer.logger", "false", *ONE_PROCESS, "--trainer.limit_val_batches", "null"]
     if policy_dir is not None:
         args += ["--model.init_args.policy.path", str(policy_dir)]
     if heldout_size is not None:
         args += ["--data.heldout_size", str(heldout_size)]
-    # LightningCLI warns when given args while sys.argv holds other ones (here: compare's own).
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = cli_main(args, run=False)
-    # The config's precision (e.g. bf16-true weights, bf16-mixed autocast), as `validate` applies it.
-    with cli.trainer.precision_plugin.module_init_context():
-        cli.model.configure_model()
-    return cli
+    return cli_main(args, run=False)
+
+
+class LoadPolicyWeights(L.Callback):
+    """Loads a Lightning checkpoint's policy weights once the Trainer has built and placed the module (after
+    ``configure_model``, as ``validate --ckpt_path`` loads a checkpoint), and only those: a warm-start checkpoint
+    is compared under a SPIRAL config like a SPIRAL one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.policy.load_state_dict(_policy_weights(self.path)[0])
 
 
 def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str | None]:
@@ -110,6 +120,9 @@ def check_checkpoints(specs: dict[str, Path], config: str) -> None:
     if not files:
         return
     cli = _build(config)
+    # The config's precision (e.g. bf16-true weights), as ``validate`` builds the module.
+    with cli.trainer.precision_plugin.module_init_context():
+        cli.model.configure_model()
     try:
         expected, ours = cli.model.policy.state_dict(), cli.model.policy_config.path
         for name, path in files.items():
@@ -121,36 +134,26 @@ def check_checkpoints(specs: dict[str, Path], config: str) -> None:
                     f"--checkpoints entry {name}={path}: the checkpoint does not fit the config's model "
                     f"(policy.path={ours!r}{source}): {'; '.join(problems)}. "
                     "Compare it with the --config of the run that wrote it, or export it "
-                    "(python -m spiral_lit.tools.export) and give the exported directory"
+                    f"({PROG} export) and give the exported directory"
                 )
     finally:
         cli.model.runtime.close()
 
 
 def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: int | None) -> dict[str, float]:
-    """Mean of every evaluation metric of one checkpoint over the config's held-out problems."""
+    """Mean of every evaluation metric of one checkpoint over the config's held-out problems: ``trainer.validate``
+    logs ``val/<metric>`` (:func:`~spiral_lit.training.strategy.log_eval_metrics`); returned without ``val/``."""
     cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
-    module, data, precision = cli.model, cli.datamodule, cli.trainer.precision_plugin
-    if checkpoint.is_file():
-        module.policy.load_state_dict(_policy_weights(checkpoint)[0])
-    module.eval()
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    problems, size = data.heldout, data.eval_batch_size
+    # Without a logger, validate would save the config into the working directory: compare writes only --out.
+    callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+    cli.trainer.callbacks = [*callbacks, LoadPolicyWeights(checkpoint)] if checkpoint.is_file() else callbacks
+    print(f"[spiral_lit] evaluating {name} ({checkpoint}) on {len(cli.datamodule.heldout)} held-out problems")
     try:
-        with tqdm(total=len(problems), desc=name, unit="problem") as bar:
-            for start in range(0, len(problems), size):
-                batch = problems[start : start + size]
-                with precision.val_step_context(), torch.inference_mode():
-                    values = module.evaluate_batch(batch)
-                for key, value in values.items():
-                    kept = value.double()[~value.isnan()]
-                    sums[key] = sums.get(key, 0.0) + float(kept.sum())
-                    counts[key] = counts.get(key, 0) + kept.numel()
-                bar.update(len(batch))
+        (logged,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     finally:
-        module.runtime.close()
-    return {key: sums[key] / counts[key] if counts[key] else math.nan for key in sums}
+        if cli.model.runtime is not None:
+            cli.model.runtime.close()
+    return {key.removeprefix("val/"): value for key, value in logged.items() if key.startswith("val/")}
 
 
 def _json_value(value: Any) -> Any:
@@ -234,7 +237,7 @@ def _bare_flag(argv: list[str], option: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Path:
     # jsonargparse's auto_cli drops a parameter named ``config``, so the parser is built from the signature here.
-    parser = ArgumentParser(prog="python -m spiral_lit.evaluation.compare", description=compare.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=f"{PROG} compare", description=compare.__doc__.splitlines()[0])
     parser.add_function_arguments(compare, as_group=False)
     argv = _bare_flag(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"), "--overwrite")
     args = parser.parse_args(argv)
@@ -242,4 +245,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_alias("compare", __spec__)

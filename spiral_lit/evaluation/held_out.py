@@ -1,4 +1,4 @@
-"""Held-out evaluation of the test-time scaffolds (method.md section 6; issue 4).
+"""Held-out evaluation of the test-time scaffolds (docs/algorithm.md §7).
 
 Per problem, with every seed derived from (``eval.seed``, problem uid), so that a problem's
 rollouts do not depend on the batch or rank it lands in (1 process and N DDP processes give
@@ -30,22 +30,23 @@ is undefined). :func:`spiral_lit.runtime.policy.log_eval_metrics` averages them 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from spiral_lit.evaluation.metrics import gather_sets, majority_vote_correct, pass_at_k, set_diagnostics
-from spiral_lit.prompts import PromptRenderer
-from spiral_lit.rollout.base import Completion, RolloutEngine, SamplingConfig
+from spiral_lit.rollout.base import Completion, SamplingConfig
+from spiral_lit.runtime.policy import Sampler
 from spiral_lit.scaffolds import (
     SearchRollout,
+    derive_seed,
     recursive_aggregation,
     sample_aggregations,
     sample_search,
-    stable_seed,
 )
-from spiral_lit.tasks.base import Problem
+from spiral_lit.tasks.base import Problem, answer_keys
 from spiral_lit.tasks.verify import Verifier
 
 PredictScaffold = Literal["single", "majority", "rsa"]
@@ -116,15 +117,17 @@ class Scored:
     """[B, N] bool: reward >= 1."""
     answers_BN: list[list[str | None]]
     """Extracted final answers (None = none found)."""
+    keys_BN: list[list[Hashable | None]]
+    """Their answer keys (``Task.answer_key``): what votes, distinct answers and copies compare."""
 
     def head(self, n: int) -> Scored:
         """The verdicts on each problem's first ``n`` traces."""
-        return Scored(self.correct_BN[:, :n], [a[:n] for a in self.answers_BN])
+        return Scored(self.correct_BN[:, :n], [a[:n] for a in self.answers_BN], [k[:n] for k in self.keys_BN])
 
     def majority_B(self) -> torch.Tensor:
-        """[B] float: 1 where the majority-voted answer is correct."""
+        """[B] float: 1 where the majority-voted answer is correct (equivalent answers vote together)."""
         return torch.tensor(
-            [float(majority_vote_correct(a, c)) for a, c in zip(self.answers_BN, self.correct_BN.tolist(), strict=True)]
+            [float(majority_vote_correct(k, c)) for k, c in zip(self.keys_BN, self.correct_BN.tolist(), strict=True)]
         )
 
 
@@ -133,7 +136,8 @@ def score_traces(verifier: Verifier, problems: list[Problem], traces_BN: list[li
     B, N = len(traces_BN), len(traces_BN[0])
     result = verifier.score([p for p in problems for _ in range(N)], [t.text for ts in traces_BN for t in ts])
     correct_BN = torch.tensor(result.rewards).view(B, N) >= 1.0
-    return Scored(correct_BN, [result.extracted[b * N : (b + 1) * N] for b in range(B)])
+    keys = answer_keys(verifier.task, problems, result.extracted)
+    return Scored(correct_BN, *([flat[b * N : (b + 1) * N] for b in range(B)] for flat in (result.extracted, keys)))
 
 
 def tokens_B(traces_BN: list[list[Completion]]) -> torch.Tensor:
@@ -159,9 +163,7 @@ def parallel_metrics(config: EvalConfig, search: SearchRollout, scored: Scored) 
 
 
 def sequential_metrics(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     budgets: list[int],
     sampling: SamplingConfig,
@@ -169,10 +171,12 @@ def sequential_metrics(
 ) -> dict[str, torch.Tensor]:
     """One trace per problem at each token budget (the same seed per problem across budgets)."""
     out: dict[str, torch.Tensor] = {}
-    seeds = [stable_seed(s, "sequential") for s in seeds]
+    seeds = [derive_seed(s, "sequential") for s in seeds]
     for budget in budgets:
-        rollout = sample_search(engine, renderer, problems, 1, replace(sampling, max_new_tokens=budget), seeds)
-        out[f"sequential/accuracy@{budget}"] = score_traces(verifier, problems, rollout.traces).correct_BN[:, 0].float()
+        budget_sampling = replace(sampling, max_new_tokens=budget)
+        rollout = sample_search(sampler.engine, sampler.renderer, problems, 1, budget_sampling, seeds)
+        correct_BN = score_traces(sampler.verifier, problems, rollout.traces).correct_BN
+        out[f"sequential/accuracy@{budget}"] = correct_BN[:, 0].float()
         out[f"sequential/tokens@{budget}"] = tokens_B(rollout.traces)
         out[f"sequential/prompt_tokens@{budget}"] = _prompt_tokens_B(rollout.prompts)
     return out
@@ -184,7 +188,7 @@ def _diagnostics(
     """Aggregation diagnostics, one value per set (flattened ``[B * K]``)."""
     B, K, S = sets_BKS.shape
     correct_BKS = candidates.correct_BN.gather(1, sets_BKS.reshape(B, K * S)).view(B, K, S)
-    diag = set_diagnostics(gather_sets(candidates.answers_BN, sets_BKS), correct_BKS, agg_correct_BKA)
+    diag = set_diagnostics(gather_sets(candidates.keys_BN, sets_BKS), correct_BKS, agg_correct_BKA)
     keys = ("set_oracle", "set_majority", "recovery", "override", "distinct_answers")
     out = {f"{prefix}/{k}": diag[k].flatten() for k in keys}
     return out | {
@@ -206,8 +210,13 @@ def accuracy_by_correct_count(correct_BKS: torch.Tensor, accuracy_BK: torch.Tens
     }
 
 
-def copies_candidate(answers_BA: list[list[str | None]], candidates_BS: list[list[str | None]]) -> torch.Tensor:
-    """[B] float: the fraction of a problem's aggregations whose answer is one of its shown candidates' answers."""
+def copies_candidate(
+    answers_BA: list[list[Hashable | None]], candidates_BS: list[list[Hashable | None]]
+) -> torch.Tensor:
+    """[B] float: the fraction of a problem's aggregations whose answer is one of its shown candidates' answers.
+
+    Both as answer keys of the aggregated problem (``Task.answer_key``), so a rewritten copy counts as a copy.
+    """
     shown_B = [{c for c in shown if c is not None} for shown in candidates_BS]
     return torch.tensor(
         [sum(a in shown for a in answers) / len(answers) for answers, shown in zip(answers_BA, shown_B, strict=True)]
@@ -215,9 +224,7 @@ def copies_candidate(answers_BA: list[list[str | None]], candidates_BS: list[lis
 
 
 def set_metrics(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     config: EvalConfig,
     search: SearchRollout,
@@ -228,10 +235,12 @@ def set_metrics(
     """``n_agg`` aggregations of the set of the first ``set_size`` search traces, with its diagnostics."""
     B, S = len(problems), config.set_size
     sets_BKS = torch.arange(S).expand(B, 1, S)
-    seeds = [stable_seed(s, "aggregation") for s in seeds]
-    agg = sample_aggregations(engine, renderer, problems, search.traces, sets_BKS, config.n_agg, sampling, seeds)
+    seeds = [derive_seed(s, "aggregation") for s in seeds]
+    agg = sample_aggregations(
+        sampler.engine, sampler.renderer, problems, search.traces, sets_BKS, config.n_agg, sampling, seeds
+    )
     agg_traces = [per_problem[0] for per_problem in agg.traces]
-    agg_correct_BA = score_traces(verifier, problems, agg_traces).correct_BN
+    agg_correct_BA = score_traces(sampler.verifier, problems, agg_traces).correct_BN
     return {
         "aggregation/accuracy": agg_correct_BA.float().mean(1),
         "aggregation/tokens": tokens_B([ts[:S] for ts in search.traces]) + tokens_B(agg_traces),
@@ -241,9 +250,7 @@ def set_metrics(
 
 
 def control_metrics(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     config: EvalConfig,
     search: SearchRollout,
@@ -259,9 +266,9 @@ def control_metrics(
     kept = [b for b in range(B) if len(wrong[b]) >= S]
     if kept:
         sets = torch.tensor([wrong[b][:S] for b in kept]).view(len(kept), 1, S)
-        control_seeds = [stable_seed(seeds[b], "control_wrong") for b in kept]
+        control_seeds = [derive_seed(seeds[b], "control_wrong") for b in kept]
         accuracy, copies = _aggregate_set(
-            engine, renderer, verifier, [problems[b] for b in kept], [search.traces[b] for b in kept],
+            sampler, [problems[b] for b in kept], [search.traces[b] for b in kept],
             [scored.answers_BN[b] for b in kept], sets, config.n_agg, sampling, control_seeds,
         )  # fmt: skip
         out["all_wrong_accuracy"][kept], out["all_wrong_copies"][kept] = accuracy, copies
@@ -269,18 +276,16 @@ def control_metrics(
         other = [(b + 1) % B for b in range(B)]
         sets = torch.arange(S).expand(B, 1, S)
         accuracy, copies = _aggregate_set(
-            engine, renderer, verifier, problems, [search.traces[o] for o in other],
+            sampler, problems, [search.traces[o] for o in other],
             [scored.answers_BN[o] for o in other], sets, config.n_agg, sampling,
-            [stable_seed(s, "control_shuffled") for s in seeds],
+            [derive_seed(s, "control_shuffled") for s in seeds],
         )  # fmt: skip
         out["shuffled_accuracy"], out["shuffled_copies"] = accuracy, copies
     return {f"control/{k}": v for k, v in out.items()}
 
 
 def _aggregate_set(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     candidates: list[list[Completion]],
     candidate_answers: list[list[str | None]],
@@ -290,16 +295,18 @@ def _aggregate_set(
     seeds: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] accuracy, [B] copy rate) of ``n_agg`` aggregations of one set per problem."""
-    agg = sample_aggregations(engine, renderer, problems, candidates, sets_B1S, n_agg, sampling, seeds)
-    scored = score_traces(verifier, problems, [per_problem[0] for per_problem in agg.traces])
-    shown = [[answers[int(i)] for i in set_S[0]] for answers, set_S in zip(candidate_answers, sets_B1S, strict=True)]
-    return scored.correct_BN.float().mean(1), copies_candidate(scored.answers_BN, shown)
+    agg = sample_aggregations(sampler.engine, sampler.renderer, problems, candidates, sets_B1S, n_agg, sampling, seeds)
+    scored = score_traces(sampler.verifier, problems, [per_problem[0] for per_problem in agg.traces])
+    shown = [answers[int(i)] for answers, set_S in zip(candidate_answers, sets_B1S, strict=True) for i in set_S[0]]
+    # Keyed against the problem being aggregated: the shuffled control shows another problem's candidates.
+    shown_keys = answer_keys(sampler.verifier.task, problems, shown)
+    S = sets_B1S.shape[-1]
+    shown_BS = [shown_keys[b * S : (b + 1) * S] for b in range(len(problems))]
+    return scored.correct_BN.float().mean(1), copies_candidate(scored.keys_BN, shown_BS)
 
 
 def rsa_metrics(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     config: EvalConfig,
     search: SearchRollout,
@@ -311,8 +318,8 @@ def rsa_metrics(
     N = config.rsa_population
     population = [ts[:N] for ts in search.traces]
     rounds = recursive_aggregation(
-        engine, renderer, problems, population, config.rsa_rounds, config.rsa_set_size, sampling,
-        [stable_seed(s, "rsa") for s in seeds],
+        sampler.engine, sampler.renderer, problems, population, config.rsa_rounds, config.rsa_set_size, sampling,
+        [derive_seed(s, "rsa") for s in seeds],
     )  # fmt: skip
     previous = scored.head(N)
     tokens, prompt_tokens = tokens_B(population), _prompt_tokens_B(search.prompts)
@@ -320,7 +327,7 @@ def rsa_metrics(
     out |= {"rsa/tokens@0": tokens, "rsa/prompt_tokens@0": prompt_tokens}
     for t, agg in enumerate(rounds, start=1):
         members = [[per_set[0] for per_set in per_problem] for per_problem in agg.traces]
-        current = score_traces(verifier, problems, members)
+        current = score_traces(sampler.verifier, problems, members)
         tokens = tokens + tokens_B(members)
         prompt_tokens = prompt_tokens + torch.tensor([float(sum(len(p) for p in ps)) for ps in agg.prompts])
         out |= {f"rsa/accuracy@{t}": current.correct_BN.float().mean(1), f"rsa/majority@{t}": current.majority_B()}
@@ -332,23 +339,20 @@ def rsa_metrics(
 
 
 def evaluate_problems(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     config: EvalConfig,
     search_sampling: SamplingConfig,
     aggregation_sampling: SamplingConfig,
 ) -> dict[str, torch.Tensor]:
     """Every configured scaffold on ``problems``: ``{name: values}`` (module docstring)."""
-    seeds = [stable_seed(config.seed, p.uid) for p in problems]
+    seeds = [derive_seed(config.seed, p.uid) for p in problems]
     n_traces = max(config.n_samples, config.rsa_population if config.rsa_rounds else 0)
-    search = sample_search(
-        engine, renderer, problems, n_traces, search_sampling, [stable_seed(s, "search") for s in seeds]
-    )
-    scored = score_traces(verifier, problems, search.traces)
+    search_seeds = [derive_seed(s, "search") for s in seeds]
+    search = sample_search(sampler.engine, sampler.renderer, problems, n_traces, search_sampling, search_seeds)
+    scored = score_traces(sampler.verifier, problems, search.traces)
     out = parallel_metrics(config, search, scored)
-    args = (engine, renderer, verifier, problems)
+    args = (sampler, problems)
     if config.budgets:
         out |= sequential_metrics(*args, config.budgets, search_sampling, seeds)
     if config.set_size:

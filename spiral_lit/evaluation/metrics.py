@@ -1,6 +1,8 @@
-"""Evaluation metrics of method.md section 6: pass@k, majority vote and aggregation diagnostics.
+"""Evaluation metrics of docs/algorithm.md §7: pass@k, majority vote and aggregation diagnostics.
 
-Pure functions on Python numbers, answer strings and tensors. Evaluation turns them into
+Pure functions on Python numbers, answers and tensors. Answers are compared by a key, never a task: a
+``key`` function (``Callable[[A], Hashable]``) where the vote must return an answer, or answer keys
+(:meth:`spiral_lit.tasks.base.Task.answer_key`) in place of the answers. Evaluation turns them into
 per-problem values that :func:`spiral_lit.runtime.policy.log_eval_metrics` accumulates with
 torchmetrics (so several ranks sum correctly); training logs their step means.
 """
@@ -8,16 +10,17 @@ torchmetrics (so several ranks sum correctly); training logs their step means.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+A = TypeVar("A", bound=Hashable)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (section 6).
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (docs/algorithm.md §7.2).
 
     pass@k = 1 - C(n - c, k) / C(n, k), the chance that k samples drawn without replacement
     from the n include a correct one. Evaluated in the product form
@@ -35,33 +38,47 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent non-None answer (maj@n, section 6); None if every answer is None.
+def _identity(answer: A) -> Hashable:
+    return answer
 
-    Tie rule: among answers with the top count, the one that appeared FIRST in ``answers``
-    wins, so the vote is deterministic given the order of the traces.
+
+def majority_index(answers: Sequence[A | None], key: Callable[[A], Hashable] = _identity) -> int | None:
+    """The position of the majority-voted answer (maj@n, docs/algorithm.md §7.2); None if every answer is None.
+
+    Answers vote by ``key(answer)`` (e.g. countdown's ``(1+5)*5`` and ``5*(1+5)`` are one vote); the winner
+    is the first answer whose key got the most votes. Tie rule: among keys with the top count, the one that
+    appeared FIRST in ``answers`` wins, so the vote is deterministic given the order of the traces.
     """
-    counts: dict[str, int] = {}  # insertion order = order of first appearance
-    for answer in answers:
+    counts: dict[Hashable, int] = {}  # insertion order = order of first appearance
+    first: dict[Hashable, int] = {}
+    for i, answer in enumerate(answers):
         if answer is not None:
-            counts[answer] = counts.get(answer, 0) + 1
+            k = key(answer)
+            counts[k] = counts.get(k, 0) + 1
+            first.setdefault(k, i)
     if not counts:
         return None
-    # max() returns the first maximal key in iteration order, i.e. the earliest answer.
-    return max(counts, key=counts.__getitem__)
+    # max() returns the first maximal key in iteration order, i.e. the earliest one.
+    return first[max(counts, key=counts.__getitem__)]
 
 
-def majority_vote_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+def majority_vote(answers: Sequence[A | None], key: Callable[[A], Hashable] = _identity) -> A | None:
+    """The majority-voted answer itself (:func:`majority_index`): an answer of ``answers``, or None."""
+    index = majority_index(answers, key)
+    return None if index is None else answers[index]
+
+
+def majority_vote_correct(
+    answers: Sequence[A | None], correct: Sequence[bool], key: Callable[[A], Hashable] = _identity
+) -> bool:
     """Whether the majority-voted answer is correct: the correctness of the first trace that gave it.
 
     False when no trace has an answer. ``correct[i]`` is the verifier's verdict on ``answers[i]``.
     """
     if len(answers) != len(correct):
         raise ValueError(f"answers ({len(answers)}) and correct ({len(correct)}) must have the same length")
-    voted = majority_vote(answers)
-    if voted is None:
-        return False
-    return bool(correct[list(answers).index(voted)])
+    index = majority_index(answers, key)
+    return index is not None and bool(correct[index])
 
 
 def gather_sets(per_trace_BN: Sequence[Sequence[T]], sets_BKS: torch.Tensor) -> list[list[list[T]]]:
@@ -70,14 +87,15 @@ def gather_sets(per_trace_BN: Sequence[Sequence[T]], sets_BKS: torch.Tensor) -> 
 
 
 def set_diagnostics(
-    answers_BKS: Sequence[Sequence[Sequence[str | None]]],
+    answers_BKS: Sequence[Sequence[Sequence[Hashable | None]]],
     candidate_correct_BKS: torch.Tensor,
     aggregation_correct_BKA: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """What aggregation does with each set: float tensors ``[B, K]`` (issue 4).
+    """What aggregation does with each set: float tensors ``[B, K]`` (docs/algorithm.md §7.4).
 
     Args:
-        answers_BKS: the candidates' extracted final answers (None = none found).
+        answers_BKS: the candidates' answer keys (:meth:`~spiral_lit.tasks.base.Task.answer_key` of the
+            extracted final answers, so equivalent answers vote and count as one; None = none found).
         candidate_correct_BKS: [B, K, S] bool, the verifier's verdict on each candidate.
         aggregation_correct_BKA: [B, K, A] bool, the verdict on each of the set's A aggregation traces.
 

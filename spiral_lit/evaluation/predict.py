@@ -14,15 +14,15 @@ file without an ``answer`` has ``metadata["has_reference"] = False`` and gets no
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from spiral_lit.evaluation.held_out import EvalConfig
 from spiral_lit.evaluation.metrics import majority_vote
-from spiral_lit.prompts import PromptRenderer
-from spiral_lit.rollout.base import Completion, RolloutEngine, SamplingConfig
-from spiral_lit.scaffolds import recursive_aggregation, sample_search, stable_seed
+from spiral_lit.rollout.base import Completion, SamplingConfig
+from spiral_lit.runtime.policy import Sampler
+from spiral_lit.scaffolds import derive_seed, recursive_aggregation, sample_search
 from spiral_lit.tasks.base import Problem
-from spiral_lit.tasks.verify import Verifier
 
 
 def has_reference(problem: Problem) -> bool:
@@ -31,9 +31,7 @@ def has_reference(problem: Problem) -> bool:
 
 
 def predict_problems(
-    engine: RolloutEngine,
-    renderer: PromptRenderer,
-    verifier: Verifier,
+    sampler: Sampler,
     problems: list[Problem],
     config: EvalConfig,
     search_sampling: SamplingConfig,
@@ -41,8 +39,9 @@ def predict_problems(
 ) -> list[dict[str, Any]]:
     """One record per problem: ``id``, ``question``, ``answer``, ``correct`` (with a reference), ``traces``,
     and ``aggregations`` (RSA: one list of member texts per round)."""
-    seeds = [stable_seed(config.seed, p.uid) for p in problems]
-    search_seeds = [stable_seed(s, "search") for s in seeds]
+    seeds = [derive_seed(config.seed, p.uid) for p in problems]
+    search_seeds = [derive_seed(s, "search") for s in seeds]
+    engine, renderer, verifier = sampler.engine, sampler.renderer, sampler.verifier
     rounds: list[list[list[Completion]]] = []  # [round][B][N]
     if config.predict_scaffold == "single":
         traces = sample_search(engine, renderer, problems, 1, search_sampling, search_seeds).traces
@@ -52,14 +51,16 @@ def predict_problems(
         traces = sample_search(engine, renderer, problems, config.rsa_population, search_sampling, search_seeds).traces
         rsa = recursive_aggregation(
             engine, renderer, problems, traces, config.rsa_rounds, config.rsa_set_size, aggregation_sampling,
-            [stable_seed(s, "rsa") for s in seeds],
+            [derive_seed(s, "rsa") for s in seeds],
         )  # fmt: skip
         rounds = [[[per_set[0] for per_set in per_problem] for per_problem in agg.traces] for agg in rsa]
     else:
         raise ValueError(f"eval.predict_scaffold={config.predict_scaffold!r}; allowed: 'single', 'majority', 'rsa'")
     final = rounds[-1] if rounds else traces
     answers = [[verifier.task.extract_answer(t.text) for t in ts] for ts in final]
-    voted = [majority_vote(a) for a in answers]
+    # Equivalent answers (Task.answer_key) vote together; the winner is the first answer with the winning key.
+    keys = [partial(verifier.task.answer_key, problem=p) for p in problems]
+    voted = [majority_vote(a, key) for a, key in zip(answers, keys, strict=True)]
     # correct = the verdict on the first trace that gave the voted answer (as maj@n in evaluation).
     scored = [b for b, p in enumerate(problems) if has_reference(p) and voted[b] is not None]
     texts = [final[b][answers[b].index(voted[b])].text for b in scored]

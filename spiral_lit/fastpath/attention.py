@@ -1,4 +1,4 @@
-"""Decode attention over a prompt KV cache shared by all samples of the prompt (issue 5).
+"""Decode attention over a prompt KV cache shared by all samples of the prompt (docs/algorithm.md §8.1).
 
 The ``n`` samples of one prompt attend to the same prompt keys/values. Copying them to
 every sample row makes each decode step read the prompt cache ``n`` times, which is what

@@ -1,4 +1,4 @@
-"""One decode step of a Llama-family model written out over its own modules, with fused projections (issue 5).
+"""One decode step of a Llama-family model written out over its modules, fused projections (docs/algorithm.md §8.1).
 
 The engine's generic decode step is the model's ``forward``. :class:`FusedDecoder` computes the
 same step with less work around the matmuls, which is what a 2-core CPU spends a decode step's
@@ -110,7 +110,7 @@ class _Projection:
     On CPU in fp32 the weight can also be packed by MKL for a given row count (``pack``; the
     op torch.compile's CPU weight freezing uses): a decode step multiplies ~128 rows by every
     weight, few enough that the weight repacking inside each plain matmul is a large share of
-    the work. Packed, the 50M benchmark model's decode matmuls ran ~25% faster (issue 5).
+    the work. Packed, the 50M benchmark model's decode matmuls ran ~25% faster.
     Other row counts, e.g. after a compaction, use ``F.linear`` on the unpacked weight; both
     give the same numbers up to rounding.
     """

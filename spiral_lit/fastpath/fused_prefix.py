@@ -1,4 +1,4 @@
-"""The shared-prefix training forward of a Llama-family model, written out over its own modules (issue 8).
+"""The shared-prefix training forward of a Llama-family model, written out over its modules (docs/algorithm.md §8.2).
 
 :func:`spiral_lit.training.prefix_forward.shared_prefix_logits` runs the model's ``forward`` twice (the distinct
 prompts,
@@ -97,7 +97,7 @@ def gathered_attention(
     Each row gets its own copy of its prompt's keys/values in front of its own, and all rows go through one fused
     attention call. Where prompts are short next to their rows (GRPO: 53-token prompts, 8 rows of 64 tokens), the
     copies are small, and the fused kernel's forward and backward took half the time of scoring the prefix with
-    one batched matmul and a separate softmax (issue 8). ``keep_prefix_PL``: True = a real prefix token; K key heads
+    one batched matmul and a separate softmax. ``keep_prefix_PL``: True = a real prefix token; K key heads
     are shared by H / K query heads each (grouped-query attention). Every query sees its own key, so no softmax row
     is empty.
     """

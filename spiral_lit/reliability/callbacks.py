@@ -1,4 +1,4 @@
-"""Callbacks that every run uses: exact resume and a clean stop on SIGTERM/SIGINT (issue 7), Hugging Face
+"""Callbacks that every run uses: exact resume and a clean stop on SIGTERM/SIGINT (docs/algorithm.md §8.4), Hugging Face
 export of the policy, predict's JSONL writer.
 
 The CLI adds :class:`ResumeState` and :class:`GracefulStop` to every run (with
@@ -129,7 +129,7 @@ class HFExport(L.Callback):
 
     The location is checked when fit is set up, before training: it must not be (or contain) the run's log or
     checkpoint directory or the model it trains, and may hold only an earlier export of ours unless
-    ``overwrite``. From any checkpoint instead: ``python -m spiral_lit.tools.export --config X.yaml --ckpt_path CKPT
+    ``overwrite``. From any checkpoint instead: ``python -m spiral_lit export --config X.yaml --ckpt_path CKPT
     --out DIR``.
     """
 
@@ -177,7 +177,7 @@ class HFExport(L.Callback):
 
 
 class ResumeState(L.Callback):
-    """Makes ``fit --ckpt_path`` continue as if the run had never stopped (issue 7).
+    """Makes ``fit --ckpt_path`` continue as if the run had never stopped (docs/algorithm.md §8.4).
 
     Checkpoints hold the torch, CUDA, Python and NumPy RNG states of every rank, restored on load.
     On its own that is not enough: between a checkpoint and the next step an uninterrupted run may draw

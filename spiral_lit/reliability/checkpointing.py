@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes and refuse to load into the wrong model (issue 7).
+"""Checkpoints that survive crashes and refuse to load into the wrong model (docs/algorithm.md §8.4).
 
 - :class:`AtomicCheckpointIO` (the CLI adds it to every run) writes a checkpoint to a hidden
   file beside its target, fsyncs it and renames it over the target, so ``last.ckpt`` is always

@@ -1,4 +1,4 @@
-"""Faults during a run that must neither corrupt the policy nor go unnoticed (issue 7).
+"""Faults during a run that must neither corrupt the policy nor go unnoticed (docs/algorithm.md §8.4).
 
 A NaN or Inf loss poisons every weight it touches through one optimiser step, and with Adam
 the poison stays in the moment estimates after the loss is finite again. So a step whose

@@ -1,7 +1,7 @@
 """Output locations that never destroy what spiral_lit did not write, and writes that land whole or not at all.
 
-Every writer (``predict``'s JSONL, ``python -m spiral_lit.tools.export``, the ``HFExport`` callback,
-``python -m spiral_lit.evaluation.compare --out``) calls :func:`check_output` before any expensive work, and writes
+Every writer (``predict``'s JSONL, ``python -m spiral_lit export``, the ``HFExport`` callback,
+``python -m spiral_lit compare --out``) calls :func:`check_output` before any expensive work, and writes
 through :func:`atomic_dir` or :func:`partial_file` / :func:`commit_file`.
 
 **What may be replaced without asking.** A location that does not exist, an empty directory, an empty file,

@@ -65,7 +65,7 @@ class RolloutEngine(Protocol):
 
     With one seed per prompt, a prompt's completions do not depend on the other prompts of the
     request either (up to floating point, see :mod:`spiral_lit.rollout.kv_cache`): evaluation relies
-    on it so that a problem's rollouts are the same whichever batch or rank it lands in (issue 4).
+    on it so that a problem's rollouts are the same whichever batch or rank it lands in (docs/algorithm.md §7.1).
     """
 
     def generate(

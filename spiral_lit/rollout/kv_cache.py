@@ -1,4 +1,4 @@
-"""Our own rollout engine: a decode loop over a Hugging Face causal LM's forward (issue 5).
+"""Our own rollout engine: a decode loop over a Hugging Face causal LM's forward (docs/algorithm.md §8.1).
 
 What it does that ``model.generate`` (:mod:`spiral_lit.rollout.hf`) does not:
 
@@ -187,7 +187,7 @@ class KVCacheEngine:
         self.model.eval()
         try:
             # Inference mode, not just no_grad: it skips the autograd view/version bookkeeping of the decode
-            # loop's many small ops (6-9% of a decode step on 2 CPU threads, issue 5). Returned tensors are
+            # loop's many small ops (6-9% of a decode step on 2 CPU threads). Returned tensors are
             # made outside it (_completions), so callers can use them in autograd.
             with torch.inference_mode():
                 # Fused weights are copied per call, so they are the weights being trained right now.

@@ -1,4 +1,4 @@
-"""The ``vllm`` rollout backend: a vLLM engine colocated with the trainer (issue 10).
+"""The ``vllm`` rollout backend: a vLLM engine colocated with the trainer (docs/algorithm.md §8.1).
 
 One engine per training rank, created once per run from the policy's weights (written once to
 a temporary directory with the tokenizer), running in the training process itself

@@ -1,4 +1,4 @@
-"""The policy's weights as an inference engine loads them: checkpoint names, LoRA merged (issue 10).
+"""The policy's weights as an inference engine loads them: checkpoint names, LoRA merged (docs/algorithm.md §8.1).
 
 An engine that keeps its own copy of the weights (vLLM) needs, after every update, the tensors
 a ``save_pretrained`` of the *merged* model would hold. :func:`policy_weights` yields them one

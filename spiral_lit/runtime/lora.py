@@ -1,4 +1,4 @@
-"""LoRA adapters through ``peft`` (issue 6): the paper trains Qwen3-4B-Instruct with a rank-32 LoRA.
+"""LoRA adapters through ``peft`` (docs/algorithm.md §8.3): the paper trains Qwen3-4B-Instruct with a rank-32 LoRA.
 
 ``policy.lora`` in YAML turns it on. The adapted model stays a ``peft.PeftModel`` (``module.policy``),
 so export can detect it and merge the adapter. With a KL penalty, the reference log-probabilities

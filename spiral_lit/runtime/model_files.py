@@ -58,7 +58,7 @@ TOKENIZER_PATTERNS = ("tokenizer.json", "*.model", "vocab*", "merges.txt", "*.ti
 """A fast tokenizer's ``tokenizer.json`` or a vocabulary a slow one (sentencepiece, BPE, WordPiece, tiktoken) reads."""
 PROBE_TIMEOUT_S = 10.0
 HINT = (
-    "Build the quickstart's tiny model with `python -m spiral_lit.tools.tiny --out DIR`, or run the stage that exports "
+    "Build the quickstart's tiny model with `python -m spiral_lit tiny --out DIR`, or run the stage that exports "
     "it first (a run's hf/ directory)"
 )
 

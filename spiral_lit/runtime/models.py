@@ -156,9 +156,9 @@ def _tokenizer(config: PolicyConfig, kwargs: dict[str, Any]) -> PreTrainedTokeni
 
 def context_length(config: PolicyConfig) -> int | None:
     """The longest sequence the policy was built for, read from its config alone (no weights): the checks of
-    token budgets run before any model is loaded (issue 7). None when the config does not say, or is not a plain
-    model config (a LoRA adapter directory). A missing directory, or a hub id neither reachable nor cached, raises
-    (:func:`check_policy_files`)."""
+    token budgets run before any model is loaded (docs/algorithm.md §8.4). None when the config does not say, or is
+    not a plain model config (a LoRA adapter directory). A missing directory, or a hub id neither reachable nor
+    cached, raises (:func:`check_policy_files`)."""
     kwargs = check_policy_files(config, tokenizer=False, model=False)
     try:
         model_config = AutoConfig.from_pretrained(config.path, **kwargs)

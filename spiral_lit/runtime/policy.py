@@ -2,7 +2,7 @@
 engine and a verifier, built once in ``configure_model`` (so sharding strategies see the
 model there) and shared by training and evaluation.
 
-The policy is built in one order (issue 6): load (with gradient checkpointing), keep a frozen
+The policy is built in one order (docs/algorithm.md §8.3): load (with gradient checkpointing), keep a frozen
 copy for the KL reference when one is needed and there is no adapter to switch off, add LoRA,
 shard with FSDP2 when Lightning gives the module a device mesh.
 """
@@ -18,7 +18,8 @@ from typing import Any, Literal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
-from spiral_lit.rollout import Backend, RolloutEngine, VLLMConfig, make_engine
+from spiral_lit.rollout import Backend, RolloutEngine, VLLMConfig, check_backend, make_engine
+from spiral_lit.rollout.vllm_engine import sync_rollout_weights
 from spiral_lit.runtime.lora import AdapterDisabledReference, adapted_model, apply_lora
 from spiral_lit.runtime.models import PolicyConfig, load_policy
 from spiral_lit.runtime.sharding import gathered_params, mark_lockstep_generate, shard_fsdp2
@@ -39,6 +40,16 @@ class VerifierConfig:
     sockets); see ``spiral_lit.tasks.sandbox``. Model output is hostile input: turn off only to debug a scorer."""
     memory_limit_mb: int = 8192
     """Address-space limit of each sandboxed scoring process, in MiB; 0 for none."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What evaluation samples and scores with (:mod:`spiral_lit.evaluation.held_out`, ``predict``): the rollout
+    engine, the prompt renderer and the verifier of one policy, as :attr:`PolicyRuntime.sampler` bundles them."""
+
+    engine: RolloutEngine
+    renderer: PromptRenderer
+    verifier: Verifier
 
 
 Sharding = Literal["none", "fsdp1", "fsdp2"]
@@ -67,13 +78,9 @@ class PolicyRuntime:
             kl_reference: Also provide ``reference``, the frozen starting policy (for a KL penalty).
             sharding: The strategy's sharding (:func:`sharding_of`).
             device_mesh: The data-parallel mesh to shard over with FSDP2 (``sharding="fsdp2"``).
-            vllm: Settings of the ``vllm`` backend's engine (issue 10).
+            vllm: Settings of the ``vllm`` backend's engine (docs/algorithm.md §8.1).
         """
-        if sharding != "none" and backend != "hf":
-            raise ValueError(
-                f"model.rollout_backend={backend!r} cannot decode a policy sharded with FSDP ({sharding}): its "
-                "decode loop and fused weights assume unsharded modules; set model.rollout_backend: hf"
-            )
+        check_backend(backend, sharding)  # before the policy is loaded
         self.model: PreTrainedModel
         self.tokenizer: PreTrainedTokenizerBase
         model, self.tokenizer = load_policy(policy_config)
@@ -92,7 +99,7 @@ class PolicyRuntime:
         self.model = model
         self.reference: Callable[..., Any] | None = frozen
         if kl_reference and policy_config.lora is not None:
-            self.reference = AdapterDisabledReference(model)  # the same weights, adapter off (issue 6)
+            self.reference = AdapterDisabledReference(model)  # the same weights, adapter off (docs/algorithm.md §4.4)
         self.task = task
         self.renderer = PromptRenderer(self.tokenizer, prompts, task.answer_instruction)
         # The engine calls the adapted Hugging Face model (LoRA active) with its own forward signature.
@@ -123,9 +130,15 @@ class PolicyRuntime:
         else:
             self._held.close()
 
-    def triple(self) -> tuple[RolloutEngine, PromptRenderer, Verifier]:
-        """(engine, renderer, verifier): what the evaluation functions take."""
-        return self.engine, self.renderer, self.verifier
+    @property
+    def sampler(self) -> Sampler:
+        """The engine, renderer and verifier: what the evaluation functions take."""
+        return Sampler(self.engine, self.renderer, self.verifier)
+
+    def sync_weights(self) -> None:
+        """Phase 0 of a training step: an engine holding its own copy of the weights (vLLM) gets the updated ones,
+        lazily (:func:`spiral_lit.rollout.vllm_engine.sync_rollout_weights`)."""
+        sync_rollout_weights(self.engine)
 
     def close(self) -> None:
         self.verifier.close()

@@ -1,4 +1,4 @@
-"""Sharding the policy with FSDP2 and gathering it for rollouts (issue 6).
+"""Sharding the policy with FSDP2 and gathering it for rollouts (docs/algorithm.md §8.3).
 
 Under Lightning's ``ModelParallelStrategy`` the LightningModule shards its own model in
 ``configure_model``: :func:`shard_fsdp2` applies ``fully_shard`` to every decoder layer (the

@@ -5,12 +5,17 @@ data stream is deterministic, shardable and resumable) and scores an already
 extracted final answer. Scoring may be slow or hang on adversarial input, so it is
 run through :class:`spiral_lit.tasks.verify.Verifier`, never called directly in the
 training loop.
+
+Answers are compared (majority vote, RSA's vote, distinct answers per set, copy rates) by their
+:meth:`Task.answer_key`, not as raw strings: in countdown ``(1+5)*5`` and ``5*(1+5)`` are one answer,
+and a policy that writes it in several ways must not lose votes for it (docs/algorithm.md §7.2).
 """
 
 from __future__ import annotations
 
 import abc
 import random
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +86,20 @@ class Task(abc.ABC):
         must check it against a strict grammar first and raise :class:`UnsafeAnswer` otherwise.
         """
 
+    def answer_key(self, answer: str, problem: Problem) -> Hashable:
+        """A canonical form of an extracted answer: answers with equal keys count as one answer wherever answers
+        are compared (majority vote, RSA's vote, distinct answers, copy rates); the vote's winner is still the
+        first answer string with the winning key, so scoring is unchanged.
+
+        Answers with equal keys should get the same score on ``problem``: a key may split answers the scorer
+        treats alike, and should join only answers that differ in form (spacing, ``0.5`` and ``1/2``). Runs in
+        the trainer process, not in a verifier worker, on hostile model output: it must be fast and bounded,
+        and must never evaluate the answer as code. The default is the stripped string; the built-in tasks
+        override it (countdown: the value and the numbers used; chain sums: the integer; math: math-verify's
+        parse; reasoning-gym: the text with whitespace runs collapsed).
+        """
+        return answer.strip()
+
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` plausible but wrong worked solutions, for aggregation warm-start data.
 
@@ -90,3 +109,22 @@ class Task(abc.ABC):
             f"task {self.name!r} cannot build wrong candidate solutions; aggregation warm start needs a task "
             "with worked solutions (e.g. the built-in chain_sum task)"
         )
+
+
+def answer_keys(task: Task, problems: Sequence[Problem], answers: Sequence[str | None]) -> list[Hashable | None]:
+    """``task.answer_key`` of every answer (None, no answer, stays None); ``answers`` holds the same number of
+    answers per problem, problem-major. Each distinct (problem, answer) is keyed once."""
+    if (problems and len(answers) % len(problems)) or (not problems and answers):
+        raise ValueError(f"{len(answers)} answers do not split evenly over {len(problems)} problems")
+    per_problem = len(answers) // len(problems) if problems else 0
+    cache: dict[tuple[int, str], Hashable] = {}
+    keys: list[Hashable | None] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            keys.append(None)
+            continue
+        b = i // per_problem
+        if (b, answer) not in cache:
+            cache[b, answer] = task.answer_key(answer, problems[b])
+        keys.append(cache[b, answer])
+    return keys

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Hashable
 
 from spiral_lit.tasks.base import Problem, Split, Task
 
@@ -66,6 +67,11 @@ class ChainSumTask(Task):
         if match is None:
             return 0.0
         return float(int(match.group(1)) == int(problem.answer))
+
+    def answer_key(self, answer: str, problem: Problem) -> Hashable:
+        """The integer the answer writes (``+1234``, ``01234`` and ``1234`` are one answer), else the stripped text."""
+        match = _INTEGER.fullmatch(answer)
+        return answer.strip() if match is None else int(match.group(1))
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions with one slip at a random step, carried through so every later line is right.

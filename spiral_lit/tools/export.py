@@ -1,6 +1,6 @@
-"""Export any checkpoint as a Hugging Face directory (issue 7).
+"""Export any checkpoint as a Hugging Face directory (docs/algorithm.md §8.4).
 
-    python -m spiral_lit.tools.export --config experiments/quickstart/spiral.yaml \
+    python -m spiral_lit export --config experiments/quickstart/spiral.yaml \
         --ckpt_path runs/quickstart/spiral/checkpoints/last.ckpt --out runs/quickstart/spiral/hf_last
 
 The run's config rebuilds the module exactly as training built it (base policy, LoRA adapters if
@@ -18,11 +18,10 @@ checkpoint, the config or the base model. The export is written beside it and re
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from unittest import mock
 
-from spiral_lit.errors import run_main
+from spiral_lit.cli import PROG, run_alias
+from spiral_lit.cli import main as cli_main
 from spiral_lit.reliability.callbacks import export_policy
 from spiral_lit.reliability.checkpointing import check_checkpoint_matches, load_checkpoint_file
 from spiral_lit.reliability.output_paths import check_output
@@ -48,16 +47,12 @@ def export_checkpoint(
 
     ``out`` is checked first (module docstring); ``overwrite`` replaces what it holds, never an input.
     """
-    from spiral_lit.cli import main as cli_main
-
     # Fails first, naming the path, if it is missing or unreadable; memory-mapped, so cheap for a large model.
     checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
     inputs: list[tuple[str, str | Path | None]] = [("the checkpoint (--ckpt_path)", ckpt_path)]
     inputs += [("the config (--config)", f) for f in _config_files(config_args)]
     check_output(out, **OUT, overwrite=overwrite, protected=inputs)
-    # LightningCLI warns when given args while sys.argv holds other ones (here: this script's own).
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = cli_main(config_args, run=False)
+    cli = cli_main(config_args, run=False)
     module = cli.model
     policy_path = getattr(getattr(module, "policy_config", None), "path", None)
     if policy_path is not None and Path(policy_path).expanduser().exists():  # a hub id is not a local input
@@ -82,9 +77,9 @@ def _flag(value: str) -> bool:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m spiral_lit.tools.export",
+        prog=f"{PROG} export",
         description="Write a checkpoint's policy as a Hugging Face directory (model, tokenizer, chat template).",
-        epilog="Other arguments override the config, as for `python -m spiral_lit` (--model.init_args.policy.path).",
+        epilog=f"Other arguments override the config, as for `{PROG} fit` (--model.init_args.policy.path).",
     )
     parser.add_argument("--config", required=True, help="The YAML of the run that wrote the checkpoint.")
     parser.add_argument("--ckpt_path", required=True, help="A .ckpt file written by that run.")
@@ -102,4 +97,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_alias("export", __spec__)

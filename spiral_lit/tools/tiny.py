@@ -1,4 +1,4 @@
-"""Build the quickstart's tiny policy locally: ``python -m spiral_lit.tools.tiny --out DIR``.
+"""Build the quickstart's tiny policy locally: ``python -m spiral_lit tiny --out DIR``.
 
 The tokenizer is trained on the task's own text (questions, worked solutions and the
 rendered search/aggregation instructions), so no hub download is needed; the result is a
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from jsonargparse import auto_cli
 
-from spiral_lit.errors import UserError, run_main
+from spiral_lit.errors import UserError
 from spiral_lit.prompts import PromptConfig, aggregation_text, search_text
 from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.tasks.base import Task
@@ -59,5 +59,14 @@ def build(
     print(f"[spiral_lit] tiny Llama with {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {out}")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m spiral_lit tiny ...``: the options are the parameters of :func:`build`."""
+    from spiral_lit.cli import PROG  # the CLI (Lightning) only when run from the command line
+
+    return auto_cli(build, args=argv, prog=f"{PROG} tiny")
+
+
 if __name__ == "__main__":
-    run_main(lambda: auto_cli(build))
+    from spiral_lit.cli import run_alias
+
+    run_alias("tiny", __spec__)

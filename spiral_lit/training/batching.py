@@ -4,7 +4,7 @@ Both the warm start and the policy-gradient update score completion tokens only.
 sequence is ``prompt + completion``; the logits at position t predict token t+1, so
 every per-token tensor here is ``[B, T-1]`` and aligned with ``input_ids[:, 1:]``.
 Micro-batches are length-bucketed (sorted by length before chunking) so short traces
-are not padded to the longest one in the rollout batch (issue 5).
+are not padded to the longest one in the rollout batch (docs/algorithm.md §8.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Keep freed memory in the process on CPU, as a GPU caching allocator does (issue 8).
+"""Keep freed memory in the process on CPU, as a GPU caching allocator does (docs/algorithm.md §8.5).
 
 PyTorch on CPU allocates every tensor with ``malloc`` and frees it when its last reference goes. glibc serves
 an allocation above its mmap threshold (which it raises as memory is freed, but never past 32 MiB) with a fresh

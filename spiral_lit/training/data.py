@@ -11,14 +11,13 @@ Under DDP the held-out split is sharded without padding (rank r evaluates proble
 r + world, ...): Lightning's default ``DistributedSampler`` would repeat problems to even out
 the ranks, counting them twice whenever the world size does not divide ``heldout_size``.
 Ranks may then run one batch fewer than others, which evaluation allows (it has no per-batch
-collective; metrics are summed once per epoch), so the means are exact (issue 4).
+collective; metrics are summed once per epoch), so the means are exact (docs/algorithm.md §7.1).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from spiral_lit.errors import PathNotFoundError, UserError
+from spiral_lit.scaffolds import derive_rng
 from spiral_lit.tasks.base import Problem, Task
 from spiral_lit.tasks.rows import BadCell, BadRows, OnBadRow, cell_text, check_on_bad_row, jsonl_records
 
@@ -44,7 +44,7 @@ def train_indices(num_problems: int | None, seed: int) -> Iterator[int]:
         return
     for epoch in itertools.count():
         order = list(range(num_problems))
-        random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
+        derive_rng(seed, "epoch", epoch).shuffle(order)
         yield from order
 
 

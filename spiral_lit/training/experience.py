@@ -1,14 +1,14 @@
 """Phase 5 glue: turn scored rollouts into credited training sequences, and summarise them.
 
-SPIRAL (method.md section 3): every search trace carries its set-RL advantage, every
-aggregation trace its advantage against its set siblings. GRPO (section 5): search
+SPIRAL (docs/algorithm.md §3): every search trace carries its set-RL advantage, every
+aggregation trace its advantage against its set siblings. GRPO (§5): search
 traces only, reward minus group mean. Prompts dropped by dynamic sampling contribute
 no sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -71,17 +71,18 @@ def set_stats(rewards_BKA: torch.Tensor) -> dict[str, float]:
 
 
 def set_diagnostic_stats(
-    search_answers: list[str | None], search_BN: torch.Tensor, sets_BKS: torch.Tensor, rewards_BKA: torch.Tensor
+    search_keys: list[Hashable | None], search_BN: torch.Tensor, sets_BKS: torch.Tensor, rewards_BKA: torch.Tensor
 ) -> dict[str, float]:
     """Step means of the aggregation diagnostics (:func:`spiral_lit.evaluation.metrics.set_diagnostics`) over all sets.
 
-    ``search_answers``: the B * N extracted answers of the search traces, problem-major; rewards >= 1 count as
-    correct. Recovery/override are left out of a step where no set had a wrong/right majority.
+    ``search_keys``: the answer keys (``Task.answer_key``) of the B * N search traces' extracted answers,
+    problem-major; rewards >= 1 count as correct. Recovery/override are left out of a step where no set had a
+    wrong/right majority.
     """
     B, N = search_BN.shape
-    answers_BN = [search_answers[b * N : (b + 1) * N] for b in range(B)]
+    keys_BN = [search_keys[b * N : (b + 1) * N] for b in range(B)]
     correct_BKS = (search_BN >= 1.0).gather(1, sets_BKS.reshape(B, -1)).view_as(sets_BKS)
-    diag = set_diagnostics(gather_sets(answers_BN, sets_BKS), correct_BKS, rewards_BKA >= 1.0)
+    diag = set_diagnostics(gather_sets(keys_BN, sets_BKS), correct_BKS, rewards_BKA >= 1.0)
     means = {f"sets/{key.removeprefix('set_')}": values.nanmean() for key, values in diag.items() if key != "accuracy"}
     return {key: float(value) for key, value in means.items() if not value.isnan()}
 

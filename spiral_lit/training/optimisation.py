@@ -28,9 +28,9 @@ def clip_and_step(module: L.LightningModule, max_grad_norm: float, guard: NonFin
 
     With a ``guard``, a step whose gradients hold a NaN or Inf (a non-finite loss) is skipped instead: gradients
     zeroed, no optimiser or scheduler step, so ``global_step`` does not advance either; the guard counts it and
-    stops the run after too many in a row (issue 7). Under ``16-mixed`` precision the grad scaler already skips
-    overflowing steps and must see them to lower its scale, so the guard stands aside. Returns whether the
-    optimiser stepped.
+    stops the run after too many in a row (docs/algorithm.md §8.4). Under ``16-mixed`` precision the grad scaler
+    already skips overflowing steps and must see them to lower its scale, so the guard stands aside. Returns whether
+    the optimiser stepped.
     """
     optimizer = module.optimizers()
     if guard is not None and getattr(module.trainer.precision_plugin, "scaler", None) is None:

@@ -21,8 +21,8 @@ which :func:`shared_prefix_logits` sets on the model's checkpointed layers for t
 
 Supported: Hugging Face causal LMs with full attention in every layer (Llama, Qwen2/3, Mistral without a sliding
 window), ``eager`` or ``sdpa`` attention, optionally wrapped in peft (LoRA; not prompt learning), with or without
-non-reentrant activation checkpointing. :func:`cache_forward` names what else is refused (FSDP, sliding windows,
-reentrant checkpointing, ...); the updater then uses the full forward.
+non-reentrant activation checkpointing. :func:`shared_prefix_support` names what else is refused (FSDP, sliding
+windows, reentrant checkpointing, ...); the updater then uses the full forward (:mod:`spiral_lit.training.forward`).
 """
 
 from __future__ import annotations
@@ -226,41 +226,57 @@ def _cache_through_checkpoints(model: Callable[..., Any]) -> Iterator[None]:
                 m._can_checkpoint_with_cache = value
 
 
-def cache_forward(model: torch.nn.Module) -> CacheForward:
-    """How to pass a cache to ``model``; raises ``NotImplementedError`` naming why the shared prefix cannot be used."""
+def shared_prefix_support(model: torch.nn.Module) -> CacheForward | str:
+    """How to pass a cache to ``model`` for the shared-prefix forward, or why it cannot be used (a str)."""
     if _is_sharded(model):
-        raise NotImplementedError(
+        return (
             "the policy is FSDP-sharded: every forward is a collective, and the prefix pass would add forwards "
             "that ranks with other micro-batches do not run"
         )
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
-        raise NotImplementedError(f"peft {peft_config.peft_type} prepends virtual tokens; only adapters (LoRA) work")
+        return f"peft {peft_config.peft_type} prepends virtual tokens; only adapters (LoRA) work"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
     if kwarg is None:
-        raise NotImplementedError(f"{type(base).__name__}.forward takes no 'cache' or 'past_key_values'")
+        return f"{type(base).__name__}.forward takes no 'cache' or 'past_key_values'"
     config = getattr(base, "config", None)
     attention = getattr(config, "_attn_implementation", None)
     if attention not in SUPPORTED_ATTENTION:
-        raise NotImplementedError(f"attention implementation {attention!r}; supported: {SUPPORTED_ATTENTION}")
+        return f"attention implementation {attention!r}; supported: {SUPPORTED_ATTENTION}"
     layers = DynamicCache(config=config).layers
     if any(type(layer) is not DynamicLayer for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers})
-        raise NotImplementedError(f"cache layers {kinds}: needs full attention (DynamicLayer) in every layer")
+        return f"cache layers {kinds}: needs full attention (DynamicLayer) in every layer"
+    reason = _checkpointing_refusal(model)
+    if reason is not None:
+        return reason
+    return CacheForward(kwarg, {"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _checkpointing_refusal(model: torch.nn.Module) -> str | None:
+    """Why the model's activation checkpointing would drop the KV cache or the prefix's gradient (None: it won't)."""
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     checkpointed_layers = [m for m in checkpointed if isinstance(m, GradientCheckpointingLayer)]
     if checkpointed and not checkpointed_layers:
-        raise NotImplementedError(f"activation checkpointing of {type(checkpointed[0]).__name__} drops the KV cache")
+        return f"activation checkpointing of {type(checkpointed[0]).__name__} drops the KV cache"
     for m in checkpointed_layers:
         if not hasattr(m, "_can_checkpoint_with_cache"):  # older transformers: the layer always drops the cache
-            raise NotImplementedError(f"activation checkpointing of {type(m).__name__} drops the KV cache")
+            return f"activation checkpointing of {type(m).__name__} drops the KV cache"
         func = getattr(m, "_gradient_checkpointing_func", None)
         if not isinstance(func, functools.partial) or func.keywords.get("use_reentrant") is not False:
             # Reentrant checkpointing runs the layer without autograd: no gradient would reach the prefix.
-            raise NotImplementedError("activation checkpointing must be non-reentrant (use_reentrant=False)")
-    return CacheForward(kwarg, {"logits_to_keep": 1} if "logits_to_keep" in params else {})
+            return "activation checkpointing must be non-reentrant (use_reentrant=False)"
+    return None
+
+
+def cache_forward(model: torch.nn.Module) -> CacheForward:
+    """:func:`shared_prefix_support`, raising ``NotImplementedError`` with the reason where it cannot be used."""
+    support = shared_prefix_support(model)
+    if isinstance(support, str):
+        raise NotImplementedError(support)
+    return support
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:

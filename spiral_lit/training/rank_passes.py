@@ -1,15 +1,66 @@
-"""Passes that keep ranks in lockstep: under DDP every backward is a gradient all-reduce, and under FSDP every
-forward and backward is a collective, so a rank that has run out of micro-batches runs zero-weight passes
-over a one-token dummy sequence, which run the same collectives (update and warm start alike)."""
+"""What keeps ranks in step, for the update and the warm start alike (docs/algorithm.md §4.5, §6).
+
+- The loss normaliser is computed from each role's tokens and sequences summed over ranks before any backward
+  pass (:func:`rank_summed_counts`), so neither the micro-batch split nor the number of ranks changes the gradient.
+- Under DDP every backward is a gradient all-reduce, and under FSDP every forward and backward is a collective,
+  so a rank that has run out of micro-batches runs zero-weight passes over a one-token dummy sequence, which run
+  the same collectives (:func:`lockstep_passes`, :func:`zero_weight_pass`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from spiral_lit.training.batching import PackedBatch, pack
+
+ROLES = ("search", "aggregation")
+"""Role 0 and role 1 of a training sequence."""
+
+Bucket = TypeVar("Bucket")
+Out = TypeVar("Out")
+
+
+def rank_summed_counts(
+    roles_N: Sequence[int],
+    tokens_N: Sequence[int],
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each role's kept tokens and sequences, ``[2]`` float32 each on the CPU, summed over ranks in one all-reduce:
+    what :func:`spiral_lit.algorithms.roles.role_normalisers` computes the loss normaliser from.
+
+    ``roles_N`` / ``tokens_N``: the role and the number of trained tokens of each of this rank's sequences.
+    """
+    tokens = [0.0] * len(ROLES)
+    sequences = [0.0] * len(ROLES)
+    for role, n_tokens in zip(roles_N, tokens_N, strict=True):
+        tokens[role] += n_tokens
+        sequences[role] += 1.0
+    summed = reduce_sum(torch.tensor([*tokens, *sequences], device=device)).cpu()
+    return summed[: len(ROLES)], summed[len(ROLES) :]
+
+
+def lockstep_passes(
+    buckets: Sequence[Bucket],
+    run: Callable[[Bucket], Out],
+    pad: Callable[[], None],
+    reduce_max: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> list[Out]:
+    """``run`` on each of this rank's micro-batches, then ``pad`` until it has run as many passes as the busiest
+    rank; ``run``'s results.
+
+    The count is agreed before the first pass: DDP's first backwards run collectives too (bucket rebuilding), and
+    under FSDP every forward is one.
+    """
+    busiest = int(reduce_max(torch.tensor(float(len(buckets)), device=device)))
+    out = [run(bucket) for bucket in buckets]
+    for _ in range(busiest - len(buckets)):
+        pad()
+    return out
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,25 @@
 """SpiralModule: online SPIRAL (or GRPO) training of one shared policy.
 
-``training_step`` reads as the numbered phases of method.md section 2: (1) search
+``training_step`` reads as the numbered phases of docs/algorithm.md §2: (1) search
 traces, (2) sets, (3) aggregation traces, (4) verification, (5) advantages, (6) the
 policy-gradient update. Each phase is one call into a module with one job; the maths
 lives in :mod:`spiral_lit.algorithms`. GRPO (``algorithm: grpo``) skips phases 2-3 and
-rewards the search traces directly (section 5), on the same code path.
+rewards the search traces directly (§5), on the same code path: phases 2-5 are the
+strategy object of :mod:`spiral_lit.training.step_algorithm`, chosen once in ``__init__``.
+
+Where this step departs from the paper (all in docs/algorithm.md §9, each with its reason):
+
+1. Aggregation prompts shuffle the candidates, cut overlong ones in the middle and restate the problem after
+   them (§1.2).
+2. Rewards come from sandboxed verifier workers with timeouts and strict answer grammars (§2.6).
+3. Shapes under which an advantage is always 0 (``n_agg = 1``, greedy sampling) are refused up front (§3.7).
+4. Dynamic sampling's refill is bounded by ``max_refill_batches``; an update takes every pending prompt (§3.6).
+5. The surrogate (``ppo_clip`` with clip range (0.2, 0.28), or ``reinforce_is``) and gradient clipping at 1.0,
+   which the paper does not disclose (§4.2, §4.7).
+6. Each role is re-scored at its own sampling temperature, with optional role weights and per-role
+   normalisation (§4.1, §4.6); std scaling of advantages is optional and off (§3.4).
+7. A sampler that is not the trainer (vLLM, bf16) gets recomputed old log-probs and truncated importance
+   weights (§4.3); a KL term, off by default, uses the k3 estimator and, under LoRA, the adapter-off model (§4.4).
 
 Run:  python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 """
@@ -18,14 +33,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from spiral_lit.algorithms import (
-    grpo_advantages,
-    informative_groups,
-    informative_prompts,
-    length_gate,
-    sample_sets_batch,
-    spiral_advantages,
-)
 from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
 from spiral_lit.evaluation.predict import predict_problems
 from spiral_lit.evaluation.rollout_text import rollout_markdown
@@ -37,20 +44,15 @@ from spiral_lit.reliability.checkpointing import (
 )
 from spiral_lit.reliability.faults import NonFiniteGuard
 from spiral_lit.rollout import Backend, VLLMConfig
-from spiral_lit.rollout.base import Completion, SamplingConfig
-from spiral_lit.rollout.vllm_engine import sync_rollout_weights
+from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.runtime.models import PolicyConfig
 from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
-from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_aggregations, sample_search
-from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_search, step_seed
+from spiral_lit.tasks.base import Problem, Task, answer_keys
 from spiral_lit.training.cpu_memory import KeepFreedCpuMemory
-from spiral_lit.training.experience import (
-    aggregation_sequences,
-    search_sequences,
-    sequences_from_state,
-    sequences_state,
-)
+from spiral_lit.training.experience import sequences_from_state, sequences_state
 from spiral_lit.training.optimisation import clip_and_step, configure_policy_optimizers
+from spiral_lit.training.step_algorithm import make_algorithm
 from spiral_lit.training.step_config import AlgorithmConfig, StepCredit, StepScores
 from spiral_lit.training.step_metrics import PhaseTimer, step_metrics
 from spiral_lit.training.strategy import (
@@ -61,10 +63,6 @@ from spiral_lit.training.strategy import (
     sync_metrics,
 )
 from spiral_lit.training.update import PolicyUpdater, TrainSequence, UpdateConfig
-
-
-def _lengths(traces: list[list[Completion]]) -> torch.Tensor:
-    return torch.tensor([[t.num_tokens for t in ts] for ts in traces])
 
 
 class SpiralModule(L.LightningModule):
@@ -108,7 +106,7 @@ class SpiralModule(L.LightningModule):
             max_generate_batch: Sequences per generation call (memory).
             log_rollouts_every_n_steps: How often example rollouts go to TensorBoard as text.
             seed: Base of every rollout seed (derived per step and rank).
-            vllm: Engine settings of ``rollout_backend: vllm`` (precision, memory, weight sync; issue 10).
+            vllm: Engine settings of ``rollout_backend: vllm`` (precision, memory, weight sync; docs/algorithm.md §8.1).
             cpu_keep_freed_memory: On CPU, have glibc's malloc reuse freed memory instead of returning it to the
                 kernel after every large tensor (spiral_lit/training/cpu_memory.py; ~1.5x faster updates at 50M
                 parameters).
@@ -126,10 +124,13 @@ class SpiralModule(L.LightningModule):
         self.eval_config = eval or EvalConfig()
         self.verifier_config = verifier or VerifierConfig()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.algorithm = make_algorithm(self.algo, self.aggregation_sampling)  # SPIRAL or GRPO, decided here only
         self.runtime: PolicyRuntime | None = None
         self.reference: Any = None
+        self._policy_updater: PolicyUpdater | None = None
         self.eval_metrics = torch.nn.ModuleDict()
-        # Dynamic sampling's buffer: non-empty between steps while refilling, so checkpoints carry it (issue 7).
+        # Dynamic sampling's buffer: non-empty between steps while refilling, so checkpoints carry it
+        # (docs/algorithm.md §3.6, §8.4).
         self._pending: list[TrainSequence] = []
         self._pending_prompts = 0
         self._pending_batches = 0
@@ -162,6 +163,12 @@ class SpiralModule(L.LightningModule):
         return configure_policy_optimizers(self, self.optimizer_factory, self.scheduler_factory)
 
     def _updater(self) -> PolicyUpdater:
+        """Built at the first update and kept, so each model's training forward is chosen once per run."""
+        if self._policy_updater is None:
+            self._policy_updater = self._build_updater()
+        return self._policy_updater
+
+    def _build_updater(self) -> PolicyUpdater:
         assert self.runtime is not None
         if isinstance(self.reference, torch.nn.Module) and sharding_of(self) != "fsdp2":
             self.reference.to(self.device)
@@ -182,20 +189,20 @@ class SpiralModule(L.LightningModule):
         # By rollout batch, not optimiser step: a batch that waits for a refill, or follows a skipped step, shares
         # its global step with the next one and must not reuse its draws (the batch count is checkpointed).
         batch = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else self.global_step
-        return hash((self.hparams.seed, batch, self.global_rank, phase)) % (2**31)
+        return step_seed(self.hparams.seed, batch, self.global_rank, phase)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
-        timer = PhaseTimer()
+        timer, runtime, algorithm = PhaseTimer(), self.runtime, self.algorithm
+        assert runtime is not None
         with timer("weight_sync"):
-            sync_rollout_weights(self.runtime.engine)  # (0) a vLLM engine gets the updated weights (lazily)
-        with timer("generate"), self.runtime.gathered():  # a sharded policy is whole while it generates
+            runtime.sync_weights()  # (0) a vLLM engine gets the updated weights (lazily)
+        with timer("generate"), runtime.gathered():  # a sharded policy is whole while it generates
             search = self._search(batch)  # (1) parallel search traces
-            sets_BKS = self._sets(len(batch))  # (2) distinct sets of search traces
-            agg = self._aggregate(batch, search, sets_BKS)  # (3) aggregation traces per set
+            agg = algorithm.aggregate(runtime.sampler, batch, search, self._step_seed)  # (2-3) sets, aggregations
         with timer("verify"):
-            scores = self._verify(batch, search, agg)  # (4) rewards
-        credit = self._advantages(search, agg, scores)  # (5) advantages
+            scores = algorithm.verify(runtime.verifier, batch, search, agg)  # (4) rewards
+        credit = algorithm.advantages(search, agg, scores)  # (5) advantages
         with timer("update"):
             update_stats = self._update_when_ready(credit, len(batch))  # (6) policy-gradient update
         self._log_step(batch, search, agg, scores, credit, update_stats, timer.seconds)
@@ -206,61 +213,8 @@ class SpiralModule(L.LightningModule):
             rt.engine, rt.renderer, batch, self.algo.n_search, self.search_sampling, self._step_seed(1)
         )
 
-    def _sets(self, batch_size: int) -> torch.Tensor | None:
-        if self.algo.algorithm != "spiral":
-            return None
-        generator = torch.Generator().manual_seed(self._step_seed(2))
-        return sample_sets_batch(batch_size, self.algo.n_search, self.algo.n_sets, self.algo.set_size, generator)
-
-    def _aggregate(
-        self, batch: list[Problem], search: SearchRollout, sets_BKS: torch.Tensor | None
-    ) -> AggregationRollout | None:
-        if sets_BKS is None:
-            return None
-        rt = self.runtime
-        return sample_aggregations(
-            rt.engine, rt.renderer, batch, search.traces, sets_BKS, self.algo.n_agg,
-            self.aggregation_sampling, self._step_seed(3),
-        )  # fmt: skip
-
-    def _verify(self, batch: list[Problem], search: SearchRollout, agg: AggregationRollout | None) -> StepScores:
-        """Score every trace; under SPIRAL the search scores are for monitoring only (method.md section 2.4)."""
-        algo, verifier = self.algo, self.runtime.verifier
-        search_result = verifier.score(
-            [p for p in batch for _ in range(algo.n_search)], [t.text for ts in search.traces for t in ts]
-        )
-        search_BN = torch.tensor(search_result.rewards).view(len(batch), algo.n_search)
-        if agg is None:
-            return StepScores(search_result, search_BN)
-        agg_texts = [t.text for per_problem in agg.traces for per_set in per_problem for t in per_set]
-        agg_result = verifier.score([p for p in batch for _ in range(algo.n_sets * algo.n_agg)], agg_texts)
-        rewards_BKA = torch.tensor(agg_result.rewards).view(len(batch), algo.n_sets, algo.n_agg)
-        return StepScores(search_result, search_BN, agg_result, rewards_BKA)
-
-    def _advantages(self, search: SearchRollout, agg: AggregationRollout | None, scores: StepScores) -> StepCredit:
-        algo = self.algo
-        if agg is not None and scores.rewards_BKA is not None:
-            search_adv_BN, agg_adv_BKA = spiral_advantages(
-                scores.rewards_BKA, agg.sets_BKS, algo.n_search, algo.scale_by_std
-            )
-            keep_B = informative_prompts(scores.rewards_BKA)
-        else:
-            search_adv_BN, agg_adv_BKA = grpo_advantages(scores.search_BN, algo.scale_by_std), None
-            keep_B = informative_groups(scores.search_BN)
-        if algo.length_target is not None:
-            search_adv_BN = length_gate(search_adv_BN, _lengths(search.traces), algo.length_target)
-            if agg is not None and agg_adv_BKA is not None:
-                agg_lengths_BKA = torch.stack([_lengths(per_problem) for per_problem in agg.traces])
-                agg_adv_BKA = length_gate(agg_adv_BKA, agg_lengths_BKA, algo.length_target)
-        if not algo.drop_zero_signal:
-            keep_B = torch.ones_like(keep_B)
-        sequences = search_sequences(search, search_adv_BN, keep_B)
-        if agg is not None and agg_adv_BKA is not None:
-            sequences += aggregation_sequences(agg, agg_adv_BKA, keep_B)
-        return StepCredit(search_adv_BN, agg_adv_BKA, keep_B, sequences)
-
     def _update_when_ready(self, credit: StepCredit, prompts_per_step: int) -> dict[str, float]:
-        """Update once enough prompts with signal are pending (dynamic sampling with refill, method.md 3)."""
+        """Update once enough prompts with signal are pending (dynamic sampling with refill, docs/algorithm.md §3.6)."""
         self._pending.extend(credit.sequences)
         self._pending_prompts += int(credit.keep_B.sum())
         self._pending_batches += 1
@@ -285,7 +239,9 @@ class SpiralModule(L.LightningModule):
         update_stats: dict[str, float],
         seconds: dict[str, float],
     ) -> None:
-        metrics = step_metrics(self.algo.n_search, search, agg, scores, credit, update_stats, seconds)
+        assert self.runtime is not None
+        keys = answer_keys(self.runtime.verifier.task, batch, scores.search.extracted)  # equivalent answers vote as one
+        metrics = step_metrics(self.algo.n_search, search, agg, scores, credit, update_stats, seconds, keys)
         metrics = sync_metrics(metrics, self.trainer.world_size)  # the mean over ranks, logged by rank 0
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         reward = metrics.get("reward/aggregation", metrics["reward/search"])
@@ -301,7 +257,7 @@ class SpiralModule(L.LightningModule):
 
     def _update(self, sequences: list[TrainSequence]) -> dict[str, float]:
         def step() -> None:
-            # A NaN/Inf gradient skips the step and is counted; too many in a row stop the run (issue 7).
+            # A NaN/Inf gradient skips the step and is counted; too many in a row stop the run (docs/algorithm.md §8.4).
             clip_and_step(self, self.update_config.max_grad_norm, self._nonfinite)
 
         # With no sequence (every prompt dropped) the step still runs, so ranks and step counts stay aligned.
@@ -321,7 +277,7 @@ class SpiralModule(L.LightningModule):
         spiral_lit.evaluation.compare)."""
         assert self.runtime is not None
         return evaluate_problems(
-            *self.runtime.triple(), batch, self.eval_config, self.search_sampling, self.aggregation_sampling
+            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -338,14 +294,14 @@ class SpiralModule(L.LightningModule):
         """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
         assert self.runtime is not None
         return predict_problems(
-            *self.runtime.triple(), batch, self.eval_config, self.search_sampling, self.aggregation_sampling
+            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling
         )
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
             self.runtime.close()
 
-    # ----------------------------------------------------------------- checkpoints (issue 7)
+    # ----------------------------------------------------------------- checkpoints (docs/algorithm.md §8.4)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's pending dynamic-sampling sequences and the non-finite step counter, for an exact resume."""
         mine = {

@@ -20,7 +20,7 @@ _KEY = "model.init_args.algorithm."
 
 @dataclass
 class AlgorithmConfig:
-    """The rollout shape and credit assignment (method.md sections 2, 3 and 5)."""
+    """The rollout shape and credit assignment (docs/algorithm.md §2, §3 and §5)."""
 
     algorithm: Literal["spiral", "grpo"] = "spiral"
     n_search: int = 8
@@ -59,7 +59,7 @@ class AlgorithmConfig:
             self._check_spiral_shape()
 
     def _check_spiral_shape(self) -> None:
-        """Sets must exist, and each advantage of method.md section 3 must be able to differ from 0."""
+        """Sets must exist, and each advantage of docs/algorithm.md §3 must be able to differ from 0."""
         if self.n_sets * self.n_agg < 2:
             raise UserError(
                 f"{_KEY}n_sets=1 with algorithm.n_agg=1: SPIRAL's advantages compare sets with each other and "
@@ -70,7 +70,7 @@ class AlgorithmConfig:
             raise UserError(
                 f"{_KEY}n_agg=1: a set's aggregation advantage R[i, j] - mean_j' R[i, j'] compares the set's "
                 "aggregations with each other, so with one aggregation per set it is 0 and the aggregator never "
-                f"learns (method.md section 3). Use n_agg >= 2 (the paper uses 4), or {_KEY}algorithm: grpo to "
+                f"learns (docs/algorithm.md §3.7). Use n_agg >= 2 (the paper uses 4), or {_KEY}algorithm: grpo to "
                 "train the search role alone"
             )
         if self.set_size > self.n_search:
@@ -89,7 +89,7 @@ class AlgorithmConfig:
             warnings.warn(
                 f"{_KEY}n_sets=1: a set's advantage f_i - mean_i' f_i' compares the prompt's sets with each other, "
                 "so with one set every search trace gets advantage 0 and only the aggregator learns "
-                "(method.md section 3). Use n_sets >= 2 (with set_size < n_search) to train the search role too",
+                "(docs/algorithm.md §3.7). Use n_sets >= 2 (with set_size < n_search) to train the search role too",
                 UserWarning,
                 stacklevel=2,
             )
@@ -100,8 +100,8 @@ def check_training_sampling(
 ) -> None:
     """Refuse greedy sampling of a role that training credits by comparing samples of the same prompt.
 
-    Greedy decoding gives every sample of a prompt the same text, so the group baselines of method.md sections
-    3 and 5 equal each sample's reward. Evaluation may decode greedily; this check is for ``fit`` only.
+    Greedy decoding gives every sample of a prompt the same text, so the group baselines of docs/algorithm.md §3
+    and §5 equal each sample's reward (§3.7). Evaluation may decode greedily; this check is for ``fit`` only.
     """
     if search.temperature == 0:
         why = (

@@ -4,9 +4,10 @@ counts, the update's statistics and the phases' wall-clock times (docs/algorithm
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from contextlib import contextmanager
 
-from spiral_lit.evaluation.metrics import majority_vote
+from spiral_lit.evaluation.metrics import majority_vote_correct
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout
 from spiral_lit.tasks.verify import VerifyResult
 from spiral_lit.training.experience import advantage_stats, set_diagnostic_stats, set_stats, trace_stats
@@ -21,17 +22,22 @@ def step_metrics(
     credit: StepCredit,
     update_stats: dict[str, float],
     seconds: dict[str, float],
+    search_keys: list[Hashable | None],
 ) -> dict[str, float]:
-    """This rank's scalars of one step (the caller averages them over ranks)."""
+    """This rank's scalars of one step (the caller averages them over ranks).
+
+    ``search_keys``: the answer keys of the B * n_search search answers, problem-major
+    (:func:`spiral_lit.tasks.base.answer_keys`); majority vote and the set diagnostics compare them.
+    """
     search_flat = [t for ts in search.traces for t in ts]
-    metrics = _search_metrics(n_search, scores, credit) | trace_stats("search", search_flat)
+    metrics = _search_metrics(n_search, scores, credit, search_keys) | trace_stats("search", search_flat)
     metrics |= _verify_stats("search", scores.search)
     generated = sum(t.num_tokens for t in search_flat)
     if agg is not None and scores.aggregation is not None and credit.agg_adv_BKA is not None:
         agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
         generated += sum(t.num_tokens for t in agg_flat)
         metrics |= {"reward/aggregation": float(scores.rewards_BKA.mean())} | set_stats(scores.rewards_BKA)
-        metrics |= set_diagnostic_stats(scores.search.extracted, scores.search_BN, agg.sets_BKS, scores.rewards_BKA)
+        metrics |= set_diagnostic_stats(search_keys, scores.search_BN, agg.sets_BKS, scores.rewards_BKA)
         metrics |= advantage_stats("aggregation", credit.agg_adv_BKA) | trace_stats("aggregation", agg_flat)
         metrics |= _verify_stats("aggregation", scores.aggregation)
     metrics |= {f"train/{k}": v for k, v in update_stats.items()}
@@ -40,11 +46,10 @@ def step_metrics(
     return metrics
 
 
-def _search_metrics(n: int, scores: StepScores, credit: StepCredit) -> dict[str, float]:
-    answers = [scores.search.extracted[b * n : (b + 1) * n] for b in range(scores.search_BN.shape[0])]
+def _search_metrics(n: int, scores: StepScores, credit: StepCredit, keys: list[Hashable | None]) -> dict[str, float]:
+    keys_BN = [keys[b * n : (b + 1) * n] for b in range(scores.search_BN.shape[0])]
     correct = (scores.search_BN >= 1.0).tolist()
-    votes = [majority_vote(a) for a in answers]
-    maj = [float(v is not None and c[a.index(v)]) for v, a, c in zip(votes, answers, correct, strict=True)]
+    maj = [float(majority_vote_correct(k, c)) for k, c in zip(keys_BN, correct, strict=True)]
     return {
         "reward/search": float(scores.search_BN.mean()),
         "search/accuracy": float((scores.search_BN >= 1.0).float().mean()),

@@ -12,8 +12,8 @@ trains search alone until it can solve problems, then both roles (two configs).
 
 Under DDP/FSDP each rank builds examples from its own problems; the token count that
 normalises the loss is summed over ranks before the backward passes, and every rank runs as
-many backward passes as the busiest one (:func:`spiral_lit.training.rank_passes.zero_weight_pass`), so the
-gradient is the token mean over the whole global batch.
+many backward passes as the busiest one, with the update's machinery (:mod:`spiral_lit.training.rank_passes`,
+:func:`spiral_lit.algorithms.roles.role_normalisers`), so the gradient is the token mean over the whole global batch.
 
 Run:  python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
 """
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from spiral_lit.algorithms.roles import role_normalisers
 from spiral_lit.errors import UserError
 from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
 from spiral_lit.evaluation.predict import predict_problems
@@ -40,11 +41,13 @@ from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.rollout.vllm_engine import VLLMConfig
 from spiral_lit.runtime.models import PolicyConfig
 from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
+from spiral_lit.scaffolds import derive_rng
 from spiral_lit.tasks.base import Problem, Task
 from spiral_lit.training.batching import length_buckets, pack
 from spiral_lit.training.cpu_memory import KeepFreedCpuMemory
+from spiral_lit.training.forward import full_logits
 from spiral_lit.training.optimisation import clip_and_step, configure_policy_optimizers
-from spiral_lit.training.rank_passes import dummy_batch, zero_weight_pass
+from spiral_lit.training.rank_passes import dummy_batch, lockstep_passes, rank_summed_counts, zero_weight_pass
 from spiral_lit.training.strategy import HoldGatheredForEvaluation, data_parallel_mesh, log_eval_metrics, sharding_of
 
 
@@ -117,12 +120,12 @@ class WarmStartModule(L.LightningModule):
             eval_sampling: Sampling for evaluation traces (both roles).
             verifier: Reward computation settings.
             rollout_backend: Engine for evaluation rollouts: ``kv_cache``, ``hf`` or ``vllm``.
-            vllm: Engine settings of ``rollout_backend: vllm`` (issue 10).
+            vllm: Engine settings of ``rollout_backend: vllm`` (docs/algorithm.md §8.1).
             optimizer: Optimiser ``class_path``/``init_args``.
             lr_scheduler: Optional scheduler ``class_path``/``init_args`` (stepped every step).
             seed: Seed of the example mixing.
             max_nonfinite_steps: Steps whose loss or gradient is NaN/Inf are skipped and counted
-                (``train/nonfinite_steps``); this many in a row stop the run (issue 7).
+                (``train/nonfinite_steps``); this many in a row stop the run (docs/algorithm.md §8.4).
             cpu_keep_freed_memory: On CPU, have glibc's malloc reuse freed memory instead of returning it to the
                 kernel after every large tensor (spiral_lit/training/cpu_memory.py; ~1.5x faster updates at 50M
                 parameters).
@@ -170,7 +173,7 @@ class WarmStartModule(L.LightningModule):
     def examples(self, batch: list[Problem]) -> tuple[list[list[int]], list[list[int]], list[int]]:
         """This rank's (prompt ids, target ids, role) for ``batch``, drawn with a seed of (seed, rank, step)."""
         assert self.runtime is not None
-        rng = random.Random(f"{self.hparams.seed}/{self.global_rank}/{self.global_step}")
+        rng = derive_rng(self.hparams.seed, self.global_rank, self.global_step)
         return warm_start_examples(
             batch,
             self.runtime.task,
@@ -185,48 +188,54 @@ class WarmStartModule(L.LightningModule):
         assert self.runtime is not None
         start = time.perf_counter()
         prompts, targets, roles = self.examples(batch)
-        lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
-        strategy, world = self.trainer.strategy, self.trainer.world_size
-        # Summed over ranks; DDP/FSDP average the gradients, so each rank's loss is scaled by the world size.
-        n_tokens = torch.tensor(float(sum(len(t) for t in targets)), device=self.device)
-        n_tokens = strategy.reduce(n_tokens, reduce_op="sum")
-        scale = world / n_tokens.clamp(min=1.0)
-        role_loss = torch.zeros(2, device=self.device)
-        role_tokens = torch.zeros(2, device=self.device)
-        buckets = length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
-        # Agreed before the first backward: DDP's first backwards also run collectives (bucket rebuilding).
-        busiest = int(strategy.reduce(torch.tensor(float(len(buckets)), device=self.device), reduce_op="max"))
-        for rows in buckets:
-            packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], self.runtime.tokenizer.pad_token_id)
-            packed = packed.to(self.device)
-            logits = self.policy(input_ids=packed.input_ids_BT, attention_mask=packed.attention_mask_BT).logits
-            nll_BT = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), packed.targets_BT1, reduction="none")
+        strategy, device = self.trainer.strategy, self.device
+        # The token mean over the whole global batch (module docstring): the normaliser is summed over ranks, and
+        # DDP/FSDP average the gradients, so each rank's loss is scaled by the world size.
+        tokens_R, sequences_R = rank_summed_counts(
+            roles, [len(t) for t in targets], lambda t: strategy.reduce(t, reduce_op="sum"), device
+        )
+        normaliser = role_normalisers(tokens_R, sequences_R, "token_mean", None, "shared")[0].to(device)
+        scale = self.trainer.world_size / normaliser
+        role_loss = torch.zeros(2, device=device)
+        role_tokens = torch.zeros(2, device=device)
+        pad_id = self.runtime.tokenizer.pad_token_id
+
+        def run(rows: list[int]) -> None:
+            packed = pack([prompts[i] for i in rows], [targets[i] for i in rows], pad_id).to(device)
+            nll_BT = F.cross_entropy(full_logits(self.policy, packed).float().transpose(1, 2), packed.targets_BT1,
+                                     reduction="none")  # fmt: skip
             mask = packed.completion_mask_BT1
             per_seq_B = (nll_BT * mask).sum(1)
-            role_B = torch.tensor([roles[i] for i in rows], device=self.device)
+            role_B = torch.tensor([roles[i] for i in rows], device=device)
             role_loss.index_add_(0, role_B, per_seq_B.detach())
             role_tokens.index_add_(0, role_B, mask.sum(1).float())
             # Token mean over the whole batch, so the micro-batch split does not change the gradient.
             self.manual_backward(per_seq_B.sum() * scale)
-        dummy = dummy_batch(self.runtime.tokenizer.pad_token_id, self.device)
-        for _ in range(busiest - len(buckets)):  # each backward is a collective under DDP/FSDP
-            zero_weight_pass(self.policy, dummy, self.manual_backward)
-        clip_and_step(self, self.hparams.max_grad_norm, self._nonfinite)  # skips a NaN/Inf step (issue 7)
-        # Token means over all ranks: the sums are reduced, then divided.
-        role_loss = strategy.reduce(role_loss, reduce_op="sum")
-        role_tokens = strategy.reduce(role_tokens, reduce_op="sum").clamp(min=1)
+
+        def pad() -> None:  # each backward is a collective under DDP/FSDP
+            zero_weight_pass(self.policy, dummy_batch(pad_id, device), self.manual_backward)
+
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
+        buckets = length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
+        lockstep_passes(buckets, run, pad, lambda t: strategy.reduce(t, reduce_op="max"), device)
+        # A NaN/Inf step is skipped and counted (docs/algorithm.md §8.4).
+        clip_and_step(self, self.hparams.max_grad_norm, self._nonfinite)
+        self._log_losses(role_loss, role_tokens)
+        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))  # this rank's
+        self.log("train/nonfinite_steps", float(self._nonfinite.total))
+
+    def _log_losses(self, role_loss: torch.Tensor, role_tokens: torch.Tensor) -> None:
+        """Token means over all ranks: the sums are reduced, then divided."""
+        role_loss = self.trainer.strategy.reduce(role_loss, reduce_op="sum")
+        role_tokens = self.trainer.strategy.reduce(role_tokens, reduce_op="sum").clamp(min=1)
         self.log("train/loss", role_loss.sum() / role_tokens.sum(), prog_bar=True)
         self.log("train/loss_search", role_loss[0] / role_tokens[0])
         self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
-        self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))  # this rank's
-        self.log("train/nonfinite_steps", float(self._nonfinite.total))
 
     def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
         """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
         assert self.runtime is not None
-        return evaluate_problems(
-            *self.runtime.triple(), batch, self.eval_config, self.eval_sampling, self.eval_sampling
-        )
+        return evaluate_problems(self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling)
 
     def configure_callbacks(self) -> list[L.Callback]:
         keep_freed = [KeepFreedCpuMemory()] if self.hparams.cpu_keep_freed_memory else []
@@ -239,15 +248,16 @@ class WarmStartModule(L.LightningModule):
         log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
 
     def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
+        """Answer records with ``eval.predict_scaffold`` (:mod:`spiral_lit.evaluation.predict`); PredictionWriter writes
+        them."""
         assert self.runtime is not None
-        return predict_problems(*self.runtime.triple(), batch, self.eval_config, self.eval_sampling, self.eval_sampling)
+        return predict_problems(self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling)
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
             self.runtime.close()
 
-    # ----------------------------------------------------------------- checkpoints (issue 7)
+    # ----------------------------------------------------------------- checkpoints (docs/algorithm.md §8.4)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["spiral_lit"] = {"nonfinite": self._nonfinite.state_dict()}
 

@@ -1,4 +1,4 @@
-"""SPIRAL and GRPO advantages (method.md sections 3 and 5) against hand-computed values."""
+"""SPIRAL and GRPO advantages (docs/algorithm.md §3 and §5) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from spiral_lit.algorithms import (
     spiral_advantages,
 )
 
-# The method.md worked example as a full prompt: 8 search traces, 4 sets of 4, 4 aggregation
+# The worked example of docs/algorithm.md §3.3 as a full prompt: 8 search traces, 4 sets of 4, 4 aggregation
 # samples per set.
 #   set 1 rewards (1,1,1,0) -> f = 0.75;  set 2 (1,1,0,0) -> 0.5;
 #   set 3 (1,0,0,0)         -> f = 0.25;  set 4 (0,1,0,1) -> 0.5.   mean f = 0.5
@@ -82,7 +82,7 @@ def test_equal_rewards_give_zero_advantages(scale_by_std: bool, value: float) ->
 
 
 def _reference_spiral(rewards_BKA: torch.Tensor, sets_BKS: torch.Tensor, n_search: int) -> torch.Tensor:
-    """Loop-by-loop transcription of method.md section 3 (search advantages only)."""
+    """Loop-by-loop transcription of docs/algorithm.md §3.1 (search advantages only)."""
     out = torch.zeros(rewards_BKA.shape[0], n_search)
     for b in range(rewards_BKA.shape[0]):
         f = [rewards_BKA[b, i].mean().item() for i in range(rewards_BKA.shape[1])]

@@ -1,4 +1,4 @@
-"""Policy losses and token log-probs (method.md section 4) against hand-computed values."""
+"""Policy losses and token log-probs (docs/algorithm.md §4) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def _logprobs() -> torch.Tensor:
     logp_BT = OLD_BT + torch.tensor(RATIOS).log()
     logp_BT[1, 2] = -math.inf
     return logp_BT.requires_grad_(True)
+
+
+def test_loss_denominators_per_group() -> None:
+    tokens, sequences = torch.tensor([6.0, 0.0, 12.0]), torch.tensor([2.0, 0.0, 3.0])
+    assert losses.loss_denominators(tokens, sequences, "token_mean", None).tolist() == [6.0, 0.0, 12.0]
+    assert losses.loss_denominators(tokens, sequences, "seq_mean_token_sum_norm", 4).tolist() == [8.0, 0.0, 12.0]
+    with pytest.raises(ValueError, match="norm_const"):
+        losses.loss_denominators(tokens, sequences, "seq_mean_token_sum_norm", 0.0)
 
 
 def test_loss_normaliser() -> None:
@@ -229,7 +237,7 @@ def test_token_entropy_of_banned_tokens_is_finite() -> None:
     torch.testing.assert_close(token_entropy(logits_BTV), torch.tensor([[math.log(2), 0.0]]))
 
 
-# Truncated importance weights (issue 10): raw weights exp(trainer - sampler) chosen by hand, cap 2:
+# Truncated importance weights (docs/algorithm.md §4.3): raw weights exp(trainer - sampler) chosen by hand, cap 2:
 #   (0,0) 0.5  (0,1) 1.0  (0,2) 3.0 -> 2 (clipped)  (1,0) 2.5 -> 2 (clipped)  (1,1) 1.2  (1,2) padding -> 1.
 # Kept: 0.5 + 1 + 2 + 2 + 1.2 = 6.7 over 5 tokens -> mean 1.34, max 2, clipped fraction 2/5.
 RAW_WEIGHTS = [[0.5, 1.0, 3.0], [2.5, 1.2, 1.0]]

@@ -1,4 +1,4 @@
-"""Set sampling (method.md section 2, step 2): distinct, sorted, uniform without replacement."""
+"""Set sampling (docs/algorithm.md §2.2): distinct, sorted, uniform without replacement."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_marginal_frequencies_uniform(sampler) -> None:
 
 
 def test_paper_defaults_trace_in_no_set_rate() -> None:
-    # method.md section 2: with 8 traces, 4 sets of 4, a trace is in no set with probability
+    # docs/algorithm.md §2.2: with 8 traces, 4 sets of 4, a trace is in no set with probability
     # C(35, 4) / C(70, 4) = 0.0571 (35 of the 70 subsets exclude it). Over 10k draws the count
     # for trace 0 is Binomial(10000, 0.0571): mean 571, sd 23.2; allow 5 sd.
     gen = torch.Generator().manual_seed(7)
@@ -126,7 +126,7 @@ def test_sample_sets_batch_rejects_empty_batch() -> None:
 
 
 def test_member_sets_are_independent_uniform_subsets() -> None:
-    """RSA (method.md section 6): each member reads its own uniform K-subset; members may share one."""
+    """RSA (docs/algorithm.md §7.5): each member reads its own uniform K-subset; members may share one."""
     generator = torch.Generator().manual_seed(0)
     sets_MK = sample_member_sets(20000, 4, 2, generator)
     assert sets_MK.shape == (20000, 2) and sets_MK.dtype == torch.long

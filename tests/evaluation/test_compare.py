@@ -1,5 +1,5 @@
-"""``python -m spiral_lit.evaluation.compare`` on two tiny checkpoints (a Hugging Face directory and a Lightning .ckpt),
-and the curve table behind its plots."""
+"""``python -m spiral_lit compare`` on two tiny checkpoints (a Hugging Face directory and a Lightning .ckpt), each
+evaluated by ``trainer.validate``, and the curve table behind its plots."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import math
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 import spiral_lit.evaluation.compare as compare_module
+from spiral_lit.cli import main as cli_main
 from spiral_lit.errors import UserError
 from spiral_lit.evaluation.compare import _as_one_list, main, parse_checkpoints
 from spiral_lit.evaluation.plots import curve_rows
@@ -28,7 +30,8 @@ FAST_EVAL = {
 
 def _config(tmp_path: Path, policy_dir: Path) -> Path:
     config = {
-        "trainer": {"accelerator": "cpu", "precision": "32-true"},
+        # One validation batch and two devices: compare evaluates every held-out problem, in one process.
+        "trainer": {"accelerator": "cpu", "devices": 2, "precision": "32-true", "limit_val_batches": 1},
         "model": {
             "class_path": "spiral_lit.SpiralModule",
             "init_args": {
@@ -47,18 +50,49 @@ def _config(tmp_path: Path, policy_dir: Path) -> Path:
     return path
 
 
+def _means_batch_by_batch(config: Path, policy_dir: Path) -> dict[str, float]:
+    """What compare computed before it ran ``trainer.validate``: the module's ``evaluate_batch`` over the held-out
+    problems in ``eval_batch_size`` batches, each metric's mean over its non-NaN values in float64."""
+    args = ["--config", str(config), "--trainer.devices", "1", "--model.init_args.policy.path", str(policy_dir)]
+    cli = cli_main(args, run=False)
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    module.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    try:
+        for start in range(0, len(data.heldout), data.eval_batch_size):
+            with torch.inference_mode():
+                values = module.evaluate_batch(data.heldout[start : start + data.eval_batch_size])
+            for key, value in values.items():
+                kept = value.double()[~value.isnan()]
+                sums[key] = sums.get(key, 0.0) + float(kept.sum())
+                counts[key] = counts.get(key, 0) + kept.numel()
+    finally:
+        module.runtime.close()
+    return {key: sums[key] / counts[key] if counts[key] else math.nan for key in sums}
+
+
 def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    monkeypatch.setattr(sys, "argv", ["spiral_lit", "compare"])
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    validated = []
+    validate = L.Trainer.validate
+    monkeypatch.setattr(L.Trainer, "validate", lambda self, *a, **k: validated.append(self) or validate(self, *a, **k))
     # The same weights as a Lightning checkpoint: its numbers must equal the directory's (same problems and seeds).
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"policy.{k}": v for k, v in tiny_policy.model.state_dict().items()}}, ckpt)
     out = tmp_path / "compare"
     config = _config(tmp_path, tiny_policy.path)
-    main(["--checkpoints", f"hf={tiny_policy.path}", f"ckpt={ckpt}", "--config", str(config), "--out", str(out)])
+    cli_main(["compare", "--checkpoints", f"hf={tiny_policy.path}", f"ckpt={ckpt}", "--config", str(config),
+              "--out", str(out)])  # fmt: skip
     for name in ("metrics.csv", "metrics.json", "curves.csv", "curves.json", "accuracy_vs_tokens.png", "pass_at_k.png",
                  "rsa_rounds.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert glob.glob(str(out / "tensorboard" / "events.out.tfevents*"))
+    assert [(t.num_devices, t.limit_val_batches) for t in validated] == [(1, 1.0)] * 2
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing written beside --out (no config.yaml)
 
     metrics = json.loads((out / "metrics.json").read_text())
     by_checkpoint: dict[str, dict[str, float | None]] = {}
@@ -68,6 +102,9 @@ def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatc
     assert {"search/pass@2", "sequential/accuracy@6", "rsa/majority@2", "aggregation/recovery"} <= set(
         by_checkpoint["hf"]
     )
+    # The numbers compare wrote before it went through trainer.validate (NaN: a rate no problem defines).
+    expected = {k: None if math.isnan(v) else v for k, v in _means_batch_by_batch(config, tiny_policy.path).items()}
+    assert by_checkpoint["hf"] == expected
     curves = list(csv.DictReader((out / "curves.csv").open()))
     assert {(r["checkpoint"], r["scaffold"]) for r in curves} == {
         (c, s) for c in ("hf", "ckpt") for s in ("sequential", "majority", "pass@k", "rsa", "rsa_majority")

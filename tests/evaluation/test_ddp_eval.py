@@ -1,5 +1,5 @@
 """Evaluating with 2 CPU processes (gloo; DDP, and FSDP2) logs the same numbers as 1 process with the same seeds
-(issues 4 and 6).
+(docs/algorithm.md §7.1, §8.3).
 
 ``python -m spiral_lit validate`` runs twice as a subprocess on a tiny random model, with
 ``devices: 1`` and with ``devices: 2`` under DDP or FSDP2 (``ModelParallelStrategy``); the logged metrics are

@@ -12,10 +12,18 @@ import pytest
 import torch
 from hash_task import VoteTask
 
-from spiral_lit.evaluation.held_out import EvalConfig, accuracy_by_correct_count, copies_candidate, evaluate_problems
+from spiral_lit.evaluation.held_out import (
+    EvalConfig,
+    accuracy_by_correct_count,
+    copies_candidate,
+    evaluate_problems,
+    score_traces,
+)
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout import KVCacheEngine, SamplingConfig
-from spiral_lit.scaffolds import recursive_aggregation, sample_search, stable_seed
+from spiral_lit.runtime.policy import Sampler
+from spiral_lit.scaffolds import derive_seed, recursive_aggregation, sample_search
+from spiral_lit.tasks.base import answer_keys
 from spiral_lit.tasks.verify import Verifier
 
 CONFIG = EvalConfig(
@@ -31,16 +39,16 @@ def parts(loaded_policy):
     task = VoteTask(n_terms=2, digits=2)
     renderer = PromptRenderer(tokenizer, PromptConfig(), task.answer_instruction)
     with Verifier(task, num_workers=0) as verifier:
-        yield KVCacheEngine(model, tokenizer), renderer, verifier, [task.problem(i, "heldout") for i in range(3)]
+        problems = [task.problem(i, "heldout") for i in range(3)]
+        yield Sampler(KVCacheEngine(model, tokenizer), renderer, verifier), problems
 
 
 def _evaluate(parts, problems, config: EvalConfig = CONFIG) -> dict[str, torch.Tensor]:
-    engine, renderer, verifier, _ = parts
-    return evaluate_problems(engine, renderer, verifier, problems, config, SEARCH, AGGREGATION)
+    return evaluate_problems(parts[0], problems, config, SEARCH, AGGREGATION)
 
 
 def test_every_scaffold_reports_per_problem_values(parts) -> None:
-    problems = parts[3]
+    problems = parts[1]
     values = _evaluate(parts, problems)
     per_problem = (
         ["search/pass@1", "search/pass@2", "search/prompt_tokens", "search/length"]
@@ -66,10 +74,11 @@ def test_every_scaffold_reports_per_problem_values(parts) -> None:
 
 
 def test_token_accounting_matches_the_scaffolds(parts) -> None:
-    engine, renderer, _, problems = parts
+    sampler, problems = parts
+    engine, renderer = sampler.engine, sampler.renderer
     values = _evaluate(parts, problems)
-    seeds = [stable_seed(CONFIG.seed, p.uid) for p in problems]
-    search = sample_search(engine, renderer, problems, 3, SEARCH, [stable_seed(s, "search") for s in seeds])
+    seeds = [derive_seed(CONFIG.seed, p.uid) for p in problems]
+    search = sample_search(engine, renderer, problems, 3, SEARCH, [derive_seed(s, "search") for s in seeds])
     search_tokens = torch.tensor([float(sum(t.num_tokens for t in ts)) for ts in search.traces])
     assert torch.equal(values["search/tokens@3"], search_tokens)
     assert torch.equal(values["search/length"], search_tokens / 3)
@@ -77,7 +86,7 @@ def test_token_accounting_matches_the_scaffolds(parts) -> None:
     assert torch.equal(values["rsa/prompt_tokens@0"], torch.tensor([float(len(p)) for p in search.prompts]))
 
     rounds = recursive_aggregation(engine, renderer, problems, search.traces, 2, 2, AGGREGATION,
-                                   [stable_seed(s, "rsa") for s in seeds])  # fmt: skip
+                                   [derive_seed(s, "rsa") for s in seeds])  # fmt: skip
     assert len(rounds) == 2
     for t, agg in enumerate(rounds, start=1):
         assert agg.sets_BKS.shape == (3, 3, 2)  # [B, N members, K candidates]
@@ -90,8 +99,8 @@ def test_token_accounting_matches_the_scaffolds(parts) -> None:
 
 
 def test_a_problems_values_do_not_depend_on_its_batch(parts) -> None:
-    """Seeds come from (eval.seed, uid): the property that makes 1 and N DDP processes agree (issue 4)."""
-    problems = parts[3]
+    """Seeds come from (eval.seed, uid): what makes 1 and N DDP processes agree (docs/algorithm.md §7.1)."""
+    problems = parts[1]
     together = _evaluate(parts, problems)
     alone = _evaluate(parts, problems[1:2])
     swapped = _evaluate(parts, [problems[2], problems[0]])
@@ -104,7 +113,7 @@ def test_a_problems_values_do_not_depend_on_its_batch(parts) -> None:
 
 
 def test_defaults_skip_the_costly_scaffolds(parts) -> None:
-    values = _evaluate(parts, parts[3][:1], EvalConfig(n_samples=2, pass_k=[1], set_size=0))
+    values = _evaluate(parts, parts[1][:1], EvalConfig(n_samples=2, pass_k=[1], set_size=0))
     assert set(values) == {"search/pass@1", "search/maj@1", "search/maj@2", "search/tokens@1", "search/tokens@2",
                            "search/prompt_tokens", "search/length"}  # fmt: skip
 
@@ -144,7 +153,7 @@ def test_copies_candidate_is_the_share_of_answers_taken_from_the_set() -> None:
 
 
 def test_controls_aggregate_wrong_and_foreign_sets(parts) -> None:
-    problems = parts[3]
+    problems = parts[1]
     config = dataclasses.replace(CONFIG, controls=True, rsa_rounds=0, budgets=[])
     values = _evaluate(parts, problems, config)
     keys = [f"control/{k}_{m}" for k in ("all_wrong", "shuffled") for m in ("accuracy", "copies")]
@@ -166,3 +175,22 @@ def test_controls_aggregate_wrong_and_foreign_sets(parts) -> None:
 def test_controls_need_a_set() -> None:
     with pytest.raises(ValueError, match="eval.controls"):
         EvalConfig(set_size=0, controls=True)
+
+
+def test_maj_and_copies_compare_answer_keys() -> None:
+    # Countdown 5 1 5 -> 30: three differently written right answers outvote two identical wrong ones.
+    from spiral_lit.rollout.base import Completion
+    from spiral_lit.tasks import CountdownTask
+
+    task = CountdownTask()
+    problem = task.problem(0, "train")
+    texts = ["5*6", "(1+5)*5", "5*6", "5*(1+5)", "(5+1)*5"]
+    traces = [[Completion([0], torch.zeros(1), "stop", f"<answer>{t}</answer>") for t in texts]]
+    with Verifier(task, num_workers=0) as verifier:
+        scored = score_traces(verifier, [problem], traces)
+    assert scored.majority_B().tolist() == [1.0]
+    assert scored.head(3).majority_B().tolist() == [0.0]  # "5*6" twice against one right answer
+    # An aggregation that rewrote a shown right answer copies it.
+    shown = answer_keys(task, [problem] * 2, ["(1+5)*5", "5*6"])
+    written = answer_keys(task, [problem] * 2, ["5*(5+1)", "5*5+1"])
+    torch.testing.assert_close(copies_candidate([written], [shown]), torch.tensor([0.5]))

@@ -1,15 +1,18 @@
-"""pass@k, majority vote and aggregation diagnostics (method.md section 6; issue 4)."""
+"""pass@k, majority vote and aggregation diagnostics (docs/algorithm.md §7.2, §7.4)."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from fractions import Fraction
+from functools import partial
 
 import pytest
 import torch
 
 from spiral_lit.evaluation.metrics import gather_sets, majority_vote, majority_vote_correct, pass_at_k, set_diagnostics
+from spiral_lit.tasks import CountdownTask
+from spiral_lit.tasks.base import answer_keys
 
 
 def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -123,3 +126,33 @@ def test_set_diagnostics_checks_shapes() -> None:
         set_diagnostics([[["1"]]], torch.zeros(1, 1, 2, dtype=torch.bool), torch.zeros(1, 1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="aggregation_correct_BKA"):
         set_diagnostics([[["1"]]], torch.zeros(1, 1, 1, dtype=torch.bool), torch.zeros(1, 2, 1, dtype=torch.bool))
+
+
+def test_equivalent_countdown_answers_vote_together() -> None:
+    task = CountdownTask()
+    problem = task.problem(0, "train")  # 5 1 5 -> 30
+    answers = ["5*6", "(1+5)*5", "5*6", None, "5*(1+5)", "(5+1)*5"]
+    correct = [task.score(a, problem) == 1.0 if a is not None else False for a in answers]
+    # As raw strings the wrong "5*6" wins 2 to 1; as answers, the three correct expressions win 3 to 2.
+    assert majority_vote(answers) == "5*6"
+    key = partial(task.answer_key, problem=problem)
+    assert majority_vote(answers, key) == "(1+5)*5"  # the first answer with the winning key
+    assert majority_vote_correct(answers, correct, key) is True
+    keys = answer_keys(task, [problem] * len(answers), answers)
+    assert majority_vote(keys) == keys[1] and majority_vote_correct(keys, correct) is True
+
+
+def test_majority_vote_by_key_ties_go_to_the_key_seen_first() -> None:
+    assert majority_vote(["b", "A", "a", "B"], str.lower) == "b"
+    assert majority_vote(["x", "A", "a"], str.lower) == "A"
+    assert majority_vote_correct(["b", "A", "a", "B"], [False, True, True, True], str.lower) is False
+
+
+def test_set_diagnostics_count_equivalent_answers_once() -> None:
+    task = CountdownTask()
+    problem = task.problem(0, "train")
+    answers_S = ["(1+5)*5", "5*(5+1)", "5*6", "5*6"]
+    keys_BKS = [[answer_keys(task, [problem] * 4, answers_S)]]
+    correct_BKS = torch.tensor([[[True, True, False, False]]])
+    diag = set_diagnostics(keys_BKS, correct_BKS, torch.tensor([[[True]]]))
+    assert diag["distinct_answers"].item() == 2.0 and diag["set_majority"].item() == 1.0

@@ -19,6 +19,7 @@ from spiral_lit.evaluation.predict import predict_problems
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.reliability.callbacks import PredictionWriter
 from spiral_lit.rollout import KVCacheEngine, SamplingConfig
+from spiral_lit.runtime.policy import Sampler
 from spiral_lit.tasks.verify import Verifier
 from spiral_lit.training.data import read_predict_problems
 
@@ -46,7 +47,7 @@ def test_each_scaffold_answers_every_problem(loaded_policy, tmp_path: Path, scaf
     problems = read_predict_problems(str(_problems_file(tmp_path / "p.jsonl")))
     with Verifier(task, num_workers=0) as verifier:
         records = predict_problems(
-            KVCacheEngine(model, tokenizer), renderer, verifier, problems, config, SAMPLING, SAMPLING
+            Sampler(KVCacheEngine(model, tokenizer), renderer, verifier), problems, config, SAMPLING, SAMPLING
         )
     assert [r["id"] for r in records] == ["with-answer", "predict/1", "3"]
     assert ["correct" in r for r in records] == [True, False, True]  # no reference answer, no verdict

@@ -1,4 +1,4 @@
-"""rollout/attention.py: shared-prompt (cascade) decode attention equals attention over the concatenated keys."""
+"""fastpath/attention.py: shared-prompt (cascade) decode attention equals attention over the concatenated keys."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""rollout/decode.py: the fused decode step gives the rollouts of the model's own forward."""
+"""fastpath/decode.py: the fused decode step gives the rollouts of the model's own forward."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Bad input is refused early with an error that names the key, file, row or value and what was expected
-(issue 7). Through the CLI, every case here fails before any model weights are loaded: the ``no_model_load``
-fixture turns a weight load into a test failure."""
+(docs/algorithm.md §8.4). Through the CLI, every case here fails before any model weights are loaded: the
+``no_model_load`` fixture turns a weight load into a test failure."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """checkpointing.py: atomic writes, weights-only loads with errors that name the file, mismatch reports,
-per-rank RNG states and the pending-sequence serialisation (issue 7)."""
+per-rank RNG states and the pending-sequence serialisation (docs/algorithm.md §8.4)."""
 
 from __future__ import annotations
 

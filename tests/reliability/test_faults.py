@@ -1,5 +1,6 @@
-"""Faults during a run (issue 7): a NaN/Inf loss skips the update and is counted, too many in a row stop the
-run; a verifier that raises or hangs, and an answer that cannot be parsed, score 0 and are counted in the logs."""
+"""Faults during a run (docs/algorithm.md §8.4): a NaN/Inf loss skips the update and is counted, too many in a row
+stop the run; a verifier that raises or hangs, and an answer that cannot be parsed, score 0 and are counted in the
+logs."""
 
 from __future__ import annotations
 

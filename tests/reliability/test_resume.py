@@ -1,4 +1,4 @@
-"""Exact resume (issue 7): N steps + resume for N more ends where 2N uninterrupted steps end.
+"""Exact resume (docs/algorithm.md §8.4): N steps + resume for N more ends where 2N uninterrupted steps end.
 
 Every comparison is of the final weights (max abs difference, expected exactly 0 on CPU and at most
 1e-6) and of the logged rewards and losses at every step (TensorBoard). The stops are real: a run

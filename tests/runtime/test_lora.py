@@ -1,5 +1,5 @@
 """lora.py: LoRA through peft trains only the adapters, samples with them on, and gives the KL reference with
-them off (issue 6).
+them off (docs/algorithm.md §8.3, §4.4).
 
 A fresh adapter's B matrix is zero, so the adapted model starts equal to the base model; the
 tests that need the adapter to matter give B random values first.
@@ -98,7 +98,7 @@ def test_lora_fit_changes_only_the_adapters(tiny_policy, tmp_path) -> None:
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     trainer.fit(module, datamodule=ProblemDataModule(task, batch_size=2, heldout_size=4, eval_batch_size=4))
 
-    assert is_lora(module.policy)  # export (issue 7) detects the adapter on module.policy
+    assert is_lora(module.policy)  # export detects the adapter on module.policy
     adapters = {n for n in before if "lora_" in n}
     assert adapters and {n for n, p in module.policy.named_parameters() if p.requires_grad} == adapters
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

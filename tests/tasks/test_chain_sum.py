@@ -117,3 +117,14 @@ def test_wrong_solutions_are_reproducible() -> None:
 def test_invalid_arguments_name_the_key(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ChainSumTask(**kwargs)
+
+
+def test_answer_key_is_the_integer() -> None:
+    task = ChainSumTask()
+    problem = task.problem(0, "train")
+    assert task.answer_key("1234", problem) == task.answer_key(" +1234 ", problem) == task.answer_key("01234", problem)
+    assert task.answer_key("1234", problem) != task.answer_key("1235", problem)
+    assert task.answer_key("-5", problem) != task.answer_key("5", problem)
+    # Not an integer: the stripped text, which never equals an integer's key.
+    assert task.answer_key("1,234", problem) == task.answer_key(" 1,234", problem) != task.answer_key("1234", problem)
+    assert task.answer_key("12 34", problem) != task.answer_key("1234", problem)

@@ -110,3 +110,31 @@ def test_bad_settings_and_index_are_refused() -> None:
 def test_task_pickles_for_verifier_workers() -> None:
     task = pickle.loads(pickle.dumps(CountdownTask(4, 7, seed=2)))
     assert task.problem(5, "train") == CountdownTask(4, 7, seed=2).problem(5, "train")
+
+
+def test_answer_key_joins_equivalent_expressions_and_keeps_others_apart() -> None:
+    task = CountdownTask()
+    problem = task.problem(0, "train")  # 5 1 5 -> 30
+    key = task.answer_key("(1+5)*5", problem)
+    # Every correct answer shares one key, whatever its shape or spacing.
+    assert task.answer_key("5*(1+5)", problem) == task.answer_key(" 5 * ( 5 + 1 ) ", problem) == key
+    # Wrong numbers (5*6, 1 twice) or another value never join the correct answers, nor each other.
+    others = ["5*6", "(1+5)*5*1", "5*5+5", "5*5+1", "30", "abc", "(1+5)*5)"]
+    keys = [task.answer_key(a, problem) for a in others]
+    assert key not in keys and len(set(keys)) == len(keys)
+    # Same numbers, same wrong value: one key (the scorer cannot tell them apart either).
+    assert task.answer_key("5*5+1", problem) == task.answer_key("1+5*5", problem)
+    # Unparsed answers: only spacing is ignored.
+    assert task.answer_key("abc", problem) == task.answer_key(" a b c", problem) != task.answer_key("abd", problem)
+
+
+def test_answer_keys_agree_with_the_score() -> None:
+    # The contract: answers with the same key get the same score.
+    task = CountdownTask()
+    problem = task.problem(0, "train")
+    answers = ["(1+5)*5", "5*(5+1)", "5*6", "5*5+5", "1+5*5", "5*5+1", "30", "(5-1)*5", "5*(5-1)", "x"]
+    scores: dict[object, float] = {}
+    for answer in answers:
+        assert scores.setdefault(task.answer_key(answer, problem), task.score(answer, problem)) == task.score(
+            answer, problem
+        ), answer

@@ -1,4 +1,4 @@
-"""Fuzzing every verifier with random and adversarial model output (issue 7).
+"""Fuzzing every verifier with random and adversarial model output (docs/algorithm.md §2.6).
 
 A policy under RL writes anything: unbalanced braces, towers of exponents, 100k-character numbers. For
 each task the whole path a response takes (the task's answer extraction, then its scorer) must never

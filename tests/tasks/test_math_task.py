@@ -7,6 +7,7 @@ import logging
 import pickle
 import re
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -281,3 +282,37 @@ def test_a_column_present_only_in_later_rows_is_checked_per_row(tmp_path: Path) 
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nope\.jsonl.*does not exist"):
         MathDatasetTask(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "same",
+    [["1/2", "0.5", "\\frac{1}{2}", "\\dfrac12", "2/4", "0.50", "$\\frac{1}{2}$"], ["3", "3.0", "003"],
+     ["\\sqrt{2}", "2^{1/2}"], ["\\{1,2\\}", "\\{2,1\\}"], ["x+1", "1+x"]],
+)  # fmt: skip
+def test_answer_key_joins_what_math_verify_parses_alike(same: list[str], tmp_path: Path) -> None:
+    task = MathDatasetTask(_jsonl(tmp_path / "d.jsonl", _ROWS), heldout_size=1)
+    assert len({task.answer_key(a, _gold("1")) for a in same}) == 1
+
+
+def test_answer_key_keeps_different_values_apart(tmp_path: Path) -> None:
+    task = MathDatasetTask(_jsonl(tmp_path / "d.jsonl", _ROWS), heldout_size=1)
+    answers = ["1/2", "0.6", "1/3", "0.333", "3", "\\sqrt{3}", "(1,2)", "[1,2)", "x-1", "ten", "}{\\frac{"]
+    answers += ["1.5^{9}", "3/2^{9}"]  # a power of 3/2 and 3 over a power of 2
+    assert len({task.answer_key(a, _gold("1")) for a in answers}) == len(answers)
+
+
+def test_answer_key_falls_back_to_the_normalised_text(tmp_path: Path) -> None:
+    # Bounded: too long, too slow for math-verify's timeout (a huge binomial), or outside the main thread (where
+    # math-verify's timeout cannot work) -> ("text", the answer with whitespace runs collapsed).
+    task = MathDatasetTask(_jsonl(tmp_path / "d.jsonl", _ROWS), heldout_size=1)
+    assert task.answer_key("0.5", _gold("1")) == ("math", "(1/2)")
+    long = "1 + " * 50 + "1"
+    assert task.answer_key(f" {long}  ", _gold("1")) == ("text", long)
+    start = time.perf_counter()
+    assert task.answer_key("\\binom{10000000}{5000000}", _gold("1")) == ("text", "\\binom{10000000}{5000000}")
+    assert time.perf_counter() - start < 4.0
+    keys: list[object] = []
+    thread = threading.Thread(target=lambda: keys.extend(task.answer_key(a, _gold("1")) for a in ("0.5", " 1/2")))
+    thread.start()
+    thread.join()
+    assert keys == [("text", "0.5"), ("text", "1/2")]

@@ -105,3 +105,24 @@ def test_workers_score_the_item_the_prompt_showed() -> None:
     with Verifier(task, timeout_s=10.0, num_workers=1) as verifier:
         result = verifier.score(problems, [f"<answer>{p.answer}</answer>" for p in problems])
     assert result.rewards == [1.0] * 8
+
+
+def test_answer_key_is_the_normalised_string(task: ReasoningGymTask) -> None:
+    problem = task.problem(0, "train")
+    key = task.answer_key
+    assert key("12", problem) == key(" 12 ", problem) != key("13", problem)
+    assert key("1 2", problem) == key("1 \t 2", problem) != key("12", problem)
+    assert key("1 2\n3 4", problem) == key("1 2 \n\n 3 4", problem) != key("1 2 3 4", problem)  # lines are kept
+    assert key("Yes", problem) != key("yes", problem)  # these scorers tell case apart
+    assert key("__import__('os')", problem) == "__import__('os')"  # a string, never evaluated
+
+
+@pytest.mark.parametrize("name", ["family_relationships", "color_cube_rotation", "spell_backward"])
+def test_answer_key_ignores_case_only_where_the_scorer_does(name: str) -> None:
+    task = ReasoningGymTask([name], size=5, heldout_size=1)
+    for index in range(5):
+        problem = task.problem(index, "train")
+        gold, wrong = problem.answer, problem.answer[::-1] + "x"
+        for answer in (gold, wrong):
+            assert task.answer_key(answer.upper(), problem) == task.answer_key(answer.lower(), problem)
+            assert task.score(answer.upper(), problem) == task.score(answer.lower(), problem)

@@ -1,6 +1,6 @@
-"""Hugging Face export (issue 7): from any checkpoint with ``python -m spiral_lit.tools.export``, and of a LoRA policy
-merged on request or as its adapter; every export reloads with ``AutoModelForCausalLM.from_pretrained`` and
-gives the logits of the model it was written from."""
+"""Hugging Face export (docs/algorithm.md §8.4): from any checkpoint with ``python -m spiral_lit export``, and of
+a LoRA policy merged on request or as its adapter; every export reloads with
+``AutoModelForCausalLM.from_pretrained`` and gives the logits of the model it was written from."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def test_export_from_a_checkpoint_reloads_with_the_same_logits(tiny_policy, fitt
     # The end-of-fit export (HFExport) holds the same final weights.
     at_fit_end = AutoModelForCausalLM.from_pretrained(checkpoint.parents[1] / "hf")
     assert torch.equal(_logits(at_fit_end, tokenizer), _logits(exported, tokenizer))
+
+
+def test_export_through_the_one_command_line(fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m spiral_lit export ...``: the same export, while ``sys.argv`` holds the tool's own command line."""
+    config, checkpoint = fitted
+    args = ["--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "hf")]
+    monkeypatch.setattr(sys, "argv", ["spiral_lit", "export", *args])
+    out = cli_main(["export", *args])
+    exported, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    at_fit_end = AutoModelForCausalLM.from_pretrained(checkpoint.parents[1] / "hf")
+    assert out == tmp_path / "hf" and torch.equal(_logits(exported, tokenizer), _logits(at_fit_end, tokenizer))
 
 
 def test_export_refuses_a_checkpoint_of_another_model(fitted, tmp_path: Path) -> None:

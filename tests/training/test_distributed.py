@@ -1,4 +1,4 @@
-"""2 CPU processes over gloo train the policy exactly as 1 process would (issue 6).
+"""2 CPU processes over gloo train the policy exactly as 1 process would (docs/algorithm.md §4.5).
 
 Each test runs this file as a script (``python tests/training/test_distributed.py --strategy ...``) in a
 subprocess; Lightning's launcher starts the second rank by re-running it. Every rank rolls out

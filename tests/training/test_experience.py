@@ -1,4 +1,4 @@
-"""experience.py: the training-step summaries of sets (aggregation diagnostics, issue 4)."""
+"""experience.py: the training-step summaries of sets (aggregation diagnostics, docs/algorithm.md §7.4)."""
 
 from __future__ import annotations
 

@@ -263,3 +263,30 @@ def test_updater_with_shared_prefix_makes_the_update_of_the_full_forward(setting
     _assert_close_relative(on_grads, off_grads, 1e-5)
     for on, off in zip(on_old, off_old, strict=True):
         torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
+
+
+def test_each_models_forward_is_chosen_once_when_the_updater_is_built(monkeypatch) -> None:
+    """The fused path for a plain Llama on CPU, the model's own forward with a KV cache where the fused one is
+    refused (a reference that is not a module, activation checkpointing), the full forward without the shared
+    prefix; the choice is not re-checked per micro-batch."""
+    from spiral_lit.training import forward
+
+    model = _model("llama", "sdpa").train()
+
+    def updater(policy, config: UpdateConfig, reference=None) -> PolicyUpdater:
+        return PolicyUpdater(policy, config, PAD, 0.7, lambda x: x, lambda x: x, world_size=1, reference=reference)
+
+    not_a_module = lambda **kwargs: model(**kwargs)  # noqa: E731 - called like the model, as a LoRA reference is
+    built = updater(model, UpdateConfig(kl_coef=0.1), reference=not_a_module)
+    assert (built._forward.path, built._reference_forward.path) == ("fused_prefix", "shared_prefix")
+    assert updater(model, UpdateConfig(shared_prefix=False))._forward.path == "full"
+    checkpointed = _model("llama", "sdpa").train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert updater(checkpointed, UpdateConfig())._forward.path == "shared_prefix"
+
+    def refuse(model: object) -> str:
+        raise AssertionError("the fused path was re-checked after the updater was built")
+
+    monkeypatch.setattr(forward, "fused_prefix_refusal", refuse)
+    stats = built.update(_sequences(), lambda loss: loss.backward(), lambda: None, torch.device("cpu"), seed=0)
+    assert stats["kl_ref"] >= 0.0

@@ -97,7 +97,7 @@ def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tm
     missing = [m for m in expected if m not in scalars]
     assert not missing, f"metrics missing from TensorBoard: {missing}"
     assert all(math.isfinite(v) for v in scalars["train/loss"])
-    # On-policy sanity (issue 3): sampler and trainer log-probs agree in fp32.
+    # On-policy sanity (docs/algorithm.md §4.1): sampler and trainer log-probs agree in fp32.
     assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3
 
 

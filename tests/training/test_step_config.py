@@ -1,5 +1,5 @@
 """step_config.py: rollout shapes and training sampling under which an advantage is identically zero are refused,
-naming the YAML key (method.md sections 3 and 5)."""
+naming the YAML key (docs/algorithm.md §3.7)."""
 
 from __future__ import annotations
 

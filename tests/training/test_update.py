@@ -1,10 +1,11 @@
-"""update.py: length-bucketed micro-batches give the loss and gradients of one padded batch (issue 5); with
-``tis_cap`` (issue 10) the truncated importance weight scales each token's policy gradient."""
+"""update.py: length-bucketed micro-batches give the loss and gradients of one padded batch (docs/algorithm.md
+§8.2); with ``tis_cap`` (§4.3) the truncated importance weight scales each token's policy gradient."""
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_bucketed_micro_batches_match_one_padded_batch(
             torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
-# ----------------------------------------------------------------- truncated importance weights (issue 10)
+# ------------------------------------------------------------- truncated importance weights (docs/algorithm.md §4.3)
 def _tis_sequences(
     vocab: int, sampler_shift: float, trainer_logprobs: list[torch.Tensor] | None
 ) -> list[TrainSequence]:
@@ -202,3 +203,23 @@ def test_running_the_roles_apart_changes_no_gradient(tiny_policy, sequences) -> 
     _, mixed = _update(tiny_policy.model, sequences, UpdateConfig(role_grad_norms=False, micro_batch_size=3))
     for name, grad in apart.items():
         torch.testing.assert_close(grad, mixed[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_statistics_average_over_every_minibatch_and_epoch(tiny_policy, sequences) -> None:
+    """With 2 epochs of 2 minibatches (4 optimiser steps) each statistic is the weighted mean over all four, not
+    the last minibatch's: the search share of the normaliser is the plain mean of the four minibatches' shares."""
+    config = UpdateConfig(micro_batch_size=3, epochs=2, num_minibatches=2)
+    steps: list[int] = []
+    updater = PolicyUpdater(tiny_policy.model, config, 0, 0.8, lambda x: x, lambda x: x, world_size=1)
+    stats = updater.update(sequences, lambda loss: loss.backward(), lambda: steps.append(1), torch.device("cpu"), 5)
+    tiny_policy.model.zero_grad(set_to_none=True)
+    assert len(steps) == 4
+    order, rng, shares = list(range(len(sequences))), random.Random(5), []
+    for _ in range(2):  # the updater's shuffle, replayed
+        rng.shuffle(order)
+        for m in range(2):
+            chosen = [sequences[i] for i in order[m::2]]
+            search = sum(s.completion.num_tokens for s in chosen if s.role == 0)
+            shares.append(search / sum(s.completion.num_tokens for s in chosen))
+    assert stats["normaliser_share/search"] == pytest.approx(sum(shares) / 4, rel=1e-6)
+    assert {"ratio_dev", "ratio_dev_first_minibatch", "grad_norm/total"} <= stats.keys()
