@@ -6,13 +6,17 @@ for one audited, corrected solution. Layout ``problem_restated`` repeats the pro
 after the candidates **[ours]**: a 1.85M-parameter model was 22% accurate with the
 problem only before four candidates (it lost the operands ~250 tokens back) and
 recovered once the problem was restated (docs/algorithm.md §1.2).
+
+What an aggregation answer should look like is a choice too (``aggregation_target``, used by the warm start):
+the correct worked solution alone, or an audit, one verdict per shown candidate, then the solution
+(docs/algorithm.md §6.3).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +24,7 @@ from spiral_lit.errors import UserError
 from spiral_lit.tasks.base import Problem
 
 AggregationLayout = Literal["problem_first", "problem_restated"]
+AggregationTarget = Literal["solution", "audit"]
 
 
 @dataclass
@@ -38,6 +43,10 @@ class PromptConfig:
     """Show a set's candidates in a random order, so position carries no signal [ours]."""
     system_prompt: str | None = None
     """Optional system message for chat models."""
+    aggregation_target: AggregationTarget = "solution"
+    """What warm-start aggregation examples teach: ``solution``, the correct worked solution; ``audit``, first one
+    verdict per shown candidate (``Candidate 2: 28 wrong``, from :meth:`Task.candidate_verdict`), then the
+    solution, so the aggregator learns to check the candidates before it writes (docs/algorithm.md §6.3)."""
 
     def __post_init__(self) -> None:
         if self.max_candidate_tokens < 8:
@@ -62,6 +71,12 @@ def aggregation_text(problem: Problem, candidates: list[str], answer_instruction
         parts.append(f"Problem: {problem.question}")
     parts.append(f"{config.aggregation_instruction} {answer_instruction}")
     return "\n".join(parts)
+
+
+def audit_text(verdicts: list[str], solution: str) -> str:
+    """An auditing aggregation answer: one verdict line per shown candidate, in the order shown, then the solution."""
+    lines = [f"Candidate {i + 1}: {verdict}" for i, verdict in enumerate(verdicts)]
+    return "\n".join([*lines, solution])
 
 
 def truncate_middle(token_ids: list[int], budget: int, marker_ids: list[int]) -> list[int]:
@@ -94,15 +109,23 @@ class PromptRenderer:
     def truncate_candidate(self, candidate_ids: list[int]) -> str:
         """A candidate's text after the token budget cut."""
         kept = truncate_middle(candidate_ids, self.config.max_candidate_tokens, self._marker_ids)
-        return self.tokenizer.decode(kept, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(kept, skip_special_tokens=True))  # one sequence in, one str out
+
+    def candidate_order(self, n: int, rng: random.Random) -> list[int]:
+        """The order in which a set's ``n`` candidates are shown; ``rng`` draws it when shuffling is on."""
+        order = list(range(n))
+        if self.config.shuffle_candidates:
+            rng.shuffle(order)
+        return order
 
     def aggregation(self, problem: Problem, candidates_ids: list[list[int]], rng: random.Random) -> list[int]:
         """Prompt ids for one set; ``rng`` draws the candidate order when shuffling is on."""
-        order = list(range(len(candidates_ids)))
-        if self.config.shuffle_candidates:
-            rng.shuffle(order)
-        texts = [self.truncate_candidate(candidates_ids[i]) for i in order]
-        return self._render(aggregation_text(problem, texts, self.answer_instruction, self.config))
+        order = self.candidate_order(len(candidates_ids), rng)
+        return self.aggregation_shown(problem, [self.truncate_candidate(candidates_ids[i]) for i in order])
+
+    def aggregation_shown(self, problem: Problem, shown: list[str]) -> list[int]:
+        """Prompt ids for candidates already cut and ordered as they are shown."""
+        return self._render(aggregation_text(problem, shown, self.answer_instruction, self.config))
 
     def aggregation_from_texts(self, problem: Problem, candidates: list[str], rng: random.Random) -> list[int]:
         """Same as :meth:`aggregation` for candidates given as text (warm-start data, predict input)."""

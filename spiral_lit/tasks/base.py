@@ -100,6 +100,20 @@ class Task(abc.ABC):
         """
         return answer.strip()
 
+    def candidate_verdict(self, candidate: str, problem: Problem) -> str:
+        """A short verdict on one candidate worked solution, from what the candidate itself shows.
+
+        Used by the auditing aggregation warm start (``prompts.aggregation_target: audit``,
+        docs/algorithm.md §6.3): the target first states one verdict per shown candidate, then the solution. A
+        verdict must be what a reader can check in the candidate's text (a value reached, a line that does not
+        add up), not the reference answer, so the aggregator learns to audit rather than to re-solve. Tasks
+        without such a check keep this default.
+        """
+        raise NotImplementedError(
+            f"task {self.name!r} has no candidate verdicts, so it cannot build auditing aggregation targets; use "
+            "prompts.aggregation_target: solution, or a task that checks candidates (countdown, chain_sum)"
+        )
+
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` plausible but wrong worked solutions, for aggregation warm-start data.
 

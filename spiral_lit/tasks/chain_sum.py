@@ -19,6 +19,7 @@ from spiral_lit.tasks.base import Problem, Split, Task
 # decimals) so the reward cannot be gamed by formatting. The length cap keeps int() away
 # from Python's 4300-digit conversion limit.
 _INTEGER = re.compile(r"\s*([+-]?\d{1,200})\s*")
+_LINE = re.compile(r"(\d{1,200})\+(\d{1,200})=(-?\d{1,200})")
 
 
 class ChainSumTask(Task):
@@ -72,6 +73,26 @@ class ChainSumTask(Task):
         """The integer the answer writes (``+1234``, ``01234`` and ``1234`` are one answer), else the stripped text."""
         match = _INTEGER.fullmatch(answer)
         return answer.strip() if match is None else int(match.group(1))
+
+    def candidate_verdict(self, candidate: str, problem: Problem) -> str:
+        """``"right"`` when every ``a+b=c`` line adds up and uses the problem's terms in order, else the first line
+        that does not (``"line 3 wrong"``), or ``"no answer"`` when the candidate has no final answer.
+
+        Each line is checked on its own (one addition), which is cheaper than re-adding the whole chain.
+        """
+        if self.extract_answer(candidate) is None:
+            return "no answer"
+        terms = problem.metadata["terms"]
+        sums = [[int(x) for x in m.groups()] for line in candidate.splitlines() if (m := _LINE.fullmatch(line.strip()))]
+        partial = terms[0]
+        for number, term in enumerate(terms[1:], start=1):
+            if number > len(sums):
+                return f"line {number} missing"
+            a, b, c = sums[number - 1]
+            if a != partial or b != term or a + b != c:
+                return f"line {number} wrong"
+            partial = c
+        return "right"
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions with one slip at a random step, carried through so every later line is right.

@@ -121,6 +121,21 @@ class CountdownTask(Task):
         value, used = parsed
         return ("expr", value, tuple(sorted(used)))
 
+    def candidate_verdict(self, candidate: str, problem: Problem) -> str:
+        """The value the candidate's answer reaches and whether it is right: ``"30 right"``, ``"28 wrong"``,
+        ``"30 wrong numbers"`` (reaches the target with other numbers), or ``"no answer"``.
+
+        Worked candidates show this value on their last line, so the check is a look, not a search.
+        """
+        answer = self.extract_answer(candidate)
+        parsed = None if answer is None else evaluate_expression(answer)
+        if parsed is None:
+            return "no answer"
+        value, used = parsed
+        if value != problem.metadata["target"]:
+            return f"{value} wrong"
+        return f"{value} right" if sorted(used) == sorted(problem.metadata["numbers"]) else f"{value} wrong numbers"
+
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions with correct arithmetic that reach some other value than the target.
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from jsonargparse import auto_cli
 
 from spiral_lit.errors import UserError
-from spiral_lit.prompts import PromptConfig, aggregation_text, search_text
+from spiral_lit.prompts import PromptConfig, aggregation_text, audit_text, search_text
 from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.tasks.base import Task
 from spiral_lit.tasks.chain_sum import ChainSumTask
@@ -28,9 +28,11 @@ def tokenizer_corpus(task: Task, prompts: PromptConfig, n_problems: int) -> Iter
         yield search_text(problem, task.answer_instruction, prompts)
         if problem.solution is not None:
             yield problem.solution
-            yield aggregation_text(
-                problem, [problem.solution, *task.wrong_solutions(problem, 1, rng)], task.answer_instruction, prompts
-            )
+            candidates = [problem.solution, *task.wrong_solutions(problem, 1, rng)]
+            yield aggregation_text(problem, candidates, task.answer_instruction, prompts)
+            if prompts.aggregation_target == "audit":  # the verdict words get their own tokens too
+                verdicts = [task.candidate_verdict(c, problem) for c in candidates]
+                yield audit_text(verdicts, problem.solution)
 
 
 def build(

@@ -33,7 +33,7 @@ from spiral_lit.algorithms.roles import role_normalisers
 from spiral_lit.errors import UserError
 from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
 from spiral_lit.evaluation.predict import predict_problems
-from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.prompts import PromptConfig, PromptRenderer, audit_text
 from spiral_lit.reliability.checkpointing import check_checkpoint_matches
 from spiral_lit.reliability.faults import NonFiniteGuard
 from spiral_lit.rollout import Backend
@@ -74,10 +74,39 @@ def warm_start_examples(
         if rng.random() < aggregation_fraction:
             n_right = rng.randint(0, set_size)
             candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
-            prompts.append(renderer.aggregation_from_texts(problem, candidates, rng))
-            targets.append(target)
+            if renderer.config.aggregation_target == "audit":
+                prompt, audit = audit_example(problem, candidates, task, renderer, rng)
+                prompts.append(prompt)
+                targets.append(renderer.tokenizer.encode(audit + eos, add_special_tokens=False))
+            else:
+                prompts.append(renderer.aggregation_from_texts(problem, candidates, rng))
+                targets.append(target)
             roles.append(1)
     return prompts, targets, roles
+
+
+def audit_example(
+    problem: Problem, candidates: list[str], task: Task, renderer: PromptRenderer, rng: random.Random
+) -> tuple[list[int], str]:
+    """(prompt ids, target text) of an auditing aggregation example (docs/algorithm.md §6.3): the candidates in the
+    order shown, a verdict on each as it is shown (after the token cut), then the correct worked solution."""
+    assert problem.solution is not None
+    ids = [renderer.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
+    shown = [renderer.truncate_candidate(ids[i]) for i in renderer.candidate_order(len(ids), rng)]
+    verdicts = [task.candidate_verdict(text, problem) for text in shown]
+    return renderer.aggregation_shown(problem, shown), audit_text(verdicts, problem.solution)
+
+
+def check_audit_targets(task: Task | None, prompts: PromptConfig) -> None:
+    """Refuse ``prompts.aggregation_target: audit`` for a task without candidate verdicts, before any work."""
+    if task is None or prompts.aggregation_target != "audit":
+        return
+    if type(task).candidate_verdict is Task.candidate_verdict:
+        raise UserError(
+            f"model.prompts.aggregation_target is 'audit', but task {task.name!r} has no candidate verdicts "
+            "(Task.candidate_verdict); use aggregation_target: solution, or a task that checks candidates "
+            "(countdown, chain_sum)"
+        )
 
 
 class WarmStartModule(L.LightningModule):
@@ -140,6 +169,8 @@ class WarmStartModule(L.LightningModule):
         self.policy_config = policy
         self.task = task
         self.prompt_config = prompts or PromptConfig()
+        if aggregation_fraction > 0:
+            check_audit_targets(task, self.prompt_config)
         self.eval_config = eval or EvalConfig()
         self.eval_sampling = eval_sampling or SamplingConfig()
         self.verifier_config = verifier or VerifierConfig()
