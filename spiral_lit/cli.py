@@ -39,7 +39,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import yaml
@@ -54,6 +54,9 @@ from spiral_lit.reliability.checkpointing import AtomicCheckpointIO, check_resum
 from spiral_lit.reliability.preflight import preflight
 from spiral_lit.reliability.progress import ProgressLog
 from spiral_lit.training.data import ProblemDataModule
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 PROG = "python -m spiral_lit"
 
@@ -84,7 +87,7 @@ class _Parser(LightningArgumentParser):
     """A parser error shows one usage line above the error, not the usage of every option (a page or two), so the
     message is what the user reads; ``--help`` still lists every option."""
 
-    def print_usage(self, file: IO[str] | None = None) -> None:
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
         subcommands = self._subcommands_action
         first = "{" + ",".join(subcommands.choices) + "} " if subcommands is not None else ""
         self._print_message(f"usage: {self.prog} [-h] {first}[-c CONFIG] [--KEY VALUE ...]\n", file)
@@ -98,9 +101,11 @@ class SpiralCLI(LightningCLI):
         """Lightning's Trainer subcommands, then each tool as an entry of the same list, so ``--help`` and a usage
         error name them too; :func:`main` runs a tool before this parser sees its options."""
         super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        assert subcommands is not None  # added by Lightning's _add_subcommands
         for name, (_, description) in TOOLS.items():
             tool_parser = self.parser_class(description=f"{description} Options: {PROG} {name} --help.")
-            parser._subcommands_action.add_subcommand(name, tool_parser, help=description)
+            subcommands.add_subcommand(name, tool_parser, help=description)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing without its warning for ``args`` given while ``sys.argv`` holds others: :func:`main`

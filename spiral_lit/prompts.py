@@ -45,8 +45,9 @@ class PromptConfig:
     """Optional system message for chat models."""
     aggregation_target: AggregationTarget = "solution"
     """What warm-start aggregation examples teach: ``solution``, the correct worked solution; ``audit``, first one
-    verdict per shown candidate (``Candidate 2: 28 wrong``, from :meth:`Task.candidate_verdict`), then the
-    solution, so the aggregator learns to check the candidates before it writes (docs/algorithm.md §6.3)."""
+    verdict per shown candidate (``Candidate 2: 28 wrong``, from :meth:`Task.candidate_verdict`), then the first
+    right candidate kept and copied, or a new solution when none is right, so the aggregator learns to check the
+    candidates before it writes (docs/algorithm.md §6.3)."""
 
     def __post_init__(self) -> None:
         if self.max_candidate_tokens < 8:
@@ -73,10 +74,16 @@ def aggregation_text(problem: Problem, candidates: list[str], answer_instruction
     return "\n".join(parts)
 
 
-def audit_text(verdicts: list[str], solution: str) -> str:
-    """An auditing aggregation answer: one verdict line per shown candidate, in the order shown, then the solution."""
+def audit_text(verdicts: list[str], kept: int | None, solution: str) -> str:
+    """An auditing aggregation answer: one verdict line per shown candidate, in the order shown, then
+    ``Keep Candidate k:`` and that candidate's solution (``kept`` = k - 1), or ``Solve again:`` and a new one.
+
+    ``Keep Candidate k:`` ends like the prompt's own ``Candidate k:`` header, so copying the kept candidate is
+    a continuation of a match (what small models learn first), not a search for its lines.
+    """
     lines = [f"Candidate {i + 1}: {verdict}" for i, verdict in enumerate(verdicts)]
-    return "\n".join([*lines, solution])
+    header = "Solve again:" if kept is None else f"Keep Candidate {kept + 1}:"
+    return "\n".join([*lines, header, solution])
 
 
 def truncate_middle(token_ids: list[int], budget: int, marker_ids: list[int]) -> list[int]:

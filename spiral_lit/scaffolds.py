@@ -102,10 +102,9 @@ def sample_aggregations(
     per problem (candidate order and sampling seeded per (problem seed, set), whatever the batch).
     """
     B, K, _ = sets_BKS.shape
-    per_problem = isinstance(seed, list)
 
     def order_rng(b: int, k: int) -> random.Random:
-        return derive_rng(seed[b], k) if per_problem else derive_rng(seed, b, k)
+        return derive_rng(seed[b], k) if isinstance(seed, list) else derive_rng(seed, b, k)
 
     prompts = [
         [
@@ -114,7 +113,9 @@ def sample_aggregations(
         ]
         for b, problem in enumerate(problems)
     ]
-    engine_seed = [derive_seed(seed[b], "set", k) for b in range(B) for k in range(K)] if per_problem else seed
+    engine_seed: Seed = seed
+    if isinstance(seed, list):
+        engine_seed = [derive_seed(seed[b], "set", k) for b in range(B) for k in range(K)]
     flat = engine.generate([p for per_problem in prompts for p in per_problem], n_agg, sampling, engine_seed)
     traces = [flat[b * K : (b + 1) * K] for b in range(B)]
     return AggregationRollout(sets_BKS, prompts, traces)

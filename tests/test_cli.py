@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from spiral_lit.cli import TOOLS, check_config_file, console_main, main, run_alias
 from spiral_lit.errors import PathNotFoundError, UserError
+from spiral_lit.reliability.checkpointing import load_checkpoint_file
 
 SMALL = [
     "--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.val_check_interval", "2",
@@ -86,6 +87,12 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     moved = [name for (name, a), b in zip(trained.named_parameters(), warm_start.parameters(), strict=True)
              if not torch.equal(a, b)]  # fmt: skip
     assert moved == [name for name, _ in warm_start.named_parameters()]  # every parameter moved in the SPIRAL step
+    # The checkpoint a `--ckpt_path last` resumes from is the one after the update, not the warm start's weights.
+    checkpoint = load_checkpoint_file(spiral / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 1
+    saved = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
+    for name, param in trained.named_parameters():
+        assert torch.equal(saved[name], param), name
 
 
 # ----------------------------------------------------------------------------- --config files

@@ -32,9 +32,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
+import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +47,7 @@ from spiral_lit.evaluation.plots import FIGURES, curve_rows
 from spiral_lit.reliability.checkpointing import checkpoint_policy_path, load_checkpoint_file, state_dict_mismatch
 from spiral_lit.reliability.output_paths import atomic_dir, check_output
 
-OUT = {"what": "--out", "flag": "--overwrite"}
+OUT: dict[str, Any] = {"what": "--out", "flag": "--overwrite"}
 
 
 def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
@@ -93,7 +94,7 @@ class LoadPolicyWeights(L.Callback):
         self.path = path
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.policy.load_state_dict(_policy_weights(self.path)[0])
+        cast(torch.nn.Module, pl_module.policy).load_state_dict(_policy_weights(self.path)[0])
 
 
 def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str | None]:
@@ -145,8 +146,9 @@ def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: 
     logs ``val/<metric>`` (:func:`~spiral_lit.training.strategy.log_eval_metrics`); returned without ``val/``."""
     cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
     # Without a logger, validate would save the config into the working directory: compare writes only --out.
-    callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
-    cli.trainer.callbacks = [*callbacks, LoadPolicyWeights(checkpoint)] if checkpoint.is_file() else callbacks
+    # Trainer.callbacks is set by Lightning's callback connector, unannotated.
+    callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
+    cli.trainer.callbacks = [*callbacks, LoadPolicyWeights(checkpoint)] if checkpoint.is_file() else callbacks  # type: ignore[attr-defined]
     print(f"[spiral_lit] evaluating {name} ({checkpoint}) on {len(cli.datamodule.heldout)} held-out problems")
     try:
         (logged,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -237,7 +239,7 @@ def _bare_flag(argv: list[str], option: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Path:
     # jsonargparse's auto_cli drops a parameter named ``config``, so the parser is built from the signature here.
-    parser = ArgumentParser(prog=f"{PROG} compare", description=compare.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=f"{PROG} compare", description=cast(str, compare.__doc__).splitlines()[0])
     parser.add_function_arguments(compare, as_group=False)
     argv = _bare_flag(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"), "--overwrite")
     args = parser.parse_args(argv)

@@ -137,7 +137,8 @@ def score_traces(verifier: Verifier, problems: list[Problem], traces_BN: list[li
     result = verifier.score([p for p in problems for _ in range(N)], [t.text for ts in traces_BN for t in ts])
     correct_BN = torch.tensor(result.rewards).view(B, N) >= 1.0
     keys = answer_keys(verifier.task, problems, result.extracted)
-    return Scored(correct_BN, *([flat[b * N : (b + 1) * N] for b in range(B)] for flat in (result.extracted, keys)))
+    answers_BN = [result.extracted[b * N : (b + 1) * N] for b in range(B)]
+    return Scored(correct_BN, answers_BN, [keys[b * N : (b + 1) * N] for b in range(B)])
 
 
 def tokens_B(traces_BN: list[list[Completion]]) -> torch.Tensor:

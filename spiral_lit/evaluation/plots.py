@@ -9,7 +9,7 @@ rows with matplotlib's object API (Agg backend, no pyplot state), one colour per
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -27,7 +27,13 @@ _CURVES = {
     "rsa": ("rsa", "accuracy", True),
     "rsa_majority": ("rsa", "majority", True),
 }
-_STYLE = {"sequential": ("o", "-"), "majority": ("s", "--"), "rsa": ("^", ":"), "rsa_majority": ("v", "-.")}
+_LineStyle = Literal["-", "--", ":", "-."]
+_STYLE: dict[str, tuple[str, _LineStyle]] = {
+    "sequential": ("o", "-"),
+    "majority": ("s", "--"),
+    "rsa": ("^", ":"),
+    "rsa_majority": ("v", "-."),
+}
 _LABEL = {
     "sequential": "sequential (budget)",
     "majority": "majority vote (k)",

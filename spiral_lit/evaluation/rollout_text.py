@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -27,7 +29,8 @@ def rollout_markdown(
         lines += [f"{n}: reward {float(search_rewards_BN[0, n]):.2f}", "", _block(trace.text), ""]
     if agg is not None and rewards_BKA is not None:
         members = agg.sets_BKS[0, 0].tolist()
-        lines += [f"**aggregation prompt** (set {members})", "", _block(tokenizer.decode(agg.prompts[0][0])), ""]
+        prompt = cast(str, tokenizer.decode(agg.prompts[0][0]))  # one sequence in, one str out
+        lines += [f"**aggregation prompt** (set {members})", "", _block(prompt), ""]
         for a, trace in enumerate(agg.traces[0][0]):
             lines += [f"aggregation {a}: reward {float(rewards_BKA[0, 0, a]):.2f}", "", _block(trace.text), ""]
     return "\n".join(lines)

@@ -22,6 +22,8 @@ Without that argument it is plain sdpa.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -87,7 +89,8 @@ def shared_prefix_attention(
     if shared_prefix is None or query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     R, H, _, D = query.shape
-    prefix_k, prefix_v = shared_prefix.keys[module.layer_idx], shared_prefix.values[module.layer_idx]
+    layer_idx = cast(int, module.layer_idx)  # an int on every transformers attention module
+    prefix_k, prefix_v = shared_prefix.keys[layer_idx], shared_prefix.values[layer_idx]
     P, kv_heads, _, _ = prefix_k.shape
     rep, G, dense = H // kv_heads, shared_prefix.group, shared_prefix.dense
 

@@ -34,6 +34,8 @@ q/k norms, a forward hook on the model) decodes through the model's ``forward``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,11 +68,14 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
         return "global module forward hooks are registered"
     if model.device.type not in ("cpu", "cuda"):
         return f"device {model.device.type} (complex rotary and MKL packing are only exercised on cpu and cuda)"
-    inner = model.model
+    hf: Any = model  # a transformers causal LM: its submodules and config are attributes a type checker cannot see
+    inner = hf.model
     if type(inner.rotary_emb).__name__ not in _ROTARY_CLASSES:
         return f"rotary embedding {type(inner.rotary_emb).__name__} is not one of {sorted(_ROTARY_CLASSES)}"
     bypassed: list[tuple[str, nn.Module]] = [("model", model), ("model.model", inner)]
-    for i, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
+    attn: Any  # None when the layer lacks it (then _children(layer) already differs)
+    mlp: Any
+    for i, layer in enumerate(inner.layers[: hf.config.num_hidden_layers]):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if (
             _children(layer) != _LAYER_CHILDREN

@@ -29,6 +29,7 @@ model-forward path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,17 @@ from torch import nn
 
 from spiral_lit.fastpath.decode import fused_decode_refusal
 from spiral_lit.fastpath.layers import rms_norm
+
+
+class PrefixBatch(Protocol):
+    """What this forward reads of a :class:`~spiral_lit.training.prefix_forward.SharedPrefixBatch` (the training
+    layer, which this one does not import)."""
+
+    prefix_ids_PL: torch.Tensor
+    prefix_mask_PL: torch.Tensor
+    source_B: torch.Tensor
+    suffix_ids_BS: torch.Tensor
+    suffix_positions_BS: torch.Tensor
 
 
 def fused_prefix_refusal(model: object) -> str | None:
@@ -180,9 +192,13 @@ def shared_prefix_attention(
 
 
 class _Layer:
-    """One decoder layer with Q and K weights in interleaved head-dim order (permuted inside the autograd graph)."""
+    """One decoder layer with Q and K weights in interleaved head-dim order (permuted inside the autograd graph).
 
-    def __init__(self, layer: nn.Module, q_order: torch.Tensor, k_order: torch.Tensor) -> None:
+    ``layer`` is a transformers decoder layer, typed ``Any``: its submodules are ``nn.Module`` attributes that a
+    type checker cannot see.
+    """
+
+    def __init__(self, layer: Any, q_order: torch.Tensor, k_order: torch.Tensor) -> None:
         attn = layer.self_attn
         self.layer = layer
         # Separate matmuls: on CPU, concatenating Q/K/V or gate/up into one wider matmul was slower in training.
@@ -215,7 +231,7 @@ def _rotate(x_NHD: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x_NHD.dtype)
 
 
-def _rotation(inner: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _rotation(inner: Any, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The model's rotary cos/sin at ``positions`` as one complex factor per interleaved pair: ``[..., 1, D / 2]``."""
     cos, sin = inner.rotary_emb(hidden, positions)
     half = cos.shape[-1] // 2
@@ -224,11 +240,12 @@ def _rotation(inner: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -
     return torch.complex(cos[..., :half].float(), sin[..., :half].float()).unsqueeze(-2)
 
 
-def fused_prefix_logits(model: nn.Module, batch: object) -> torch.Tensor:
+def fused_prefix_logits(model: nn.Module, batch: PrefixBatch) -> torch.Tensor:
     """Logits ``[B, S, V]`` of a :class:`~spiral_lit.training.prefix_forward.SharedPrefixBatch`, as
     :func:`~spiral_lit.training.prefix_forward.shared_prefix_logits` computes them, for a model that
     :func:`fused_prefix_refusal` accepts."""
-    inner, config = model.model, model.config
+    hf: Any = model  # a transformers causal LM: its submodules and config are attributes a type checker cannot see
+    inner, config = hf.model, hf.config
     H, K = config.num_attention_heads, config.num_key_value_heads
     decoder = list(inner.layers[: config.num_hidden_layers])
     D = decoder[0].self_attn.head_dim
@@ -273,4 +290,4 @@ def fused_prefix_logits(model: nn.Module, batch: object) -> torch.Tensor:
         hidden = layer.finish(hidden, out)
     if not identity:
         hidden = hidden[torch.argsort(order_B)]
-    return model.lm_head(rms_norm(inner.norm, hidden))
+    return hf.lm_head(rms_norm(inner.norm, hidden))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,5 +18,6 @@ def rms_norm(norm: nn.Module, x_BE: torch.Tensor) -> torch.Tensor:
         and not (norm._forward_hooks or norm._forward_pre_hooks)
         and x_BE.dtype == norm.weight.dtype == torch.float32
     ):
-        return F.rms_norm(x_BE, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        weight = cast(torch.Tensor, norm.weight)
+        return F.rms_norm(x_BE, weight.shape, weight, cast(float, norm.variance_epsilon))
     return norm(x_BE)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -46,6 +46,9 @@ from spiral_lit.reliability.output_paths import (
     partial_file,
     run_directories,
 )
+
+if TYPE_CHECKING:
+    from spiral_lit.runtime.policy import PolicyRuntime
 
 
 def _is_peft(model: Any) -> bool:
@@ -74,12 +77,12 @@ def export_policy(
     only an earlier export of ours unless ``overwrite`` (``what``, ``flag`` and ``protected`` go to
     :func:`~spiral_lit.reliability.output_paths.check_output`).
     """
-    policy = module.policy
+    policy: Any = module.policy  # a transformers PreTrainedModel or a peft.PeftModel: both save_pretrained
     if merge_lora and _is_peft(policy):
         policy = copy.deepcopy(policy).merge_and_unload()  # a copy: the module keeps training its adapter
     with atomic_dir(out_dir, what=what, flag=flag, overwrite=overwrite, protected=protected) as tmp:
         policy.save_pretrained(tmp)
-        module.runtime.tokenizer.save_pretrained(tmp)
+        cast("PolicyRuntime", module.runtime).tokenizer.save_pretrained(tmp)
     return Path(out_dir)
 
 
@@ -105,7 +108,7 @@ def guard_outputs(trainer: L.Trainer, subcommand: str, ckpt_path: str | None, ov
     Continuing a run (``--ckpt_path last``, or a checkpoint inside that directory) writes there as intended.
     """
     if overwrite:
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
             if isinstance(callback, (HFExport, PredictionWriter)):
                 callback.overwrite = True
     if subcommand != "fit" or overwrite:
@@ -296,8 +299,9 @@ class GracefulStop(L.Callback):
 def _predict_inputs(trainer: L.Trainer) -> set[str]:
     """The files predict reads its problems from: the datamodule's ``predict_path`` if it keeps one, and
     ``data.predict_path`` of the command line's config (which LightningCLI's ``SaveConfigCallback`` holds)."""
-    found = {getattr(trainer.datamodule, "predict_path", None)}
-    for callback in trainer.callbacks:
+    # Trainer.datamodule and Trainer.callbacks are set by Lightning's connectors, unannotated.
+    found = {getattr(trainer.datamodule, "predict_path", None)}  # type: ignore[attr-defined]
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, SaveConfigCallback):
             data = callback.config.get("data")
             found.add(data.get("predict_path") if hasattr(data, "get") else None)

@@ -25,7 +25,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import is_dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -158,7 +158,7 @@ def state_dict_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any], s
     return problems
 
 
-def check_checkpoint_matches(checkpoint: Mapping[str, Any], module: L.LightningModule, path: str | None) -> None:
+def check_checkpoint_matches(checkpoint: Mapping[str, Any], module: L.LightningModule, path: str | Path | None) -> None:
     """Raise :class:`CheckpointMismatchError`, naming ``path``, unless the checkpoint's weights fit ``module``."""
     saved = checkpoint.get("state_dict")
     if not isinstance(saved, Mapping) or not saved:
@@ -251,7 +251,8 @@ def own_rank_entry(per_rank: list[Any], rank: int, world_size: int, what: str) -
 
 def rng_states() -> dict[str, Any]:
     """This process's torch, CUDA, Python and NumPy RNG states, as tensors and plain types (weights-only safe)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # legacy=True: a tuple
+    name, keys, pos, has_gauss, cached = legacy_state
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

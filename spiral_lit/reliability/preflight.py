@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -115,13 +116,13 @@ def token_needs(module: L.LightningModule, renderer: PromptRenderer, problems: l
         if solved:
             eos = renderer.tokenizer.eos_token
             rng = random.Random(0)
-            candidates = module.hparams.set_size
+            candidates = module.hparams["set_size"]
 
             def search_example(p: Problem) -> list[int]:
                 return renderer.search(p) + renderer.tokenizer.encode(p.solution + eos, add_special_tokens=False)
 
             def aggregation_example(p: Problem) -> list[int]:
-                prompt = renderer.aggregation_from_texts(p, [p.solution] * candidates, rng)
+                prompt = renderer.aggregation_from_texts(p, [cast(str, p.solution)] * candidates, rng)  # p is solved
                 return prompt + renderer.tokenizer.encode(p.solution + eos, add_special_tokens=False)
 
             tokens, uid = _longest(solved, search_example)
@@ -227,7 +228,7 @@ def output_dirs(trainer: L.Trainer, stage: str) -> list[tuple[str, str]]:
         dirs += [(str(d), key) for d in (logger.save_dir, getattr(logger, "log_dir", None)) if d]
     if not trainer.loggers:
         dirs.append((trainer.default_root_dir, "trainer.default_root_dir"))
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
         name = type(callback).__name__
         if stage == "fit" and isinstance(callback, (ModelCheckpoint, HFExport)) and callback.dirpath:
             dirs.append((str(callback.dirpath), f"trainer.callbacks[{name}].init_args.dirpath"))

@@ -156,7 +156,8 @@ class ProgressLog(L.Callback):
         self._start("train", "fit", "step", total, trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # ``max_time``
+        # ``max_time``; Trainer.callbacks is set by Lightning's callback connector, unannotated.
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # type: ignore[attr-defined]
         self._advance("train", trainer.global_step, timer.time_remaining() if timer is not None else None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,7 +177,7 @@ class ProgressLog(L.Callback):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start("eval", "predict", "batch", _finite_total(trainer.num_predict_batches))
 
-    def _eval_batch_end(self, *args: Any) -> None:
+    def _eval_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._advance("eval", self._done.get("eval", 0) + 1)
 
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _eval_batch_end

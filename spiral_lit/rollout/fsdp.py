@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
-def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+
+def fsdp2_modules(model: torch.nn.Module) -> list[FSDPModule]:
     """The modules of ``model`` that ``fully_shard`` manages (empty if it is not sharded with FSDP2)."""
     if not torch.distributed.is_available():
         return []

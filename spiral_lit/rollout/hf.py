@@ -9,6 +9,8 @@ recorded value is log softmax(logits / T), the same quantity the trainer recompu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from transformers import (
     GenerationConfig,
@@ -20,8 +22,11 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from spiral_lit.rollout.base import Completion, SamplingConfig, Seed, check_seeds
+from spiral_lit.rollout.base import Completion, FinishReason, SamplingConfig, Seed, check_seeds
 from spiral_lit.rollout.fsdp import synced_generate
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -90,7 +95,8 @@ class HFGenerateEngine:
                 processors.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_p < 1.0:
                 processors.append(TopPLogitsWarper(sampling.top_p))
-        sequences = self.model.generate(
+        # transformers 5's PreTrainedModel is no GenerationMixin; every causal LM class is one.
+        sequences = cast("GenerationMixin", self.model).generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=self._generation_config(sampling),
@@ -104,9 +110,9 @@ class HFGenerateEngine:
 
     def _completion(self, ids: list[int], logprobs: torch.Tensor, sampling: SamplingConfig) -> Completion:
         end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
-        reason = "stop" if end is not None else "length"
+        reason: FinishReason = "stop" if end is not None else "length"
         ids = ids[: end if end is not None else sampling.max_new_tokens]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))  # one sequence in, one str out
         if reason == "length" and sampling.stop_strings and any(text.endswith(s) for s in sampling.stop_strings):
             reason = "stop"
         return Completion(token_ids=ids, logprobs=logprobs[: len(ids)].clone(), finish_reason=reason, text=text)

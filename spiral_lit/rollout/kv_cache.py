@@ -41,6 +41,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -54,6 +55,9 @@ from spiral_lit.rollout.sampling import draw_uniforms, sample_tokens
 
 class _BlockLayer(DynamicLayer):
     """One layer's generated keys/values ``[rows, kv_heads, slots, D]``; ``length`` slots are in use."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, block: int) -> None:
         super().__init__()
@@ -117,7 +121,7 @@ class _Batch:
         """Drop finished rows from the KV caches and the row state; returns the kept rows' ``tokens_B``."""
         keep_B = self.running_B.nonzero().squeeze(-1)
         self.prefix.keep(keep_B)
-        for layer in self.cache.layers:
+        for layer in cast("list[_BlockLayer]", self.cache.layers):
             layer.reshape(keep_B, layer.keys.shape[-2])
         self.rows_B, self.running_B, self.next_pos_B = (
             t[keep_B] for t in (self.rows_B, self.running_B, self.next_pos_B)
@@ -221,7 +225,10 @@ class KVCacheEngine:
         logits_PV = self._forward(cache, input_ids=ids_PW, attention_mask=valid_PW.long(), position_ids=position_ids_PW)
         mask_PW = torch.zeros(valid_PW.shape, device=device, dtype=self.model.dtype)
         mask_PW.masked_fill_(~valid_PW, torch.finfo(mask_PW.dtype).min)
-        prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask_PW)
+        # Full attention in every layer (checked above): DynamicLayers, all filled by the prefill forward.
+        layers = cast("list[DynamicLayer]", cache.layers)
+        keys = [cast(torch.Tensor, layer.keys) for layer in layers]
+        prefix = SharedPrefix(keys, [cast(torch.Tensor, layer.values) for layer in layers], mask_PW)
         return prefix, logits_PV, valid_PW.sum(-1)
 
     def _start(self, chunk: list[tuple[tuple[int, ...], int]], block: int) -> tuple[_Batch, torch.Tensor]:

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -177,7 +177,8 @@ class VLLMEngine:
         self.eos_ids = sorted({i for i in [*eos_ids, tokenizer.eos_token_id] if i is not None})
         self._dir = tempfile.TemporaryDirectory(prefix="spiral_lit_vllm_", dir=self.config.tmp_dir)
         self.path = Path(self._dir.name)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        get_base_model = getattr(model, "get_base_model", None)  # a peft.PeftModel's transformers model
+        base = get_base_model() if get_base_model is not None else model
         base.config.save_pretrained(self.path)
         tokenizer.save_pretrained(self.path)
         self._write_weights()
@@ -315,7 +316,7 @@ class VLLMEngine:
             token_ids=token_ids,
             logprobs=torch.tensor(logprobs, dtype=torch.float32),
             finish_reason=reason,
-            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            text=cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True)),
         )
 
     def close(self) -> None:

@@ -13,11 +13,16 @@ peft is imported only when the model holds peft layers (it is an optional extra)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
-def _peft_classes() -> tuple[type, type] | None:
+
+def _peft_classes() -> tuple[type[LoraLayer], type[ModulesToSaveWrapper]] | None:
     """(LoraLayer, ModulesToSaveWrapper), or None when peft is not installed."""
     try:
         from peft.tuners.lora import LoraLayer
@@ -33,8 +38,12 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def _merged_lora(layer: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """A LoRA layer's base weight (and bias) plus every active, not yet merged adapter."""
+def _merged_lora(layer: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """A LoRA layer's base weight (and bias) plus every active, not yet merged adapter.
+
+    ``layer`` is a peft ``LoraLayer`` module, typed ``Any``: its weights and adapter dicts are ``nn.Module``
+    attributes that a type checker sees only as ``Tensor | Module``.
+    """
     base = layer.get_base_layer()
     if not torch.is_floating_point(base.weight):
         raise NotImplementedError(
@@ -60,7 +69,10 @@ def _merged_lora(layer: torch.nn.Module, prefix: str) -> Iterator[tuple[str, tor
 
 
 def _walk(
-    module: torch.nn.Module, prefix: str, peft: tuple[type, type] | None, seen: set[int]
+    module: torch.nn.Module,
+    prefix: str,
+    peft: tuple[type[LoraLayer], type[ModulesToSaveWrapper]] | None,
+    seen: set[int],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Depth-first over ``module``; ``seen`` holds the ids of tensors already yielded (tied weights come once)."""
     if peft is not None and isinstance(module, peft[0]):

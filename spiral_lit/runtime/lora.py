@@ -11,11 +11,14 @@ Install: ``pip install 'spiral_lit[lora]'`` (peft).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
 from spiral_lit.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -72,7 +75,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
         raise UserError(f"policy.lora.target_modules={settings.target_modules}: {error}") from error
 
 
-def is_lora(model: torch.nn.Module) -> bool:
+def is_lora(model: torch.nn.Module) -> TypeGuard[PeftModel]:
     """Whether ``model`` is a ``peft.PeftModel`` (False when peft is not installed)."""
     try:
         from peft import PeftModel

@@ -13,8 +13,9 @@ import copy
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
@@ -81,8 +82,9 @@ class PolicyRuntime:
             vllm: Settings of the ``vllm`` backend's engine (docs/algorithm.md §8.1).
         """
         check_backend(backend, sharding)  # before the policy is loaded
-        self.model: PreTrainedModel
+        self.model: torch.nn.Module  # a transformers PreTrainedModel, or a peft.PeftModel around one
         self.tokenizer: PreTrainedTokenizerBase
+        model: torch.nn.Module
         model, self.tokenizer = load_policy(policy_config)
         frozen = None
         if kl_reference and policy_config.lora is None:
@@ -104,7 +106,7 @@ class PolicyRuntime:
         self.renderer = PromptRenderer(self.tokenizer, prompts, task.answer_instruction)
         # The engine calls the adapted Hugging Face model (LoRA active) with its own forward signature.
         self.engine: RolloutEngine = make_engine(
-            backend, adapted_model(model), self.tokenizer, max_generate_batch, vllm
+            backend, cast(PreTrainedModel, adapted_model(model)), self.tokenizer, max_generate_batch, vllm
         )
         self.verifier = Verifier(
             task,

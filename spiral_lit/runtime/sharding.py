@@ -52,9 +52,15 @@ def _dtype(name: Dtype | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model: the one inside a ``peft.PeftModel``, else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks to shard one by one: modules whose class the model lists in ``_no_split_modules``."""
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf_model = _hf_model(model)
     names = set(getattr(hf_model, "_no_split_modules", None) or [])
     layers = [m for m in hf_model.modules() if type(m).__name__ in names]
     if not layers:
@@ -78,10 +84,11 @@ def shard_fsdp2(model: torch.nn.Module, mesh: DeviceMesh, settings: Fsdp2Setting
     )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=settings.reshard_after_forward)
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root = _hf_model(model)
     fully_shard(root, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=settings.reshard_after_forward)
     for m in fsdp2_modules(model):
-        m._spiral_reshard_after_forward = settings.reshard_after_forward  # restored by gathered_params
+        # Our own marker on torch's FSDPModule, read back (restored) by gathered_params.
+        m._spiral_reshard_after_forward = settings.reshard_after_forward  # type: ignore[attr-defined]
     return model
 
 
@@ -114,5 +121,6 @@ def mark_lockstep_generate(model: torch.nn.Module) -> None:
     transformers turns ``synced_gpus`` on for models it sharded itself, recognised by this attribute; FSDP1
     under Lightning wraps the layers but not the Hugging Face model object the engine calls.
     """
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hf_model._is_fsdp_managed_module = True
+    hf_model = _hf_model(model)
+    # A plain bool attribute: nn.Module.__setattr__ is typed for tensors and modules only.
+    hf_model._is_fsdp_managed_module = True  # type: ignore[assignment]

@@ -44,7 +44,8 @@ _CALCULUS_NAMES = frozenset(
 
 def _expression_names(text: str) -> list[str] | None:
     """The names of ``text`` if the whole string tokenises as a maths expression, else None."""
-    names, position = [], 0
+    names: list[str] = []
+    position = 0
     while position < len(text):
         match = _EXPRESSION_TOKEN.match(text, position)
         if match is None or match.end() == position:

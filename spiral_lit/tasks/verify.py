@@ -198,7 +198,7 @@ class Verifier:
 
     def _reap_stuck(self, queue: deque[list[_Item]]) -> list[_Outcome]:
         """Kill workers past their deadline; their current item times out and the rest of their chunk is requeued."""
-        outcomes = []
+        outcomes: list[_Outcome] = []
         now = time.monotonic()
         for worker in list(self._workers):
             # A result that arrived since the last drain means the worker is not stuck after all.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from spiral_lit.cli import PROG, run_alias
 from spiral_lit.cli import main as cli_main
@@ -26,7 +27,7 @@ from spiral_lit.reliability.callbacks import export_policy
 from spiral_lit.reliability.checkpointing import check_checkpoint_matches, load_checkpoint_file
 from spiral_lit.reliability.output_paths import check_output
 
-OUT = {"what": "--out", "flag": "--overwrite"}
+OUT: dict[str, Any] = {"what": "--out", "flag": "--overwrite"}
 
 
 def _config_files(config_args: list[str]) -> list[str]:

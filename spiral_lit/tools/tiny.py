@@ -32,7 +32,8 @@ def tokenizer_corpus(task: Task, prompts: PromptConfig, n_problems: int) -> Iter
             yield aggregation_text(problem, candidates, task.answer_instruction, prompts)
             if prompts.aggregation_target == "audit":  # the verdict words get their own tokens too
                 verdicts = [task.candidate_verdict(c, problem) for c in candidates]
-                yield audit_text(verdicts, problem.solution)
+                yield audit_text(verdicts, 0, problem.solution)
+                yield audit_text(verdicts, None, problem.solution)
 
 
 def build(

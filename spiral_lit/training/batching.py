@@ -79,10 +79,11 @@ def length_buckets(lengths: Sequence[int], micro_batch_size: int, max_tokens: in
     buckets: list[list[int]] = []
     for i in order:
         current = buckets[-1] if buckets else None
-        fits = current is not None and len(current) < micro_batch_size
-        if fits and max_tokens is not None:
-            fits = (len(current) + 1) * lengths[current[0]] <= max_tokens
-        if fits:
+        if (
+            current is not None
+            and len(current) < micro_batch_size
+            and (max_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_tokens)
+        ):
             current.append(i)
         else:
             buckets.append([i])

@@ -208,6 +208,7 @@ class ProblemDataModule(L.LightningDataModule):
         if len(dataset) < world:
             raise UserError(f"data.heldout_size={len(dataset)} is smaller than the {world} processes evaluating it")
         # Unpadded sharding (module docstring): every held-out problem is evaluated exactly once.
+        assert self.trainer is not None  # world > 1 is a trainer's
         sampler = UnrepeatedDistributedSampler(
             dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
         )

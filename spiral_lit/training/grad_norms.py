@@ -6,6 +6,7 @@ Logged as ``train/grad_norm/{search,aggregation,total}`` with the clip rate (doc
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -33,7 +34,7 @@ def role_grad_norms(
     squared norms are summed over ranks.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    totals = [local_shard(p.grad) for p in params]
+    totals = [local_shard(cast(torch.Tensor, p.grad)) for p in params]
     if search_grads is None:
         searches = totals
     else:

@@ -32,7 +32,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -113,7 +113,7 @@ def pack_shared_prefix(
                          "token (its last one starts the suffix)")  # fmt: skip
     index: dict[tuple[int, ...], int] = {}
     source = [index.setdefault(tuple(p), len(index)) for p in prompts]
-    distinct = list(index)
+    distinct: list[Sequence[int]] = list(index)
     n, width_l = len(prompts), max(len(p) for p in distinct) - 1
     prefix_ids = torch.full((len(distinct), width_l), pad_id, dtype=torch.long)
     prefix_mask = torch.zeros((len(distinct), width_l), dtype=torch.bool)
@@ -156,8 +156,12 @@ class _PrefixLayer(DynamicLayer):
 class _SharedPrefixLayer(DynamicLayer):
     """Hands the suffix pass ``[its prompt's prefix | its own]`` keys/values and stores nothing (safe to replay)."""
 
+    keys: torch.Tensor
+    values: torch.Tensor
+
     def __init__(self, prefix: _PrefixLayer, source_B: torch.Tensor) -> None:
         super().__init__()
+        assert prefix.keys is not None and prefix.values is not None, "built from a filled prefix layer"
         self.keys, self.values, self.source_B = prefix.keys, prefix.values, source_B
         self.is_initialized, self.device = True, prefix.keys.device
 
@@ -193,7 +197,9 @@ def shared_prefix_logits(model: Callable[..., Any], batch: SharedPrefixBatch, fo
             )
             if not prefix.layers or not all(isinstance(layer, _PrefixLayer) for layer in prefix.layers):
                 raise NotImplementedError(f"shared prefix: the prefix pass filled no cache ({prefix!r})")
-            shared = Cache(layers=[_SharedPrefixLayer(layer, batch.source_B) for layer in prefix.layers])
+            shared = Cache(
+                layers=[_SharedPrefixLayer(cast(_PrefixLayer, layer), batch.source_B) for layer in prefix.layers]
+            )
             attention_BK = torch.cat([batch.prefix_mask_PL[batch.source_B], batch.suffix_mask_BS], dim=1)
             suffix_inputs = {forward.cache_kwarg: shared, "use_cache": True}
         out = model(
@@ -236,7 +242,8 @@ def shared_prefix_support(model: torch.nn.Module) -> CacheForward | str:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return f"peft {peft_config.peft_type} prepends virtual tokens; only adapters (LoRA) work"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft.PeftModel's transformers model
+    base = get_base_model() if get_base_model is not None else model
     params = inspect.signature(base.forward).parameters
     kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
     if kwarg is None:

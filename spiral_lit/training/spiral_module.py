@@ -147,12 +147,12 @@ class SpiralModule(L.LightningModule):
             self.task,
             self.prompt_config,
             self.verifier_config,
-            self.hparams.max_generate_batch,
-            self.hparams.rollout_backend,
+            self.hparams["max_generate_batch"],
+            self.hparams["rollout_backend"],
             kl_reference=self.update_config.kl_coef > 0,
             sharding=sharding_of(self),
             device_mesh=data_parallel_mesh(self),
-            vllm=self.hparams.vllm,
+            vllm=self.hparams["vllm"],
         )
         self.policy = self.runtime.model
         self.policy.train()
@@ -189,7 +189,7 @@ class SpiralModule(L.LightningModule):
         # By rollout batch, not optimiser step: a batch that waits for a refill, or follows a skipped step, shares
         # its global step with the next one and must not reuse its draws (the batch count is checkpointed).
         batch = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else self.global_step
-        return step_seed(self.hparams.seed, batch, self.global_rank, phase)
+        return step_seed(self.hparams["seed"], batch, self.global_rank, phase)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: list[Problem], batch_idx: int) -> None:
@@ -209,6 +209,7 @@ class SpiralModule(L.LightningModule):
 
     def _search(self, batch: list[Problem]) -> SearchRollout:
         rt = self.runtime
+        assert rt is not None  # set by configure_model
         return sample_search(
             rt.engine, rt.renderer, batch, self.algo.n_search, self.search_sampling, self._step_seed(1)
         )
@@ -246,7 +247,7 @@ class SpiralModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         reward = metrics.get("reward/aggregation", metrics["reward/search"])
         self.log("reward", reward, prog_bar=True, batch_size=len(batch))
-        if self.global_step % self.hparams.log_rollouts_every_n_steps == 1 or self.global_step == 0:
+        if self.global_step % self.hparams["log_rollouts_every_n_steps"] == 1 or self.global_step == 0:
             self._log_rollout_text(batch, search, scores, agg)
 
     def _ready_to_update(self, prompts_per_step: int) -> bool:
@@ -268,6 +269,7 @@ class SpiralModule(L.LightningModule):
         self, batch: list[Problem], search: SearchRollout, scores: StepScores, agg: AggregationRollout | None
     ) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            assert self.runtime is not None  # set by configure_model
             text = rollout_markdown(self.runtime.tokenizer, batch[0], search, scores.search_BN, agg, scores.rewards_BKA)
             self.logger.experiment.add_text("rollouts", text, self.global_step)
 
@@ -281,7 +283,7 @@ class SpiralModule(L.LightningModule):
         )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        keep_freed = [KeepFreedCpuMemory()] if self.hparams.cpu_keep_freed_memory else []
+        keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []
         return [HoldGatheredForEvaluation(), *keep_freed]
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:

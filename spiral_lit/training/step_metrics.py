@@ -33,7 +33,12 @@ def step_metrics(
     metrics = _search_metrics(n_search, scores, credit, search_keys) | trace_stats("search", search_flat)
     metrics |= _verify_stats("search", scores.search)
     generated = sum(t.num_tokens for t in search_flat)
-    if agg is not None and scores.aggregation is not None and credit.agg_adv_BKA is not None:
+    if (
+        agg is not None
+        and scores.aggregation is not None
+        and scores.rewards_BKA is not None  # set together with scores.aggregation
+        and credit.agg_adv_BKA is not None
+    ):
         agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
         generated += sum(t.num_tokens for t in agg_flat)
         metrics |= {"reward/aggregation": float(scores.rewards_BKA.mean())} | set_stats(scores.rewards_BKA)

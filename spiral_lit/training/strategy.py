@@ -3,13 +3,13 @@ mesh to shard over, gathering a sharded policy for evaluation, and metrics avera
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 import torchmetrics
 
-from spiral_lit.runtime.policy import Sharding
+from spiral_lit.runtime.policy import PolicyRuntime, Sharding
 
 
 def sharding_of(module: L.LightningModule) -> Sharding:
@@ -42,7 +42,7 @@ class HoldGatheredForEvaluation(L.Callback):
     (:meth:`PolicyRuntime.hold_gathered`); both LightningModules return it from ``configure_callbacks``."""
 
     def _hold(self, pl_module: L.LightningModule, hold: bool) -> None:
-        pl_module.runtime.hold_gathered(hold)
+        cast(PolicyRuntime, pl_module.runtime).hold_gathered(hold)  # both modules keep one after configure_model
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._hold(pl_module, True)
@@ -77,7 +77,7 @@ def log_eval_metrics(
         slot = key.replace("/", "__").replace("@", "_at_").replace(".", "_")
         if slot not in metrics:
             metrics[slot] = torchmetrics.MeanMetric(nan_strategy="ignore").set_dtype(torch.float64).to(module.device)
-        metric = metrics[slot]
+        metric = cast(torchmetrics.Metric, metrics[slot])  # every slot holds the MeanMetric made above
         metric.update(per_problem.to(module.device))
         module.log(
             key,

@@ -18,12 +18,11 @@ built (:mod:`spiral_lit.training.forward`).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
 from spiral_lit.algorithms import policy_loss, token_entropy, token_logprobs
 from spiral_lit.algorithms.losses import truncated_importance_weights
@@ -79,7 +78,7 @@ class PolicyUpdater:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch.nn.Module,
         config: UpdateConfig,
         pad_id: int,
         temperature: float | tuple[float, float],
@@ -91,6 +90,7 @@ class PolicyUpdater:
     ) -> None:
         """
         Args:
+            model: The policy: a transformers ``PreTrainedModel``, or a ``peft.PeftModel`` around one.
             temperature: The sampling temperature of every trace, or one per role (search, aggregation): each
                 sequence is scored at the temperature it was sampled with, or the first ratios are off.
             reference: The KL reference policy, called like the model: a frozen copy, or the same LoRA model
@@ -110,7 +110,7 @@ class PolicyUpdater:
 
     def _pack(self, sequences: list[TrainSequence], rows: list[int]) -> PackedBatch | SharedPrefixBatch:
         chosen = [sequences[i] for i in rows]
-        values = {"old": [s.completion.logprobs for s in chosen]}
+        values: dict[str, Sequence[torch.Tensor]] = {"old": [s.completion.logprobs for s in chosen]}
         if self._tis is not None:
             values["tis"] = [self._tis[i] for i in rows]
         if self._prefix is not None:

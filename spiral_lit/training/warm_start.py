@@ -89,12 +89,16 @@ def audit_example(
     problem: Problem, candidates: list[str], task: Task, renderer: PromptRenderer, rng: random.Random
 ) -> tuple[list[int], str]:
     """(prompt ids, target text) of an auditing aggregation example (docs/algorithm.md §6.3): the candidates in the
-    order shown, a verdict on each as it is shown (after the token cut), then the correct worked solution."""
+    order shown, a verdict on each as it is shown (after the token cut), then the first right candidate kept and
+    copied, or the correct worked solution when none is right. Right means the task's score, not the verdict."""
     assert problem.solution is not None
     ids = [renderer.tokenizer.encode(c, add_special_tokens=False) for c in candidates]
     shown = [renderer.truncate_candidate(ids[i]) for i in renderer.candidate_order(len(ids), rng)]
     verdicts = [task.candidate_verdict(text, problem) for text in shown]
-    return renderer.aggregation_shown(problem, shown), audit_text(verdicts, problem.solution)
+    right = [i for i, text in enumerate(shown) if task.score(task.extract_answer(text) or "", problem) == 1.0]
+    kept = right[0] if right else None
+    solution = problem.solution if kept is None else shown[kept]
+    return renderer.aggregation_shown(problem, shown), audit_text(verdicts, kept, solution)
 
 
 def check_audit_targets(task: Task | None, prompts: PromptConfig) -> None:
@@ -190,10 +194,10 @@ class WarmStartModule(L.LightningModule):
             self.task,
             self.prompt_config,
             self.verifier_config,
-            backend=self.hparams.rollout_backend,
+            backend=self.hparams["rollout_backend"],
             sharding=sharding_of(self),
             device_mesh=data_parallel_mesh(self),
-            vllm=self.hparams.vllm,
+            vllm=self.hparams["vllm"],
         )
         self.policy = self.runtime.model
         self.policy.train()
@@ -204,14 +208,14 @@ class WarmStartModule(L.LightningModule):
     def examples(self, batch: list[Problem]) -> tuple[list[list[int]], list[list[int]], list[int]]:
         """This rank's (prompt ids, target ids, role) for ``batch``, drawn with a seed of (seed, rank, step)."""
         assert self.runtime is not None
-        rng = derive_rng(self.hparams.seed, self.global_rank, self.global_step)
+        rng = derive_rng(self.hparams["seed"], self.global_rank, self.global_step)
         return warm_start_examples(
             batch,
             self.runtime.task,
             self.runtime.renderer,
-            self.hparams.set_size,
-            self.hparams.search_fraction,
-            self.hparams.aggregation_fraction,
+            self.hparams["set_size"],
+            self.hparams["search_fraction"],
+            self.hparams["aggregation_fraction"],
             rng,
         )
 
@@ -247,10 +251,10 @@ class WarmStartModule(L.LightningModule):
             zero_weight_pass(self.policy, dummy_batch(pad_id, device), self.manual_backward)
 
         lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
-        buckets = length_buckets(lengths, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
+        buckets = length_buckets(lengths, self.hparams["micro_batch_size"], self.hparams["micro_batch_tokens"])
         lockstep_passes(buckets, run, pad, lambda t: strategy.reduce(t, reduce_op="max"), device)
         # A NaN/Inf step is skipped and counted (docs/algorithm.md §8.4).
-        clip_and_step(self, self.hparams.max_grad_norm, self._nonfinite)
+        clip_and_step(self, self.hparams["max_grad_norm"], self._nonfinite)
         self._log_losses(role_loss, role_tokens)
         self.log("train/tokens_per_s", sum(lengths) / (time.perf_counter() - start))  # this rank's
         self.log("train/nonfinite_steps", float(self._nonfinite.total))
@@ -269,7 +273,7 @@ class WarmStartModule(L.LightningModule):
         return evaluate_problems(self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        keep_freed = [KeepFreedCpuMemory()] if self.hparams.cpu_keep_freed_memory else []
+        keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []
         return [HoldGatheredForEvaluation(), *keep_freed]
 
     def validation_step(self, batch: list[Problem], batch_idx: int) -> None:

@@ -45,8 +45,12 @@ def test_audit_target_judges_each_candidate_in_the_order_shown(tokenizer, task: 
             right = task.score(task.extract_answer(candidate) or "", problem) == 1.0
             assert line.startswith(f"Candidate {i + 1}: ")
             assert line.endswith("right") == right, (candidate, line)
-        assert target.split("\n", 4)[4] == problem.solution  # then the correct worked solution
-        n_right_seen.add(sum(line.endswith("right") for line in verdict_lines))
+        header, solution = target.split("\n", 5)[4:]
+        right = [i for i, line in enumerate(verdict_lines) if line.endswith("right")]
+        # then the first right candidate kept and copied, or a new solution when none is right
+        assert header == (f"Keep Candidate {right[0] + 1}:" if right else "Solve again:")
+        assert solution == (shown[right[0]] if right else problem.solution)
+        n_right_seen.add(len(right))
     assert len(n_right_seen) > 1  # the sets mix right and wrong candidates
 
 
