@@ -114,6 +114,17 @@ class Task(abc.ABC):
             "prompts.aggregation_target: solution, or a task that checks candidates (countdown, chain_sum)"
         )
 
+    def right_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """``n`` correct worked solutions, for the right candidates of aggregation warm-start data.
+
+        Tasks where several solutions are right return different ones, so that an auditing target which copies a
+        kept candidate (docs/algorithm.md §6.3) can only be fitted by copying it, not by re-solving. The default
+        repeats the reference solution.
+        """
+        if problem.solution is None:
+            raise ValueError(f"task {self.name!r}: problem {problem.uid} has no worked solution")
+        return [problem.solution] * n
+
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` plausible but wrong worked solutions, for aggregation warm-start data.
 

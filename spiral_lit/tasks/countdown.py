@@ -15,6 +15,7 @@ scores 1, whatever its shape, so several answers can be right. They vote as one 
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 import re
 from collections.abc import Hashable
@@ -135,6 +136,21 @@ class CountdownTask(Task):
         if value != problem.metadata["target"]:
             return f"{value} wrong"
         return f"{value} right" if sorted(used) == sorted(problem.metadata["numbers"]) else f"{value} wrong numbers"
+
+    def right_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """``n`` worked solutions drawn from every left-to-right ordering of the numbers and choice of operators
+        that reaches the target (the first operation written either way round when it commutes)."""
+        numbers, target = problem.metadata["numbers"], problem.metadata["target"]
+        found: dict[str, None] = {}
+        for order in itertools.permutations(numbers):
+            for ops in itertools.product(_OPERATORS, repeat=len(numbers) - 1):
+                if _left_to_right(list(order), list(ops)) == target:
+                    found[self._worked_solution(list(order), list(ops))] = None
+                    if ops[0] != "-":  # a+b and a*b may be written b+a, b*a
+                        swapped = [order[1], order[0], *order[2:]]
+                        found[self._worked_solution(swapped, list(ops))] = None
+        choices = sorted(found)
+        return [rng.choice(choices) for _ in range(n)]
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions with correct arithmetic that reach some other value than the target.

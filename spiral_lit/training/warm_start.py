@@ -75,6 +75,9 @@ def warm_start_examples(
             n_right = rng.randint(0, set_size)
             candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
             if renderer.config.aggregation_target == "audit":
+                # Right candidates differ from each other and from the reference where the task allows: the
+                # target copies the kept one, which only copying can fit (docs/algorithm.md §6.3).
+                candidates[:n_right] = task.right_solutions(problem, n_right, rng)
                 prompt, audit = audit_example(problem, candidates, task, renderer, rng)
                 prompts.append(prompt)
                 targets.append(renderer.tokenizer.encode(audit + eos, add_special_tokens=False))

@@ -138,3 +138,17 @@ def test_answer_keys_agree_with_the_score() -> None:
         assert scores.setdefault(task.answer_key(answer, problem), task.score(answer, problem)) == task.score(
             answer, problem
         ), answer
+
+
+def test_right_solutions_are_all_right_and_vary() -> None:
+    """Aggregation warm-start candidates that are right but written differently (docs/algorithm.md §6.3)."""
+    task = CountdownTask()
+    problem = task.problem(0, "train")  # 5 1 5 -> 30: (1+5)*5 or (5+1)*5
+    solutions = task.right_solutions(problem, 20, random.Random(0))
+    assert all(task.score(task.extract_answer(s) or "", problem) == 1.0 for s in solutions)
+    assert set(solutions) == {"1+5=6\n6*5=30\n<answer>(1+5)*5</answer>", "5+1=6\n6*5=30\n<answer>(5+1)*5</answer>"}
+    for index in range(1, 30):
+        p = task.problem(index, "train")
+        assert all(
+            task.score(task.extract_answer(s) or "", p) == 1.0 for s in task.right_solutions(p, 5, random.Random(index))
+        )

@@ -60,9 +60,17 @@ def test_solution_target_is_unchanged_by_the_new_option(tokenizer) -> None:
     problems, (prompts, targets, _) = _examples(tokenizer, task, "solution")
     for problem, target_ids in zip(problems, targets, strict=True):
         assert tokenizer.decode(target_ids, skip_special_tokens=True) == problem.solution
-    # Same rng draws for the prompts: the audit format changes only the target.
-    _, (audit_prompts, _, _) = _examples(tokenizer, task, "audit")
-    assert audit_prompts == prompts
+
+
+def test_audit_right_candidates_differ_from_the_reference_so_only_copying_fits(tokenizer) -> None:
+    task = CountdownTask()
+    problems, (prompts, targets, _) = _examples(tokenizer, task, "audit", n_problems=12)
+    copied_other = 0
+    for problem, prompt_ids, target_ids in zip(problems, prompts, targets, strict=True):
+        kept = tokenizer.decode(target_ids, skip_special_tokens=True).split("\n", 5)[5]
+        assert kept in _shown_candidates(tokenizer.decode(prompt_ids)) or kept == problem.solution
+        copied_other += kept != problem.solution
+    assert copied_other > 0
 
 
 def test_countdown_verdicts_read_the_value_reached() -> None:
