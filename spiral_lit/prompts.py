@@ -15,6 +15,7 @@ the correct worked solution alone, or an audit, one verdict per shown candidate,
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -86,6 +87,20 @@ def audit_text(verdicts: list[str], kept: int | None, solution: str) -> str:
     return "\n".join([*lines, header, solution])
 
 
+_AUDIT_HEADER = re.compile(r"^(?:Keep Candidate \d+:|Solve again:)[ \t]*$", re.MULTILINE)
+
+
+def solution_part(text: str) -> str:
+    """The solution an auditing aggregation answer ends with (what follows its last ``Keep Candidate k:`` or
+    ``Solve again:`` line); ``text`` itself, the same object, when it has no such line.
+
+    An audit shown as a candidate (recursive aggregation's later rounds) would nest audits of audits in the
+    prompt, which no training example has; the next round sees the solutions only (docs/algorithm.md §6.3).
+    """
+    headers = list(_AUDIT_HEADER.finditer(text))
+    return text if not headers else text[headers[-1].end() :].strip()
+
+
 def truncate_middle(token_ids: list[int], budget: int, marker_ids: list[int]) -> list[int]:
     """Keep the head and the tail (where the final answer is) of an overlong candidate."""
     if len(token_ids) <= budget:
@@ -114,7 +129,11 @@ class PromptRenderer:
         return self._render(search_text(problem, self.answer_instruction, self.config))
 
     def truncate_candidate(self, candidate_ids: list[int]) -> str:
-        """A candidate's text after the token budget cut."""
+        """A candidate's text after the token budget cut; of an audit, only its solution (:func:`solution_part`)."""
+        full = cast(str, self.tokenizer.decode(candidate_ids, skip_special_tokens=True))  # one sequence: one str
+        solution = solution_part(full)
+        if solution is not full:
+            candidate_ids = self.tokenizer.encode(solution, add_special_tokens=False)
         kept = truncate_middle(candidate_ids, self.config.max_candidate_tokens, self._marker_ids)
         return cast(str, self.tokenizer.decode(kept, skip_special_tokens=True))  # one sequence in, one str out
 

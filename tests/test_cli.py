@@ -32,6 +32,7 @@ SMALL = [
     "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
     "--data.heldout_size", "4", "--data.eval_batch_size", "4",
+    "--data.task.init_args.n_terms", "2",
 ]  # fmt: skip
 
 
@@ -43,7 +44,7 @@ def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     main(
-        ["fit", "--config", "experiments/quickstart/warmstart.yaml", *SMALL, "--data.task.init_args.n_numbers", "2",
+        ["fit", "--config", "experiments/quickstart/warmstart.yaml", *SMALL,
          "--model.init_args.policy.path", str(tiny_policy.path), "--data.batch_size", "8",
          "--model.init_args.eval.n_samples", "2", "--model.init_args.eval.pass_k", "[1, 2]",
          "--model.init_args.eval.set_size", "2", "--model.init_args.eval_sampling.max_new_tokens", "8",
@@ -64,7 +65,6 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     # weight: VoteTask's hash-based verdicts give this seed's batch of 4 prompts signal (tests/hash_task.py).
     main(
         ["fit", "--config", "experiments/quickstart/spiral.yaml", "--data.task", "hash_task.VoteTask", *SMALL,
-         "--data.task.init_args.n_terms", "2",
          "--trainer.max_steps", "1", "--model.init_args.policy.path", str(warm / "hf"), "--data.batch_size", "4",
          "--model.init_args.algorithm.n_search", "4", "--model.init_args.algorithm.n_sets", "2",
          "--model.init_args.algorithm.set_size", "2", "--model.init_args.algorithm.n_agg", "2",

@@ -148,3 +148,28 @@ def test_aggregation_truncates_an_overlong_candidate_to_the_budget(tokenizer) ->
     text = _decoded(tokenizer, renderer.aggregation(PROBLEM, [long_ids, short_ids], random.Random(0)))
     assert f"Candidate 1:\n{expected.strip()}\nCandidate 2:\n{short}\n" in text
     assert "1234567890" * 4 not in text
+
+
+def test_solution_part_keeps_what_follows_the_last_audit_header() -> None:
+    from spiral_lit.prompts import solution_part
+
+    audit = "Candidate 1: 9 wrong\nCandidate 2: 14 right\nKeep Candidate 2:\n7*2=14\n<answer>7*2</answer>"
+    assert solution_part(audit) == "7*2=14\n<answer>7*2</answer>"
+    assert (
+        solution_part("Candidate 1: 9 wrong\nSolve again:\n3+4=7\n<answer>3+4</answer>")
+        == "3+4=7\n<answer>3+4</answer>"
+    )
+    plain = "7*2=14\n<answer>7*2</answer>"
+    assert solution_part(plain) is plain  # no header: the same text, so other candidates render as before
+    assert solution_part("Keep Candidate 2: because") == "Keep Candidate 2: because"  # a header is a whole line
+
+
+def test_an_audit_shown_as_a_candidate_shows_only_its_solution(tokenizer) -> None:
+    """Recursive aggregation's later rounds show aggregation answers as candidates (docs/algorithm.md §6.3)."""
+    renderer = PromptRenderer(tokenizer, PromptConfig(), "Answer.")
+    audit = "Candidate 1: 9 wrong\nKeep Candidate 2:\n7*2=14\n<answer>7*2</answer>"
+    assert renderer.truncate_candidate(tokenizer.encode(audit, add_special_tokens=False)) == (
+        "7*2=14\n<answer>7*2</answer>"
+    )
+    plain = "12+30=42\n<answer>42</answer>"
+    assert renderer.truncate_candidate(tokenizer.encode(plain, add_special_tokens=False)) == plain
