@@ -7,9 +7,9 @@ after the candidates **[ours]**: a 1.85M-parameter model was 22% accurate with t
 problem only before four candidates (it lost the operands ~250 tokens back) and
 recovered once the problem was restated (docs/algorithm.md §1.2).
 
-What an aggregation answer should look like is a choice too (``aggregation_target``, used by the warm start):
-the correct worked solution alone, or an audit, one verdict per shown candidate, then the solution
-(docs/algorithm.md §6.3).
+What an aggregation answer should look like is a choice too (``aggregation_target``): the correct worked solution
+alone, or an audit, one verdict per shown candidate, then the solution (docs/algorithm.md §6.3), or an audit that
+keeps a candidate by reference, ``Keep Candidate k:``, whose answer is then candidate k's (docs/algorithm.md §6.4).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from spiral_lit.errors import UserError
 from spiral_lit.tasks.base import Problem
 
 AggregationLayout = Literal["problem_first", "problem_restated"]
-AggregationTarget = Literal["solution", "audit"]
+AggregationTarget = Literal["solution", "audit", "select"]
 
 
 @dataclass
@@ -48,7 +48,11 @@ class PromptConfig:
     """What warm-start aggregation examples teach: ``solution``, the correct worked solution; ``audit``, first one
     verdict per shown candidate (``Candidate 2: 28 wrong``, from :meth:`Task.candidate_verdict`), then the first
     right candidate kept and copied, or a new solution when none is right, so the aggregator learns to check the
-    candidates before it writes (docs/algorithm.md §6.3)."""
+    candidates before it writes (docs/algorithm.md §6.3); ``select`` **[ours]**, the same verdicts, then
+    ``Keep Candidate k:`` alone, which the scaffolds resolve to the candidate as shown (what is scored, and what a
+    later RSA round sees), or ``Solve again:`` and a new solution. ``select`` changes how aggregation answers are
+    read in training and evaluation too, not only the warm start: it is for models too small to copy a candidate
+    reliably (docs/algorithm.md §6.4)."""
 
     def __post_init__(self) -> None:
         if self.max_candidate_tokens < 8:
@@ -87,7 +91,16 @@ def audit_text(verdicts: list[str], kept: int | None, solution: str) -> str:
     return "\n".join([*lines, header, solution])
 
 
-_AUDIT_HEADER = re.compile(r"^(?:Keep Candidate \d+:|Solve again:)[ \t]*$", re.MULTILINE)
+_AUDIT_HEADER = re.compile(r"^(?:Keep Candidate (\d+):|Solve again:)[ \t]*$", re.MULTILINE)
+
+
+def kept_candidate(text: str) -> int | None:
+    """The 0-based index k - 1 of the candidate an audit keeps (its last header is ``Keep Candidate k:``), or None
+    (no header, or ``Solve again:`` last)."""
+    headers = list(_AUDIT_HEADER.finditer(text))
+    if not headers or headers[-1].group(1) is None:
+        return None
+    return int(headers[-1].group(1)) - 1
 
 
 def solution_part(text: str) -> str:
@@ -148,6 +161,14 @@ class PromptRenderer:
         """Prompt ids for one set; ``rng`` draws the candidate order when shuffling is on."""
         order = self.candidate_order(len(candidates_ids), rng)
         return self.aggregation_shown(problem, [self.truncate_candidate(candidates_ids[i]) for i in order])
+
+    def selection(self, text: str, shown: list[str]) -> str | None:
+        """Under ``aggregation_target: select``, the shown candidate that the aggregation ``text`` keeps; None
+        otherwise, and when it keeps none or names a candidate that was not shown (then its own text is scored)."""
+        if self.config.aggregation_target != "select":
+            return None
+        k = kept_candidate(text)
+        return shown[k] if k is not None and 0 <= k < len(shown) else None
 
     def aggregation_shown(self, problem: Problem, shown: list[str]) -> list[int]:
         """Prompt ids for candidates already cut and ordered as they are shown."""

@@ -86,6 +86,12 @@ def sample_search(
     return SearchRollout(prompts, engine.generate(prompts, n, sampling, seed))
 
 
+def _shown(renderer: PromptRenderer, candidate: Completion) -> str:
+    """How an earlier trace is shown as a candidate: a candidate kept by reference as it was shown (already cut),
+    any other trace through the renderer's cut (docs/algorithm.md §6.4)."""
+    return candidate.selected if candidate.selected is not None else renderer.truncate_candidate(candidate.token_ids)
+
+
 def sample_aggregations(
     engine: RolloutEngine,
     renderer: PromptRenderer,
@@ -106,17 +112,20 @@ def sample_aggregations(
     def order_rng(b: int, k: int) -> random.Random:
         return derive_rng(seed[b], k) if isinstance(seed, list) else derive_rng(seed, b, k)
 
-    prompts = [
-        [
-            renderer.aggregation(problem, [candidates[b][int(i)].token_ids for i in sets_BKS[b, k]], order_rng(b, k))
-            for k in range(K)
-        ]
-        for b, problem in enumerate(problems)
-    ]
+    shown: list[list[str]] = []  # [B * K][S] candidate texts in the order shown
+    for b in range(B):
+        for k in range(K):
+            members = [candidates[b][int(i)] for i in sets_BKS[b, k]]
+            order = renderer.candidate_order(len(members), order_rng(b, k))
+            shown.append([_shown(renderer, members[i]) for i in order])
+    prompts = [[renderer.aggregation_shown(problems[b], shown[b * K + k]) for k in range(K)] for b in range(B)]
     engine_seed: Seed = seed
     if isinstance(seed, list):
         engine_seed = [derive_seed(seed[b], "set", k) for b in range(B) for k in range(K)]
     flat = engine.generate([p for per_problem in prompts for p in per_problem], n_agg, sampling, engine_seed)
+    for shown_S, traces_A in zip(shown, flat, strict=True):
+        for trace in traces_A:
+            trace.selected = renderer.selection(trace.text, shown_S)
     traces = [flat[b * K : (b + 1) * K] for b in range(B)]
     return AggregationRollout(sets_BKS, prompts, traces)
 

@@ -173,3 +173,26 @@ def test_an_audit_shown_as_a_candidate_shows_only_its_solution(tokenizer) -> Non
     )
     plain = "12+30=42\n<answer>42</answer>"
     assert renderer.truncate_candidate(tokenizer.encode(plain, add_special_tokens=False)) == plain
+
+
+def test_kept_candidate_reads_the_last_audit_header() -> None:
+    from spiral_lit.prompts import kept_candidate
+
+    assert kept_candidate("Candidate 1: 9 wrong\nCandidate 2: 14 right\nKeep Candidate 2:") == 1
+    assert kept_candidate("Keep Candidate 3:\n7*2=14\nKeep Candidate 1:  \n<answer>7*2</answer>") == 0
+    assert kept_candidate("Keep Candidate 1:\nSolve again:\n3+4=7") is None
+    assert kept_candidate("7*2=14\n<answer>7*2</answer>") is None
+    assert kept_candidate("Keep Candidate 2: it is right") is None  # a header is a whole line
+
+
+def test_selection_resolves_only_under_select(tokenizer) -> None:
+    """``select`` reads ``Keep Candidate k:`` as candidate k as shown (docs/algorithm.md §6.4); other targets
+    and out-of-range references leave the trace's own text to be scored."""
+    shown = ["1+2=3\n<answer>1+2</answer>", "2*2=4\n<answer>2*2</answer>"]
+    select = PromptRenderer(tokenizer, PromptConfig(aggregation_target="select"), ANSWER)
+    audit = PromptRenderer(tokenizer, PromptConfig(aggregation_target="audit"), ANSWER)
+    assert select.selection("Candidate 1: 3 wrong\nCandidate 2: 4 right\nKeep Candidate 2:", shown) == shown[1]
+    assert select.selection("Keep Candidate 3:", shown) is None
+    assert select.selection("Keep Candidate 0:", shown) is None
+    assert select.selection("Solve again:\n2+2=4\n<answer>2+2</answer>", shown) is None
+    assert audit.selection("Keep Candidate 2:", shown) is None

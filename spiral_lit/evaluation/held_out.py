@@ -134,7 +134,7 @@ class Scored:
 def score_traces(verifier: Verifier, problems: list[Problem], traces_BN: list[list[Completion]]) -> Scored:
     """Score ``[B][N]`` traces (the same N for every problem)."""
     B, N = len(traces_BN), len(traces_BN[0])
-    result = verifier.score([p for p in problems for _ in range(N)], [t.text for ts in traces_BN for t in ts])
+    result = verifier.score([p for p in problems for _ in range(N)], [t.final_text for ts in traces_BN for t in ts])
     correct_BN = torch.tensor(result.rewards).view(B, N) >= 1.0
     keys = answer_keys(verifier.task, problems, result.extracted)
     answers_BN = [result.extracted[b * N : (b + 1) * N] for b in range(B)]

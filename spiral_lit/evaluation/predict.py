@@ -57,13 +57,13 @@ def predict_problems(
     else:
         raise ValueError(f"eval.predict_scaffold={config.predict_scaffold!r}; allowed: 'single', 'majority', 'rsa'")
     final = rounds[-1] if rounds else traces
-    answers = [[verifier.task.extract_answer(t.text) for t in ts] for ts in final]
+    answers = [[verifier.task.extract_answer(t.final_text) for t in ts] for ts in final]
     # Equivalent answers (Task.answer_key) vote together; the winner is the first answer with the winning key.
     keys = [partial(verifier.task.answer_key, problem=p) for p in problems]
     voted = [majority_vote(a, key) for a, key in zip(answers, keys, strict=True)]
     # correct = the verdict on the first trace that gave the voted answer (as maj@n in evaluation).
     scored = [b for b, p in enumerate(problems) if has_reference(p) and voted[b] is not None]
-    texts = [final[b][answers[b].index(voted[b])].text for b in scored]
+    texts = [final[b][answers[b].index(voted[b])].final_text for b in scored]
     rewards = verifier.score([problems[b] for b in scored], texts).rewards if scored else []
     correct = {b: reward >= 1.0 for b, reward in zip(scored, rewards, strict=True)}
     records = []

@@ -50,10 +50,19 @@ class Completion:
     finish_reason: FinishReason
     text: str
     """Decoded completion without special tokens."""
+    selected: str | None = None
+    """The shown candidate this aggregation trace kept by reference (``prompts.aggregation_target: select``), as
+    it was shown; None for every other trace. Set by the scaffolds, never by an engine."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def final_text(self) -> str:
+        """What is scored and shown to a later aggregation round: the kept candidate for a trace that selected
+        one, the trace's own text otherwise (docs/algorithm.md §6.4)."""
+        return self.text if self.selected is None else self.selected
 
 
 Seed = int | list[int]

@@ -30,7 +30,7 @@ def tokenizer_corpus(task: Task, prompts: PromptConfig, n_problems: int) -> Iter
             yield problem.solution
             candidates = [problem.solution, *task.wrong_solutions(problem, 1, rng)]
             yield aggregation_text(problem, candidates, task.answer_instruction, prompts)
-            if prompts.aggregation_target == "audit":  # the verdict words get their own tokens too
+            if prompts.aggregation_target != "solution":  # the verdict words get their own tokens too
                 verdicts = [task.candidate_verdict(c, problem) for c in candidates]
                 yield audit_text(verdicts, 0, problem.solution)
                 yield audit_text(verdicts, None, problem.solution)

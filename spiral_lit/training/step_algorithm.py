@@ -93,7 +93,7 @@ class SpiralAlgorithm:
         assert agg is not None
         cfg = self.config
         scores = _score_search(verifier, batch, search, cfg.n_search)
-        agg_texts = [t.text for per_problem in agg.traces for per_set in per_problem for t in per_set]
+        agg_texts = [t.final_text for per_problem in agg.traces for per_set in per_problem for t in per_set]
         agg_result = verifier.score([p for p in batch for _ in range(cfg.n_sets * cfg.n_agg)], agg_texts)
         rewards_BKA = torch.tensor(agg_result.rewards).view(len(batch), cfg.n_sets, cfg.n_agg)
         return StepScores(scores.search, scores.search_BN, agg_result, rewards_BKA)

@@ -74,7 +74,7 @@ def warm_start_examples(
         if rng.random() < aggregation_fraction:
             n_right = rng.randint(0, set_size)
             candidates = [problem.solution] * n_right + task.wrong_solutions(problem, set_size - n_right, rng)
-            if renderer.config.aggregation_target == "audit":
+            if renderer.config.aggregation_target in ("audit", "select"):
                 # Right candidates differ from each other and from the reference where the task allows: the
                 # target copies the kept one, which only copying can fit (docs/algorithm.md §6.3).
                 candidates[:n_right] = task.right_solutions(problem, n_right, rng)
@@ -100,19 +100,22 @@ def audit_example(
     verdicts = [task.candidate_verdict(text, problem) for text in shown]
     right = [i for i, text in enumerate(shown) if task.score(task.extract_answer(text) or "", problem) == 1.0]
     kept = right[0] if right else None
-    solution = problem.solution if kept is None else shown[kept]
-    return renderer.aggregation_shown(problem, shown), audit_text(verdicts, kept, solution)
+    prompt = renderer.aggregation_shown(problem, shown)
+    if kept is not None and renderer.config.aggregation_target == "select":  # kept by reference (§6.4)
+        return prompt, audit_text(verdicts, kept, "").rstrip()
+    return prompt, audit_text(verdicts, kept, problem.solution if kept is None else shown[kept])
 
 
 def check_audit_targets(task: Task | None, prompts: PromptConfig) -> None:
-    """Refuse ``prompts.aggregation_target: audit`` for a task without candidate verdicts, before any work."""
-    if task is None or prompts.aggregation_target != "audit":
+    """Refuse ``prompts.aggregation_target: audit`` or ``select`` for a task without candidate verdicts, before any
+    work."""
+    if task is None or prompts.aggregation_target == "solution":
         return
     if type(task).candidate_verdict is Task.candidate_verdict:
         raise UserError(
-            f"model.prompts.aggregation_target is 'audit', but task {task.name!r} has no candidate verdicts "
-            "(Task.candidate_verdict); use aggregation_target: solution, or a task that checks candidates "
-            "(countdown, chain_sum)"
+            f"model.prompts.aggregation_target is {prompts.aggregation_target!r}, but task {task.name!r} has no "
+            "candidate verdicts (Task.candidate_verdict); use aggregation_target: solution, or a task that checks "
+            "candidates (countdown, chain_sum)"
         )
 
 

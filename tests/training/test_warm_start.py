@@ -54,6 +54,29 @@ def test_audit_target_judges_each_candidate_in_the_order_shown(tokenizer, task: 
     assert len(n_right_seen) > 1  # the sets mix right and wrong candidates
 
 
+def test_select_target_keeps_the_first_right_candidate_by_reference(tokenizer) -> None:
+    """``select`` (docs/algorithm.md §6.4): the same verdicts as ``audit``, then ``Keep Candidate k:`` with nothing
+    after it, or ``Solve again:`` and the worked solution when no candidate is right."""
+    task = CountdownTask()
+    problems, (_, audit_targets, _) = _examples(tokenizer, task, "audit", n_problems=12)
+    _, (prompts, targets, _) = _examples(tokenizer, task, "select", n_problems=12)
+    kinds = set()
+    for problem, prompt_ids, target_ids, audit_ids in zip(problems, prompts, targets, audit_targets, strict=True):
+        target = tokenizer.decode(target_ids, skip_special_tokens=True)
+        audit = tokenizer.decode(audit_ids, skip_special_tokens=True)
+        assert target.split("\n")[:4] == audit.split("\n")[:4]  # the same draws, the same verdicts
+        header = target.split("\n")[4]
+        if header.startswith("Keep Candidate"):
+            assert target.split("\n")[5:] == []
+            k = int(header.split()[-1].rstrip(":"))
+            shown = _shown_candidates(tokenizer.decode(prompt_ids))
+            assert task.score(task.extract_answer(shown[k - 1]) or "", problem) == 1.0
+        else:
+            assert target == audit and target.endswith(problem.solution)
+        kinds.add(header.split()[0])
+    assert kinds == {"Keep", "Solve"}
+
+
 def test_solution_target_is_unchanged_by_the_new_option(tokenizer) -> None:
     """The default target is the worked solution alone, with the same prompts and draws as before."""
     task = CountdownTask()
@@ -105,6 +128,10 @@ def test_audit_is_refused_before_loading_for_a_task_without_verdicts(tiny_policy
     with pytest.raises(UserError, match="aggregation_target is 'audit', but task 'no_verdicts'"):
         WarmStartModule(
             PolicyConfig(str(tiny_policy.path)), task=_NoVerdicts(), prompts=PromptConfig(aggregation_target="audit")
+        )
+    with pytest.raises(UserError, match="aggregation_target is 'select', but task 'no_verdicts'"):
+        WarmStartModule(
+            PolicyConfig(str(tiny_policy.path)), task=_NoVerdicts(), prompts=PromptConfig(aggregation_target="select")
         )
     with pytest.raises(NotImplementedError, match="no candidate verdicts"):
         _NoVerdicts().candidate_verdict("x", ChainSumTask().problem(0, "train"))
