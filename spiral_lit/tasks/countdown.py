@@ -19,6 +19,7 @@ import itertools
 import random
 import re
 from collections.abc import Hashable
+from typing import cast
 
 from spiral_lit.tasks.base import Problem, Split, Task
 
@@ -58,18 +59,54 @@ def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
     return None if value is None else (value, numbers)
 
 
+def expression_steps(text: str) -> list[str] | None:
+    """The operations of an expression in the order they are evaluated, one ``a op b = c`` each
+    (``(3+5)*7`` -> ``["3+5=8", "8*7=56"]``), or None when :func:`evaluate_expression` refuses it."""
+    if evaluate_expression(text) is None:
+        return None
+    steps: list[str] = []
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant):
+            return cast(int, node.value)
+        assert isinstance(node, ast.BinOp)  # evaluate_expression accepted it: integers and + - * only
+        left, right = walk(node.left), walk(node.right)
+        op = ops[type(node.op)]
+        value = _APPLY[op](left, right)
+        steps.append(f"{left}{op}{right}={value}")
+        return value
+
+    walk(ast.parse(text.strip(), mode="eval").body)
+    return steps
+
+
 class CountdownTask(Task):
     """``n_numbers`` numbers in [1, ``max_number``] and a target reachable with ``+ - *``, each number used once."""
 
     name = "countdown"
 
-    def __init__(self, n_numbers: int = 3, max_number: int = 9, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_numbers: int = 3,
+        max_number: int = 9,
+        seed: int = 0,
+        verdict_steps: bool = False,
+        faked_wrong: float = 0.0,
+    ) -> None:
         """
         Args:
             n_numbers: How many numbers each problem gives (2 to 5); the answer uses all of them.
             max_number: Numbers are drawn from 1 to this (2 to 99).
             seed: Base seed; problem ``index`` of ``split`` depends only on (seed, split, index).
+            verdict_steps: Candidate verdicts recompute the answer's operations (``3+5=8 8*7=56 wrong``) instead
+                of naming the value alone (``56 wrong``), so that an auditor checks the arithmetic step by step
+                rather than reading a candidate's last line (docs/algorithm.md §6.3).
+            faked_wrong: Fraction of :meth:`wrong_solutions` whose worked lines claim the target with wrong
+                arithmetic (``8*7=50``), as an untrained solver writes them; 0 keeps every wrong candidate honest.
         """
+        if not 0.0 <= faked_wrong <= 1.0:
+            raise ValueError(f"countdown: faked_wrong must be between 0 and 1, got {faked_wrong}")
         if not 2 <= n_numbers <= 5:
             raise ValueError(f"countdown: n_numbers must be between 2 and 5, got {n_numbers}")
         if not 2 <= max_number <= 99:
@@ -77,6 +114,8 @@ class CountdownTask(Task):
         self.n_numbers = n_numbers
         self.max_number = max_number
         self.seed = seed
+        self.verdict_steps = verdict_steps
+        self.faked_wrong = faked_wrong
 
     def num_problems(self, split: Split) -> int | None:
         """Endless: every index is a new problem."""
@@ -134,8 +173,12 @@ class CountdownTask(Task):
             return "no answer"
         value, used = parsed
         if value != problem.metadata["target"]:
-            return f"{value} wrong"
-        return f"{value} right" if sorted(used) == sorted(problem.metadata["numbers"]) else f"{value} wrong numbers"
+            status = "wrong"
+        else:
+            status = "right" if sorted(used) == sorted(problem.metadata["numbers"]) else "wrong numbers"
+        if self.verdict_steps:
+            return " ".join([*cast(list[str], expression_steps(cast(str, answer))), status])
+        return f"{value} {status}"
 
     def right_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions drawn from every left-to-right ordering of the numbers and choice of operators
@@ -153,9 +196,11 @@ class CountdownTask(Task):
         return [rng.choice(choices) for _ in range(n)]
 
     def wrong_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
-        """``n`` worked solutions with correct arithmetic that reach some other value than the target.
+        """``n`` worked solutions of combinations that reach some other value than the target.
 
-        These are what a real solver's misses look like here: a valid combination, the wrong one.
+        A valid combination, the wrong one: with correct arithmetic, or, for a ``faked_wrong`` fraction of them,
+        with lines that claim the target anyway (what an untrained solver writes; only checking the arithmetic
+        tells them apart).
         """
         numbers, target = problem.metadata["numbers"], problem.metadata["target"]
         out: list[str] = []
@@ -165,17 +210,31 @@ class CountdownTask(Task):
             order = rng.sample(numbers, len(numbers))
             ops = [rng.choice(_OPERATORS) for _ in range(len(numbers) - 1)]
             if _left_to_right(order, ops) != target:
-                out.append(self._worked_solution(order, ops))
+                faked = self.faked_wrong > 0 and rng.random() < self.faked_wrong
+                out.append(self._worked_solution(order, ops, claim=target if faked else None, rng=rng))
         if len(out) < n:
             raise ValueError(f"countdown: {problem.uid} has no wrong combination (every one reaches {target})")
         return out
 
-    def _worked_solution(self, order: list[int], ops: list[str]) -> str:
-        """One line per operation, then the whole expression (parenthesised left to right) as the answer."""
+    def _worked_solution(
+        self, order: list[int], ops: list[str], claim: int | None = None, rng: random.Random | None = None
+    ) -> str:
+        """One line per operation, then the whole expression (parenthesised left to right) as the answer.
+
+        ``claim``: write this as the last line's result whatever the operation gives, and half the time (``rng``)
+        also get an earlier line wrong by a little, carrying the wrong value on: a faked solution.
+        """
         lines = []
         value, expression = order[0], str(order[0])
-        for number, op in zip(order[1:], ops, strict=True):
+        slip = None
+        if claim is not None and rng is not None and len(ops) > 1 and rng.random() < 0.5:
+            slip = (rng.randrange(len(ops) - 1), rng.choice([-2, -1, 1, 2]))
+        for i, (number, op) in enumerate(zip(order[1:], ops, strict=True)):
             new = _APPLY[op](value, number)
+            if claim is not None and i == len(ops) - 1:
+                new = claim
+            elif slip is not None and i == slip[0]:
+                new += slip[1]
             lines.append(f"{value}{op}{number}={new}")
             # Left-to-right evaluation: a product after a sum or difference needs the sum in parentheses.
             if op == "*" and any(c in expression for c in "+-"):

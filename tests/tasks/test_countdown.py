@@ -8,7 +8,7 @@ import random
 import pytest
 
 from spiral_lit.tasks import CountdownTask
-from spiral_lit.tasks.countdown import evaluate_expression
+from spiral_lit.tasks.countdown import evaluate_expression, expression_steps
 
 
 def _check_solution(solution: str, numbers: list[int], target: int) -> str:
@@ -98,6 +98,45 @@ def test_wrong_solutions_are_valid_arithmetic_that_misses_the_target() -> None:
             assert task.score(task.extract_answer(wrong), problem) == 0.0
 
 
+def test_faked_wrong_solutions_claim_the_target_with_wrong_arithmetic() -> None:
+    task = CountdownTask(faked_wrong=1.0)
+    rng = random.Random(0)
+    slipped = 0
+    for i in range(50):
+        problem = task.problem(i, "heldout")
+        target = problem.metadata["target"]
+        for wrong in task.wrong_solutions(problem, 3, rng):
+            *lines, answer = wrong.split("\n")
+            assert lines[-1].endswith(f"={target}")  # claims the target
+            assert task.score(task.extract_answer(wrong), problem) == 0.0  # but its expression misses it
+            slipped += lines[0] != expression_steps(task.extract_answer(wrong))[0]
+    assert 0 < slipped < 150  # an earlier line is wrong too about half the time
+
+
+def test_the_new_options_leave_the_default_draws_alone() -> None:
+    problem = CountdownTask().problem(3, "train")
+    honest = CountdownTask(verdict_steps=True).wrong_solutions(problem, 5, random.Random(1))
+    assert honest == CountdownTask().wrong_solutions(problem, 5, random.Random(1))
+
+
+def test_expression_steps_in_evaluation_order() -> None:
+    assert expression_steps("(3+5)*7") == ["3+5=8", "8*7=56"]
+    assert expression_steps("5*(1+5)") == ["1+5=6", "5*6=30"]
+    assert expression_steps("1+7-4") == ["1+7=8", "8-4=4"]
+    assert expression_steps("7") == []
+    assert expression_steps("__import__('os')") is None
+
+
+def test_step_verdicts_recompute_the_answer() -> None:
+    task = CountdownTask(verdict_steps=True)
+    problem = CountdownTask().problem(0, "train")
+    problem.metadata.update(numbers=[5, 1, 5], target=30)
+    assert task.candidate_verdict("5+5=10\n10*1=30\n<answer>(5+5)*1</answer>", problem) == "5+5=10 10*1=10 wrong"
+    assert task.candidate_verdict("1+5=6\n6*5=30\n<answer>(1+5)*5</answer>", problem) == "1+5=6 6*5=30 right"
+    assert task.candidate_verdict("<answer>6*5</answer>", problem) == "6*5=30 wrong numbers"
+    assert task.candidate_verdict("no answer here", problem) == "no answer"
+
+
 def test_bad_settings_and_index_are_refused() -> None:
     with pytest.raises(ValueError, match="n_numbers"):
         CountdownTask(n_numbers=1)
@@ -105,6 +144,8 @@ def test_bad_settings_and_index_are_refused() -> None:
         CountdownTask(max_number=100)
     with pytest.raises(IndexError, match="index"):
         CountdownTask().problem(-1, "train")
+    with pytest.raises(ValueError, match="faked_wrong"):
+        CountdownTask(faked_wrong=1.5)
 
 
 def test_task_pickles_for_verifier_workers() -> None:
