@@ -19,7 +19,6 @@ import itertools
 import random
 import re
 from collections.abc import Hashable
-from typing import cast
 
 from spiral_lit.tasks.base import Problem, Split, Task
 
@@ -29,8 +28,9 @@ _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a 
 _EXPRESSION = re.compile(r"[0-9+\-*() ]{1,64}")
 
 
-def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
-    """(value, numbers used) of an integer ``+ - *`` expression, or None when it is anything else.
+def _walk(text: str) -> tuple[int, list[int], list[tuple[int, str, int, int]]] | None:
+    """(value, numbers used, operations as ``(left, op, right, result)`` in evaluation order) of an integer
+    ``+ - *`` expression, or None when it is anything else.
 
     Parsed with :mod:`ast` and walked by hand (never ``eval``): only integer literals, binary
     ``+ - *`` and parentheses are accepted; unary minus is not (the numbers are given, not negated).
@@ -42,6 +42,7 @@ def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
     except SyntaxError:
         return None
     numbers: list[int] = []
+    steps: list[tuple[int, str, int, int]] = []
     ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
 
     def walk(node: ast.AST) -> int | None:
@@ -52,33 +53,30 @@ def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
             left, right = walk(node.left), walk(node.right)
             if left is None or right is None:
                 return None
-            return _APPLY[ops[type(node.op)]](left, right)
+            op = ops[type(node.op)]
+            steps.append((left, op, right, _APPLY[op](left, right)))
+            return steps[-1][3]
         return None
 
     value = walk(tree.body)
-    return None if value is None else (value, numbers)
+    return None if value is None else (value, numbers, steps)
+
+
+def evaluate_expression(text: str) -> tuple[int, list[int]] | None:
+    """(value, numbers used) of an integer ``+ - *`` expression, or None when it is anything else (:func:`_walk`)."""
+    walked = _walk(text)
+    return None if walked is None else (walked[0], walked[1])
 
 
 def expression_steps(text: str) -> list[str] | None:
     """The operations of an expression in the order they are evaluated, one ``a op b = c`` each
     (``(3+5)*7`` -> ``["3+5=8", "8*7=56"]``), or None when :func:`evaluate_expression` refuses it."""
-    if evaluate_expression(text) is None:
-        return None
-    steps: list[str] = []
-    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+    walked = _walk(text)
+    return None if walked is None else _step_lines(walked[2])
 
-    def walk(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant):
-            return cast(int, node.value)
-        assert isinstance(node, ast.BinOp)  # evaluate_expression accepted it: integers and + - * only
-        left, right = walk(node.left), walk(node.right)
-        op = ops[type(node.op)]
-        value = _APPLY[op](left, right)
-        steps.append(f"{left}{op}{right}={value}")
-        return value
 
-    walk(ast.parse(text.strip(), mode="eval").body)
-    return steps
+def _step_lines(steps: list[tuple[int, str, int, int]]) -> list[str]:
+    return [f"{left}{op}{right}={result}" for left, op, right, result in steps]
 
 
 class CountdownTask(Task):
@@ -168,16 +166,16 @@ class CountdownTask(Task):
         Worked candidates show this value on their last line, so the check is a look, not a search.
         """
         answer = self.extract_answer(candidate)
-        parsed = None if answer is None else evaluate_expression(answer)
-        if parsed is None:
+        walked = None if answer is None else _walk(answer)
+        if walked is None:
             return "no answer"
-        value, used = parsed
+        value, used, steps = walked
         if value != problem.metadata["target"]:
             status = "wrong"
         else:
             status = "right" if sorted(used) == sorted(problem.metadata["numbers"]) else "wrong numbers"
         if self.verdict_steps:
-            return " ".join([*cast(list[str], expression_steps(cast(str, answer))), status])
+            return " ".join([*_step_lines(steps), status])
         return f"{value} {status}"
 
     def right_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
