@@ -17,6 +17,8 @@ non-matmul time on:
   rows permuted at fusing; q.k does not change when both are permuted alike), so the model's
   rotary embedding ``q cos + rotate_half(q) sin`` is one complex multiplication for all Q and
   K heads instead of five ops each. The prefilled prompt keys are permuted once per chunk.
+  Qwen3's per-head q/k RMSNorms (before rotary) run on the permuted heads with their weights
+  permuted alike (:func:`~spiral_lit.fastpath.layers.head_rms_norm`).
 - Keys/values are written in place into the engine's block cache and attention is the
   shared-prompt attention of :mod:`spiral_lit.fastpath.attention`.
 
@@ -27,13 +29,15 @@ RMSNorms too, except that a hook-free fp32 RMSNorm of these classes runs as ``F.
 relative in fp32; ``tests/fastpath/test_decode.py`` checks rollouts and log-probabilities).
 
 Only models whose step this reproduces are accepted (:func:`fused_decode_refusal`): Llama,
-Qwen2 and Mistral classes with plain ``nn.Linear`` projections, full attention, and no hooks
-on the modules it bypasses. Anything else (a PEFT/LoRA wrapper, quantised linears, Qwen3's
-q/k norms, a forward hook on the model) decodes through the model's ``forward``.
+Qwen2, Qwen3 and Mistral classes with plain ``nn.Linear`` projections, full attention, and no
+hooks on the modules it bypasses. Anything else (a PEFT/LoRA wrapper, quantised linears,
+sliding-window layers, a forward hook on the model) decodes through the model's ``forward``;
+:meth:`FusedDecoder.maybe` logs why, once per reason and process.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -42,20 +46,48 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spiral_lit.fastpath.attention import SharedPrefix, shared_prefix_attention
-from spiral_lit.fastpath.layers import rms_norm
+from spiral_lit.fastpath.layers import RMS_NORM_CLASSES, head_rms_norm, rms_norm
 
-FUSED_MODEL_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
+logger = logging.getLogger(__name__)
+
+FUSED_MODEL_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"})
 """Causal LMs whose decode step is embed -> [norm, attention, norm, gated MLP] x L -> norm -> lm_head."""
+QK_NORM_MODEL_CLASSES = frozenset({"Qwen3ForCausalLM"})
+"""Those of :data:`FUSED_MODEL_CLASSES` whose attention RMS-normalises each Q and K head before rotary."""
 
-_ROTARY_CLASSES = frozenset({"LlamaRotaryEmbedding", "Qwen2RotaryEmbedding", "MistralRotaryEmbedding"})
+_ROTARY_CLASSES = frozenset(
+    {"LlamaRotaryEmbedding", "Qwen2RotaryEmbedding", "Qwen3RotaryEmbedding", "MistralRotaryEmbedding"}
+)
 """Rotary modules whose cos/sin repeat over the two halves of the head dim (``cat((freqs, freqs))``)."""
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_QK_NORM_CHILDREN = {"q_norm", "k_norm"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_fallbacks_logged: set[str] = set()
 
 
 def _children(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_children()}
+
+
+def log_fallback_once(log: logging.Logger, message: str) -> None:
+    """``log`` ``message`` as a warning the first time in this process: the fast paths are picked per ``generate``
+    call and per updater, so a refusal would otherwise repeat at every step. A warning, not info: the project
+    configures no logging, and a run that silently takes the slower path is what this is for."""
+    if message not in _fallbacks_logged:
+        _fallbacks_logged.add(message)
+        log.warning(message)
+
+
+def _qk_norm_refusal(i: int, attn: Any) -> str | None:
+    """Why layer ``i``'s q/k norms cannot run as :func:`head_rms_norm` with their weights (None: they can)."""
+    for name in ("q_norm", "k_norm"):
+        kind = type(getattr(attn, name)).__name__
+        if kind not in RMS_NORM_CLASSES:
+            return f"layers.{i}.self_attn.{name} is a {kind}, not one of {sorted(RMS_NORM_CLASSES)}"
+    if attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+        return f"layers.{i}.self_attn q_norm and k_norm have different epsilons"
+    return None
 
 
 def fused_decode_refusal(model: nn.Module) -> str | None:
@@ -75,18 +107,23 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
     bypassed: list[tuple[str, nn.Module]] = [("model", model), ("model.model", inner)]
     attn: Any  # None when the layer lacks it (then _children(layer) already differs)
     mlp: Any
+    qk_norm = type(model).__name__ in QK_NORM_MODEL_CLASSES
+    attention_children = _ATTENTION_CHILDREN | (_QK_NORM_CHILDREN if qk_norm else set())
     for i, layer in enumerate(inner.layers[: hf.config.num_hidden_layers]):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if (
             _children(layer) != _LAYER_CHILDREN
-            or _children(attn) != _ATTENTION_CHILDREN
+            or _children(attn) != attention_children
             or _children(mlp) != _MLP_CHILDREN
         ):
-            return f"layer {i} has modules other than {sorted(_LAYER_CHILDREN | _ATTENTION_CHILDREN | _MLP_CHILDREN)}"
+            return f"layer {i} has modules other than {sorted(_LAYER_CHILDREN | attention_children | _MLP_CHILDREN)}"
         if getattr(attn, "sliding_window", None) is not None or getattr(model.config, "sliding_window", None):
             return f"layer {i} uses sliding-window attention"
+        reason = _qk_norm_refusal(i, attn) if qk_norm else None
+        if reason is not None:
+            return reason
         bypassed += [(f"layers.{i}", layer), (f"layers.{i}.self_attn", attn), (f"layers.{i}.mlp", mlp)]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", *(("q_norm", "k_norm") if qk_norm else ())):
             bypassed.append((f"layers.{i}.self_attn.{name}", getattr(attn, name)))
         for name in ("gate_proj", "up_proj", "down_proj"):
             bypassed.append((f"layers.{i}.mlp.{name}", getattr(mlp, name)))
@@ -160,6 +197,11 @@ class FusedDecoder:
         # Q and K come out with each head's two halves interleaved ([x_0, x_h, x_1, x_h+1, ...]), so that
         # rotary embedding is one complex multiplication; q.k is unchanged when both are permuted alike.
         self.interleave_D = torch.arange(D).view(2, D // 2).t().reshape(D)
+        self.qk_norms = (
+            [self._qk_norm(layer.self_attn) for layer in self.layers]
+            if type(model).__name__ in QK_NORM_MODEL_CLASSES
+            else None
+        )
         q_order, k_order = (
             (torch.arange(n)[:, None] * D + self.interleave_D).reshape(-1) for n in (self.heads, self.kv_heads)
         )
@@ -177,10 +219,22 @@ class FusedDecoder:
                 for layer in self.layers
             ]
 
+    def _qk_norm(self, attn: Any) -> tuple[torch.Tensor, float]:
+        """A layer's q and k norm weights in interleaved order, one row per Q then K head ``[H + KV, D]``, and
+        their epsilon (one for both: :func:`fused_decode_refusal` checks)."""
+        with torch.no_grad():
+            q_D, k_D = (norm.weight.detach()[self.interleave_D] for norm in (attn.q_norm, attn.k_norm))
+            weight = torch.cat([q_D.expand(self.heads, -1), k_D.expand(self.kv_heads, -1)])
+        return weight, float(attn.q_norm.variance_epsilon)
+
     @classmethod
     def maybe(cls, model: PreTrainedModel) -> FusedDecoder | None:
         """A fused decoder for ``model``, or None when its forward must be used (see the module docstring)."""
-        return None if fused_decode_refusal(model) is not None else cls(model)
+        reason = fused_decode_refusal(model)
+        if reason is not None:
+            log_fallback_once(logger, f"fused decode not used: {reason}; decoding through the model's forward")
+            return None
+        return cls(model)
 
     def interleave_prompt_keys(self, prefix: SharedPrefix) -> None:
         """Put the prefilled prompt keys in the decoder's interleaved head-dim order (once per chunk)."""
@@ -204,10 +258,13 @@ class FusedDecoder:
         # The model's q cos + rotate_half(q) sin pairs x_j with x_j+h at angle j (cos/sin repeat over the two
         # halves): on interleaved pairs that is (x_j + i x_j+h) (cos_j + i sin_j).
         rotation_B1h = torch.complex(cos_B1D[..., :half].float(), sin_B1D[..., :half].float())
-        for layer, (qkv, o, gate_up, down) in zip(self.layers, self.projections, strict=True):
+        for i, (layer, (qkv, o, gate_up, down)) in enumerate(zip(self.layers, self.projections, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             qkv_BX = qkv(rms_norm(layer.input_layernorm, hidden_BE))
-            pairs_BNh2 = qkv_BX[:, : (H + KV) * D].view(B, H + KV, half, 2)
+            qk_BX = qkv_BX[:, : (H + KV) * D]
+            if self.qk_norms is not None:
+                qk_BX = head_rms_norm(qk_BX.view(B, H + KV, D), *self.qk_norms[i])
+            pairs_BNh2 = qk_BX.view(B, H + KV, half, 2)
             qk_BND = torch.view_as_real(torch.view_as_complex(pairs_BNh2.float()) * rotation_B1h)
             qk_BND = qk_BND.view(B, H + KV, D).to(qkv_BX.dtype)  # no-ops in fp32
             keys, values = cache_layers[attn.layer_idx].update(

@@ -15,8 +15,9 @@ computes the same logits without per-row copies of long prompts:
   stops after the last layer's keys/values (no last-layer attention output, MLP, norm or ``lm_head``);
 - as in the fused decode step (:mod:`spiral_lit.fastpath.decode`), Q and K come out with each head's halves
   interleaved (their weight rows permuted inside the autograd graph, so the gradient reaches the parameters in
-  their own order) so rotary is one complex multiplication, and RMSNorm is ``F.rms_norm``. Unlike decode, the
-  projections stay separate matmuls: with thousands of rows per matmul, fusing them was slower.
+  their own order) so rotary is one complex multiplication, and RMSNorm is ``F.rms_norm``; Qwen3's per-head q/k
+  norms take their weights permuted alike, also inside the graph. Unlike decode, the projections stay separate
+  matmuls: with thousands of rows per matmul, fusing them was slower.
 
 Embedding, rotary module, activation, norms and ``lm_head`` are the model's own modules, so their hooks run.
 Log-probs and gradients equal the model-forward path up to rounding (tests/fastpath/test_fused_prefix.py). Models it
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spiral_lit.fastpath.decode import fused_decode_refusal
-from spiral_lit.fastpath.layers import rms_norm
+from spiral_lit.fastpath.decode import QK_NORM_MODEL_CLASSES, fused_decode_refusal
+from spiral_lit.fastpath.layers import head_rms_norm, rms_norm
 
 
 class PrefixBatch(Protocol):
@@ -198,19 +199,24 @@ class _Layer:
     type checker cannot see.
     """
 
-    def __init__(self, layer: Any, q_order: torch.Tensor, k_order: torch.Tensor) -> None:
+    def __init__(
+        self, layer: Any, q_order: torch.Tensor, k_order: torch.Tensor, qk_norm_order: torch.Tensor | None
+    ) -> None:
+        """``qk_norm_order``: the head-dim order in which the q/k norms' weights are applied (None: no q/k norms)."""
         attn = layer.self_attn
         self.layer = layer
         # Separate matmuls: on CPU, concatenating Q/K/V or gate/up into one wider matmul was slower in training.
         self.q = (attn.q_proj.weight[q_order], None if attn.q_proj.bias is None else attn.q_proj.bias[q_order])
         self.k = (attn.k_proj.weight[k_order], None if attn.k_proj.bias is None else attn.k_proj.bias[k_order])
+        self.q_norm = None if qk_norm_order is None else _permuted_norm(attn.q_norm, qk_norm_order)
+        self.k_norm = None if qk_norm_order is None else _permuted_norm(attn.k_norm, qk_norm_order)
 
     def qkv(self, hidden: torch.Tensor, rotation: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
         """Rotated Q ``[..., H, D]``, rotated K and V ``[..., K, D]`` of the normed ``hidden``."""
         x = rms_norm(self.layer.input_layernorm, hidden)
         D = self.layer.self_attn.head_dim
-        q, k = (_rotate(F.linear(x, *weights).unflatten(-1, (n, D)), rotation)
-                for weights, n in ((self.q, heads), (self.k, kv_heads)))  # fmt: skip
+        q, k = (_rotate(_head_norm(F.linear(x, *weights).unflatten(-1, (n, D)), norm), rotation)
+                for weights, n, norm in ((self.q, heads, self.q_norm), (self.k, kv_heads, self.k_norm)))  # fmt: skip
         return q, k, self.layer.self_attn.v_proj(x).unflatten(-1, (kv_heads, D))
 
     def finish(self, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -219,6 +225,16 @@ class _Layer:
         mlp = self.layer.mlp
         x = rms_norm(self.layer.post_attention_layernorm, hidden)
         return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) + hidden
+
+
+def _permuted_norm(norm: Any, order_D: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An RMSNorm's weight in head-dim order ``order_D`` (inside the autograd graph) and its epsilon."""
+    return norm.weight[order_D], float(norm.variance_epsilon)
+
+
+def _head_norm(x_NHD: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """``x_NHD`` through a q/k norm given as (weight in the heads' dim order, epsilon); unchanged without one."""
+    return x_NHD if norm is None else head_rms_norm(x_NHD, *norm)
 
 
 def _rotate(x_NHD: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -253,7 +269,8 @@ def fused_prefix_logits(model: nn.Module, batch: PrefixBatch) -> torch.Tensor:
     interleave_D = torch.arange(D, device=batch.suffix_ids_BS.device).view(2, D // 2).t().reshape(D)
     q_order, k_order = ((torch.arange(n, device=interleave_D.device)[:, None] * D + interleave_D).reshape(-1)
                         for n in (H, K))  # fmt: skip
-    layers = [_Layer(layer, q_order, k_order) for layer in decoder]
+    qk_norm_order = interleave_D if type(model).__name__ in QK_NORM_MODEL_CLASSES else None
+    layers = [_Layer(layer, q_order, k_order, qk_norm_order) for layer in decoder]
     P, L = batch.prefix_ids_PL.shape
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     if L > 0:

@@ -159,8 +159,8 @@ class KVCacheEngine:
             max_batch_size: Most sample rows decoded together; larger requests run in chunks.
             compact_every: Drop finished rows every this many steps; None keeps them to the end.
             cache_block: Spare KV slots added when the cache of generated tokens is full.
-            fused_decode: Decode Llama/Qwen2/Mistral models with :class:`FusedDecoder` (fused projections,
-                no transformers plumbing); other models, or False, use the model's forward.
+            fused_decode: Decode Llama/Qwen2/Qwen3/Mistral models with :class:`FusedDecoder` (fused projections,
+                no transformers plumbing); other models (logged once), or False, use the model's forward.
         """
         self.model, self.tokenizer = model, tokenizer
         self.fused_decode = fused_decode

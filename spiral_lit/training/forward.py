@@ -15,6 +15,7 @@ log-probs and gradients up to rounding (tests/training/test_prefix_forward.py, t
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,12 @@ from typing import Any, Literal
 
 import torch
 
+from spiral_lit.fastpath.decode import log_fallback_once
 from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.training.batching import PackedBatch
 from spiral_lit.training.prefix_forward import CacheForward, shared_prefix_logits, shared_prefix_support
+
+logger = logging.getLogger(__name__)
 
 ForwardPath = Literal["fused_prefix", "shared_prefix", "full"]
 
@@ -57,9 +61,14 @@ class TrainingForward:
 
 def training_forward(model: Callable[..., Any], cache: CacheForward | None) -> TrainingForward:
     """The forward of ``model`` (the policy, or the KL reference): full without a ``cache``, else fused where
-    :func:`fused_prefix_refusal` accepts the model, else the shared prefix through its own ``forward``."""
+    :func:`fused_prefix_refusal` accepts the model, else the shared prefix through its own ``forward`` (logging
+    why, once per reason)."""
     if cache is None:
         return TrainingForward("full", lambda batch: full_logits(model, batch))
-    if isinstance(model, torch.nn.Module) and fused_prefix_refusal(model) is None:  # no per-row prompt copies
+    reason = fused_prefix_refusal(model)
+    if reason is None and isinstance(model, torch.nn.Module):  # no per-row prompt copies
         return TrainingForward("fused_prefix", lambda batch: fused_prefix_logits(model, batch))
+    log_fallback_once(
+        logger, f"fused prefix forward not used: {reason}; using the shared prefix through the model's forward"
+    )
     return TrainingForward("shared_prefix", lambda batch: shared_prefix_logits(model, batch, cache))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
-from rollout_checks import EOSBias, training_logprobs
+from rollout_checks import EOSBias, greedy_reference, training_logprobs
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from spiral_lit.fastpath import decode
 from spiral_lit.fastpath.decode import FusedDecoder, _Projection, fused_decode_refusal
 from spiral_lit.rollout import KVCacheEngine, SamplingConfig
 
@@ -45,6 +47,45 @@ def qwen2(loaded_policy):
     return model, tokenizer
 
 
+def tiny_qwen3(vocab_size: int, **overrides) -> Qwen3ForCausalLM:
+    """A tiny random Qwen3: head_dim 32 with hidden size 64 (q_proj widens), biased projections, and q/k norm
+    weights away from 1, so a q/k norm weight applied in the wrong head-dim order moves the logits."""
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        attention_bias=True,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        **overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).eval()
+        with torch.no_grad():  # initialised at zero and one: make them matter
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                    proj.bias.normal_(0, 0.5)
+                for norm in (attn.q_norm, attn.k_norm):
+                    norm.weight.normal_(1, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3(loaded_policy):
+    """A tiny random Qwen3 on the same tokenizer (see :func:`tiny_qwen3`)."""
+    _, tokenizer = loaded_policy
+    model = tiny_qwen3(len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def _prompts(tokenizer) -> list[list[int]]:
     """Three lengths (left padding in the shared prefill); the first prompt twice (uneven rows per prompt)."""
     texts = ["12+7=", "What is 345 + 12 + 9? Think step by step.", "Sum 4 and 5"]
@@ -53,7 +94,7 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [*ids, ids[0]]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_fused_decode_gives_the_rollouts_of_the_model_forward(request, family: str, temperature: float) -> None:
     model, tokenizer = request.getfixturevalue(family)
@@ -80,6 +121,38 @@ def test_fused_decode_gives_the_rollouts_of_the_model_forward(request, family: s
             torch.testing.assert_close(c1.logprobs, c2.logprobs, atol=1e-5, rtol=0)
     for (_, completion), logprobs in zip(rows, want, strict=True):
         torch.testing.assert_close(completion.logprobs, logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_greedy_rollouts_equal_model_generate(request, family: str) -> None:
+    model, tokenizer = request.getfixturevalue(family)
+    assert fused_decode_refusal(model) is None
+    prompts = _prompts(tokenizer)[:3]
+    got = KVCacheEngine(model, tokenizer).generate(prompts, n=1, sampling=SamplingConfig(12, temperature=0.0), seed=0)
+    for prompt, (completion,) in zip(prompts, got, strict=True):
+        assert completion.token_ids == greedy_reference(model, tokenizer, prompt, 12)
+
+
+def test_qwen3_q_k_norms_are_applied_in_the_permuted_order(qwen3, monkeypatch) -> None:
+    """The check above is sharp: the q/k norm weights left in the model's head-dim order change the rollouts."""
+    model, tokenizer = qwen3
+    prompts = _prompts(tokenizer)[:3]
+    sampling = SamplingConfig(12, temperature=0.0)
+    plain = KVCacheEngine(model, tokenizer, fused_decode=False).generate(prompts, n=1, sampling=sampling, seed=0)
+    unpermuted = FusedDecoder._qk_norm
+
+    def wrong_order(self, attn):
+        interleave, self.interleave_D = self.interleave_D, torch.arange(self.head_dim)
+        try:
+            return unpermuted(self, attn)
+        finally:
+            self.interleave_D = interleave
+
+    monkeypatch.setattr(FusedDecoder, "_qk_norm", wrong_order)
+    fused = KVCacheEngine(model, tokenizer).generate(prompts, n=1, sampling=sampling, seed=0)
+    # Token 0 comes from the prefill (the model's forward); token 1 is the first fused step, on the same input.
+    moved = [abs(float(f.logprobs[1] - p.logprobs[1])) for (f,), (p,) in zip(fused, plain, strict=True)]
+    assert max(moved) > 1e-2
 
 
 def test_engine_decodes_with_the_fused_step_only_where_it_may(llama, monkeypatch) -> None:
@@ -124,6 +197,38 @@ def test_refusals_name_what_the_fused_step_would_skip(llama) -> None:
     assert FusedDecoder.maybe(lora) is None
 
 
+def test_qwen3_refusals(qwen3) -> None:
+    model, _ = qwen3
+    sliding = tiny_qwen3(model.config.vocab_size, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert "sliding-window" in fused_decode_refusal(sliding)
+    handle = model.model.layers[1].self_attn.k_norm.register_forward_pre_hook(lambda *args: None)
+    try:
+        assert "layers.1.self_attn.k_norm has forward hooks" in fused_decode_refusal(model)
+    finally:
+        handle.remove()
+    swapped = copy.deepcopy(model)
+    swapped.model.layers[0].self_attn.q_norm = nn.LayerNorm(32)
+    assert "q_norm is a LayerNorm" in fused_decode_refusal(swapped)
+
+
+def test_a_refused_model_decodes_through_its_forward_and_says_so_once(qwen3, monkeypatch, caplog) -> None:
+    model, tokenizer = qwen3
+    monkeypatch.setattr(decode, "_fallbacks_logged", set())
+    handle = model.register_forward_hook(lambda *args: None)
+    try:
+        with caplog.at_level(logging.INFO, logger=decode.__name__):
+            for seed in range(2):
+                KVCacheEngine(model, tokenizer).generate(_prompts(tokenizer)[:1], 2, SamplingConfig(3), seed)
+    finally:
+        handle.remove()
+    (record,) = [r for r in caplog.records if r.name == decode.__name__]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "fused decode not used: model has forward hooks (torch or accelerate's), which a fused step would skip; "
+        "decoding through the model's forward"
+    )
+
+
 def test_projection_fuses_linears_and_packs_for_one_row_count() -> None:
     g = torch.Generator().manual_seed(0)
     linears = [nn.Linear(16, 8, bias=True), nn.Linear(16, 4, bias=False)]
@@ -140,9 +245,10 @@ def test_projection_fuses_linears_and_packs_for_one_row_count() -> None:
         torch.testing.assert_close(projection(x), want)
 
 
-def test_fused_decode_runs_in_bfloat16(llama) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_decode_runs_in_bfloat16(request, family: str) -> None:
     """Off fp32 (no MKL packing, norms as modules, rotary in float32) it follows the plain path to bf16 rounding."""
-    model, tokenizer = llama
+    model, tokenizer = request.getfixturevalue(family)
     model16 = copy.deepcopy(model).to(torch.bfloat16)
     prompts = _prompts(tokenizer)[:2]
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)

@@ -6,15 +6,52 @@ moves the log-probs by far more than the tolerance there).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from spiral_lit.algorithms import token_logprobs
-from spiral_lit.fastpath import fused_prefix
+from spiral_lit.fastpath import decode, fused_prefix
 from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal, prompt_runs
-from spiral_lit.training.prefix_forward import pack_shared_prefix
-from tests.training.test_prefix_forward import PAD, _assert_close_relative, _full_logprobs, _grads, _model, _rows
+from spiral_lit.training import forward
+from spiral_lit.training.prefix_forward import cache_forward, pack_shared_prefix
+from tests.training.test_prefix_forward import (
+    PAD,
+    VOCAB,
+    _assert_close_relative,
+    _full_logprobs,
+    _grads,
+    _model,
+    _rows,
+)
+
+
+def _qwen3(**overrides) -> Qwen3ForCausalLM:
+    """A sharp random Qwen3 as ``_model`` builds the others, with head_dim 16 (not hidden / heads), biased
+    projections and q/k norm weights away from 1 (a weight applied in the wrong head-dim order shows)."""
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attention_bias=True, initializer_range=0.2, attn_implementation="sdpa",
+        **overrides,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).float()
+        with torch.no_grad():  # initialised at zero and one: make them matter
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                    proj.bias.normal_(0, 0.2)
+                for norm in (attn.q_norm, attn.k_norm):
+                    norm.weight.normal_(1, 0.5)
+    return model
+
+
+def _family_model(family: str) -> torch.nn.Module:
+    return _qwen3() if family == "qwen3" else _model(family, "sdpa")
 
 
 def _fused_logprobs(model, prompts, completions) -> list[torch.Tensor]:
@@ -45,9 +82,9 @@ def test_prompt_runs_hand_checked() -> None:
 
 
 @pytest.mark.parametrize("rows", [_rows, _long_prompt_rows])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_logprobs_and_gradients_equal_the_full_forward(family: str, rows) -> None:
-    model = _model(family, "sdpa").train()
+    model = _family_model(family).train()
     assert fused_prefix_refusal(model) is None
     prompts, completions = rows()
     full = _full_logprobs(model, prompts, completions)
@@ -56,6 +93,16 @@ def test_logprobs_and_gradients_equal_the_full_forward(family: str, rows) -> Non
     reference = _grads(model, full)
     assert len(reference) == len(list(model.parameters()))
     _assert_close_relative(_grads(model, fused), reference, 1e-5)
+
+
+def test_qwen3_q_k_norm_order_matters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above is sharp: q/k norm weights left in the model's head-dim order move the log-probs."""
+    model = _qwen3().eval()
+    prompts, completions = _rows()
+    monkeypatch.setattr(fused_prefix, "_permuted_norm", lambda norm, order: (norm.weight, norm.variance_epsilon))
+    with torch.no_grad():
+        full = torch.cat(_full_logprobs(model, prompts, completions))
+        assert (torch.cat(_fused_logprobs(model, prompts, completions)) - full).abs().max() > 1e-2
 
 
 def test_both_attention_forms_run_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,10 +123,11 @@ def test_both_attention_forms_run_and_agree(monkeypatch: pytest.MonkeyPatch) -> 
             assert (torch.cat(_fused_logprobs(model, prompts, completions)) - both).abs().max() <= 1e-5
 
 
-def test_bf16_weights_match_the_full_forward() -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bf16_weights_match_the_full_forward(family: str) -> None:
     """``policy.dtype: bfloat16`` (no autocast): rotary runs in float32 (complex bf16 does not exist), as in the
     fused decode step; log-probs stay within bf16 rounding of the model's own forward, and gradients flow."""
-    model = _model("llama", "sdpa").to(torch.bfloat16).train()
+    model = _family_model(family).to(torch.bfloat16).train()
     assert fused_prefix_refusal(model) is None
     prompts, completions = _rows()
     full = torch.cat(_full_logprobs(model, prompts, completions))
@@ -111,3 +159,21 @@ def test_what_it_does_not_reproduce_is_refused() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "autocast" in fused_prefix_refusal(_model("llama", "sdpa"))
     assert "CPU only" in fused_prefix_refusal(_model("llama", "sdpa").to("meta"))  # e.g. a GPU: never measured there
+    sliding = _qwen3(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding-window" in fused_prefix_refusal(sliding)
+
+
+def test_a_refused_model_takes_the_model_forward_and_says_so_once(monkeypatch, caplog) -> None:
+    model = _qwen3().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    monkeypatch.setattr(decode, "_fallbacks_logged", set())
+    with caplog.at_level(logging.INFO, logger=forward.__name__):
+        paths = [forward.training_forward(model, cache_forward(model)).path for _ in range(2)]
+    assert paths == ["shared_prefix", "shared_prefix"]
+    (record,) = [r for r in caplog.records if r.name == forward.__name__]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "fused prefix forward not used: activation checkpointing is on; using the shared prefix through the "
+        "model's forward"
+    )
+    assert forward.training_forward(_qwen3(), cache_forward(model)).path == "fused_prefix"
