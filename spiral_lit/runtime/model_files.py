@@ -49,7 +49,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from spiral_lit.errors import UserError
+from spiral_lit.errors import PathNotFoundError, UserError
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
                 ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)  # fmt: skip
@@ -63,8 +63,8 @@ HINT = (
 )
 
 
-class ModelPathError(UserError, FileNotFoundError):
-    """A model path that does not exist: a user error, and a ``FileNotFoundError`` for callers that catch that."""
+class ModelPathError(PathNotFoundError):
+    """A model path that does not exist: the project's missing-path error, which callers catch as either."""
 
 
 def looks_local(path: str) -> bool:
@@ -79,7 +79,8 @@ def looks_local(path: str) -> bool:
 
 
 def _did_you_mean(path: str) -> str:
-    """``; did you mean 'x'?`` for the existing name closest to the first missing component of ``path``."""
+    """``; did you mean 'x'?`` for the existing name closest to the first missing component of ``path``, else ``.``
+    (either ends the sentence that names the path)."""
     parts = Path(path).parts
     for depth in range(len(parts) - 1, -1, -1):
         parent = Path(*parts[:depth])
@@ -88,10 +89,10 @@ def _did_you_mean(path: str) -> str:
     try:
         names = [p.name for p in itertools.islice(parent.expanduser().iterdir(), 10_000) if p.is_dir()]
     except OSError:
-        return ""
+        return "."
     match = difflib.get_close_matches(parts[depth], names, n=1)
     if not match:
-        return ""
+        return "."
     guess = Path(*parts[:depth], match[0], *parts[depth + 1 :])
     if not guess.expanduser().is_dir():
         guess = Path(*parts[:depth], match[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -102,7 +102,11 @@ def _check_local(config: PolicyConfig, tokenizer: bool, model: bool) -> bool:
 
 
 def load_policy(config: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The policy model and its tokenizer; checks the tokenizer can render chats and stop."""
+    """The policy model and its tokenizer; checks the tokenizer can render chats and stop.
+
+    A tokenizer without a pad token pads with its EOS (left padding and masks keep it out of every trace), and
+    every EOS id of the generation config decodes as a special token (:func:`mark_eos_special`).
+    """
     kwargs = check_policy_files(config, tokenizer=True, model=False)
     tokenizer = _tokenizer(config, kwargs)  # its chat template and EOS are checked before the weights are looked for
     _check_local(config, tokenizer=False, model=True)
@@ -115,9 +119,43 @@ def load_policy(config: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    mark_eos_special(tokenizer, eos_ids(model, tokenizer))
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a trace, as the rollout engines read them: the generation config's (one or a list, as
+    Llama 3 and Qwen ship) and the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    listed = eos if isinstance(eos, list) else [eos]
+    return sorted({i for i in [*listed, tokenizer.eos_token_id] if i is not None})
+
+
+def mark_eos_special(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> None:
+    """Mark each EOS id that is an added but not a special token as special.
+
+    Completions and candidates are decoded with ``skip_special_tokens``; an EOS the checkpoint lists as a plain added
+    token would otherwise stay in the completion text and in the aggregation prompt's candidates. Matching such a
+    token in text is unchanged (added tokens are matched whole either way); only decoding drops it.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", {})  # mistral-common's tokenizer has no added tokens
+    plain = [added[i] for i in ids if i in added and not added[i].special]
+    if plain:
+        tokenizer.add_tokens([_as_special(token) for token in plain], special_tokens=True)
+
+
+def _as_special(token: AddedToken) -> AddedToken:
+    """``token`` with ``special=True`` and its matching options kept."""
+    return AddedToken(
+        token.content,
+        single_word=token.single_word,
+        lstrip=token.lstrip,
+        rstrip=token.rstrip,
+        normalized=token.normalized,
+        special=True,
+    )
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
