@@ -16,7 +16,11 @@ problems and draws. Each checkpoint is evaluated by ``trainer.validate`` on the 
 Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpoint),
 ``curves.csv``/``.json`` (accuracy, generated and prompt tokens per scaffold and x: token
 budget, k or RSA round), ``accuracy_vs_tokens.png``, ``pass_at_k.png``, ``rsa_rounds.png``, and
-the same figures in TensorBoard (``tensorboard --logdir OUT``). Plotting needs matplotlib
+the same figures in TensorBoard (``tensorboard --logdir OUT``), and ``intervals.csv``/``.json``: for every
+checkpoint after the first and every metric with one value per problem, the mean difference against the FIRST
+checkpoint with a paired bootstrap 95% interval over the held-out problems
+(:func:`~spiral_lit.evaluation.metrics.paired_bootstrap_interval`; columns checkpoint, baseline, metric,
+n_problems, difference, low, high; only the header with one checkpoint). Plotting needs matplotlib
 (``pip install -e ".[plots]"``).
 
 Before anything is evaluated, every checkpoint is checked against its model (a directory must be a Hugging
@@ -31,6 +35,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,9 +48,11 @@ from torch.utils.tensorboard import SummaryWriter
 from spiral_lit.cli import PROG, SpiralCLI, run_alias
 from spiral_lit.cli import main as cli_main
 from spiral_lit.errors import PathNotFoundError, UserError
+from spiral_lit.evaluation.metrics import paired_bootstrap_interval
 from spiral_lit.evaluation.plots import FIGURES, curve_rows
 from spiral_lit.reliability.checkpointing import checkpoint_policy_path, load_checkpoint_file, state_dict_mismatch
 from spiral_lit.reliability.output_paths import atomic_dir, check_output
+from spiral_lit.tasks.base import Problem
 
 OUT: dict[str, Any] = {"what": "--out", "flag": "--overwrite"}
 
@@ -97,6 +104,36 @@ class LoadPolicyWeights(L.Callback):
         cast(torch.nn.Module, pl_module.policy).load_state_dict(_policy_weights(self.path)[0])
 
 
+PerProblem = dict[str, dict[str, float]]
+"""``{metric: {problem uid: value}}`` (NaN where the metric is undefined for that problem)."""
+
+
+class CollectPerProblem(L.Callback):
+    """Keeps the per-problem values each ``validation_step`` returns (``{metric: tensor}``), for the metrics with
+    exactly one value per problem of the batch (per-set diagnostics of RSA, with several sets per problem, are
+    left out), keyed by the problem's uid."""
+
+    def __init__(self) -> None:
+        self.values: PerProblem = {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: torch.Tensor | Mapping[str, Any] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, Mapping):
+            return
+        problems = cast(list[Problem], batch)
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == len(problems):
+                values = value.detach().double().cpu().tolist()
+                self.values.setdefault(name, {}).update(zip((p.uid for p in problems), values, strict=True))
+
+
 def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str | None]:
     """The policy's weights in a Lightning checkpoint, named as in the policy (without ``policy.``), and the
     ``policy.path`` it was trained from (None if not recorded)."""
@@ -141,31 +178,83 @@ def check_checkpoints(specs: dict[str, Path], config: str) -> None:
         cli.model.runtime.close()
 
 
-def evaluate_checkpoint(name: str, checkpoint: Path, config: str, heldout_size: int | None) -> dict[str, float]:
+def evaluate_checkpoint(
+    name: str, checkpoint: Path, config: str, heldout_size: int | None
+) -> tuple[dict[str, float], PerProblem]:
     """Mean of every evaluation metric of one checkpoint over the config's held-out problems: ``trainer.validate``
-    logs ``val/<metric>`` (:func:`~spiral_lit.training.strategy.log_eval_metrics`); returned without ``val/``."""
+    logs ``val/<metric>`` (:func:`~spiral_lit.training.strategy.log_eval_metrics`); returned without ``val/``.
+    Also the values of the metrics with one value per problem, ``{metric: {uid: value}}``
+    (:class:`CollectPerProblem`)."""
     cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
     # Without a logger, validate would save the config into the working directory: compare writes only --out.
     # Trainer.callbacks is set by Lightning's callback connector, unannotated.
     callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
-    cli.trainer.callbacks = [*callbacks, LoadPolicyWeights(checkpoint)] if checkpoint.is_file() else callbacks  # type: ignore[attr-defined]
+    collect = CollectPerProblem()
+    callbacks += [LoadPolicyWeights(checkpoint)] if checkpoint.is_file() else []
+    cli.trainer.callbacks = [*callbacks, collect]  # type: ignore[attr-defined]
     print(f"[spiral_lit] evaluating {name} ({checkpoint}) on {len(cli.datamodule.heldout)} held-out problems")
     try:
         (logged,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     finally:
         if cli.model.runtime is not None:
             cli.model.runtime.close()
-    return {key.removeprefix("val/"): value for key, value in logged.items() if key.startswith("val/")}
+    means = {key.removeprefix("val/"): value for key, value in logged.items() if key.startswith("val/")}
+    return means, collect.values
+
+
+INTERVAL_FIELDS = ["checkpoint", "baseline", "metric", "n_problems", "difference", "low", "high"]
+KEY_METRICS = ("search/pass@1", "aggregation/accuracy")
+"""Printed with their intervals, with RSA's accuracy after its last round, where the config measures them."""
+
+
+def interval_rows(per_problem: dict[str, PerProblem]) -> list[dict[str, Any]]:
+    """For every checkpoint after the first and every per-problem metric both have: the mean difference against
+    the first checkpoint and its paired bootstrap 95% interval, over the problems where both values are finite
+    (a metric defined on fewer than 2 of them is left out)."""
+    names = list(per_problem)
+    rows: list[dict[str, Any]] = []
+    for name in names[1:]:
+        baseline, other = per_problem[names[0]], per_problem[name]
+        for metric in sorted(baseline.keys() & other.keys()):
+            a, b = baseline[metric], other[metric]
+            uids = [u for u in a if u in b and math.isfinite(a[u]) and math.isfinite(b[u])]
+            if len(uids) < 2:
+                continue
+            a_N = torch.tensor([a[u] for u in uids], dtype=torch.float64)
+            b_N = torch.tensor([b[u] for u in uids], dtype=torch.float64)
+            difference, low, high = paired_bootstrap_interval(a_N, b_N)
+            values = [name, names[0], metric, len(uids), difference, low, high]
+            rows.append(dict(zip(INTERVAL_FIELDS, values, strict=True)))
+    return rows
+
+
+def _print_intervals(rows: list[dict[str, Any]]) -> None:
+    """One line per compared checkpoint with the key metrics' differences (``+0.031 [-0.004, +0.066]``)."""
+    by_checkpoint: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_checkpoint.setdefault(row["checkpoint"], {})[row["metric"]] = row
+    for name, found in by_checkpoint.items():
+        rsa = [m for m in found if m.startswith("rsa/accuracy@")]
+        keys = [m for m in KEY_METRICS if m in found] + sorted(rsa, key=lambda m: int(m.rpartition("@")[2]))[-1:]
+        if not keys:
+            continue
+        first = found[keys[0]]
+        parts = [f"{m} {found[m]['difference']:+.3f} [{found[m]['low']:+.3f}, {found[m]['high']:+.3f}]" for m in keys]
+        print(
+            f"[spiral_lit] {name} - {first['baseline']} (paired 95% interval, {first['n_problems']} problems): "
+            + ", ".join(parts)
+        )
 
 
 def _json_value(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
-    """``name.csv`` and ``name.json`` (a list of row objects; NaN as null)."""
+def write_table(rows: list[dict[str, Any]], out: Path, name: str, fields: list[str] | None = None) -> None:
+    """``name.csv`` and ``name.json`` (a list of row objects; NaN as null); ``fields``: the CSV's columns (default:
+    the first row's keys), so that a table without rows still has its header."""
     with (out / f"{name}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["checkpoint"])
+        writer = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else ["checkpoint"]))
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{name}.json").write_text(json.dumps([{k: _json_value(v) for k, v in r.items()} for r in rows], indent=1))
@@ -191,7 +280,9 @@ def compare(
     inputs = [(f"the checkpoint {name}", path) for name, path in specs.items()] + [("the config (--config)", config)]
     check_output(out, **OUT, overwrite=overwrite, protected=inputs)
     check_checkpoints(specs, config)
-    metrics = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
+    evaluated = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
+    metrics = {name: means for name, (means, _) in evaluated.items()}
+    intervals = interval_rows({name: per_problem for name, (_, per_problem) in evaluated.items()})
     rows = [
         {"checkpoint": c, "metric": k, "value": v} for c, values in metrics.items() for k, v in sorted(values.items())
     ]
@@ -199,12 +290,14 @@ def compare(
     with atomic_dir(out, **OUT, overwrite=overwrite, protected=inputs) as tmp:
         write_table(rows, tmp, "metrics")
         write_table(curves, tmp, "curves")
+        write_table(intervals, tmp, "intervals", INTERVAL_FIELDS)
         writer = SummaryWriter(str(tmp / "tensorboard"))
         for figure_name, draw in FIGURES.items():
             figure = draw(curves)
             figure.savefig(tmp / f"{figure_name}.png", dpi=120)
             writer.add_figure(f"compare/{figure_name}", figure)
         writer.close()
+    _print_intervals(intervals)
     print(f"[spiral_lit] compared {', '.join(specs)} -> {out}")
     return Path(out)
 

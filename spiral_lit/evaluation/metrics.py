@@ -1,4 +1,4 @@
-"""Evaluation metrics of docs/algorithm.md §7: pass@k, majority vote and aggregation diagnostics.
+"""Evaluation metrics of docs/algorithm.md §7: pass@k, majority vote, aggregation diagnostics and paired intervals.
 
 Pure functions on Python numbers, answers and tensors. Answers are compared by a key, never a task: a
 ``key`` function (``Callable[[A], Hashable]``) where the vote must return an answer, or answer keys
@@ -133,3 +133,43 @@ def set_diagnostics(
         "override": torch.where(majority_BK, 1.0 - accuracy_BK, nan),
         "distinct_answers": distinct_BK,
     }
+
+
+def paired_bootstrap_interval(
+    a_N: torch.Tensor, b_N: torch.Tensor, n_resamples: int = 10000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean of b - a, low, high)``: a paired bootstrap percentile interval of the mean difference.
+
+    ``a_N`` and ``b_N`` hold one value per problem for two checkpoints, the same problem at the same position.
+    The bootstrap resamples problems (with replacement), not the two checkpoints separately: both checkpoints
+    see the same problems and seeds (docs/algorithm.md §7.1), so most of the spread of either mean is problem
+    difficulty, which the per-problem difference ``d = b - a`` cancels. Each of ``n_resamples`` resamples
+    draws N problem indices (a ``torch.Generator`` seeded with ``seed``, so the interval is reproducible) and
+    takes the mean of their ``d``; ``low`` and ``high`` are the ``(1 - level) / 2`` and ``1 - (1 - level) / 2``
+    quantiles of those means (``torch.quantile``, linear interpolation). The first value is the observed mean
+    of ``d``. Values must be finite: leave out problems where a rate is undefined (NaN) for either checkpoint.
+    """
+    if a_N.shape != b_N.shape or a_N.dim() != 1:
+        raise ValueError(
+            f"paired_bootstrap_interval needs two 1-d tensors of the same shape (one value per problem, paired); "
+            f"got {tuple(a_N.shape)} and {tuple(b_N.shape)}"
+        )
+    N = a_N.numel()
+    if N == 0:
+        raise ValueError("paired_bootstrap_interval needs at least one problem; got empty tensors")
+    if n_resamples < 1:
+        raise ValueError(f"paired_bootstrap_interval needs n_resamples >= 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"paired_bootstrap_interval needs 0 < level < 1, got {level}")
+    d_N = b_N.detach().cpu().double() - a_N.detach().cpu().double()
+    if not bool(torch.isfinite(d_N).all()):
+        raise ValueError("paired_bootstrap_interval needs finite values; leave out the problems where either is NaN")
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, 2**20 // N)  # resamples per draw, so that the index tensor stays near a million entries
+    means = [
+        d_N[torch.randint(N, (min(chunk, n_resamples - start), N), generator=generator)].mean(1)
+        for start in range(0, n_resamples, chunk)
+    ]
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(torch.cat(means), torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return float(d_N.mean()), low, high

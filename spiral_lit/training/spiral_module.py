@@ -286,8 +286,12 @@ class SpiralModule(L.LightningModule):
         keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []
         return [HoldGatheredForEvaluation(), *keep_freed]
 
-    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
-        log_eval_metrics(self, self.eval_metrics, "val", self.evaluate_batch(batch))
+    def validation_step(self, batch: list[Problem], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Logs the batch's evaluation metrics and returns their per-problem values, which Lightning hands to
+        callbacks' ``on_validation_batch_end`` (``compare`` pairs checkpoints over problems with them)."""
+        values = self.evaluate_batch(batch)
+        log_eval_metrics(self, self.eval_metrics, "val", values)
+        return values
 
     def test_step(self, batch: list[Problem], batch_idx: int) -> None:
         log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))

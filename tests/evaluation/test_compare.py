@@ -1,5 +1,5 @@
 """``python -m spiral_lit compare`` on two tiny checkpoints (a Hugging Face directory and a Lightning .ckpt), each
-evaluated by ``trainer.validate``, and the curve table behind its plots."""
+evaluated by ``trainer.validate``, the curve table behind its plots and the paired intervals against the first."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 import spiral_lit.evaluation.compare as compare_module
 from spiral_lit.cli import main as cli_main
 from spiral_lit.errors import UserError
-from spiral_lit.evaluation.compare import _as_one_list, main, parse_checkpoints
+from spiral_lit.evaluation.compare import INTERVAL_FIELDS, _as_one_list, interval_rows, main, parse_checkpoints
 from spiral_lit.evaluation.plots import curve_rows
 from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
 
@@ -87,8 +87,8 @@ def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatc
     config = _config(tmp_path, tiny_policy.path)
     cli_main(["compare", "--checkpoints", f"hf={tiny_policy.path}", f"ckpt={ckpt}", "--config", str(config),
               "--out", str(out)])  # fmt: skip
-    for name in ("metrics.csv", "metrics.json", "curves.csv", "curves.json", "accuracy_vs_tokens.png", "pass_at_k.png",
-                 "rsa_rounds.png"):  # fmt: skip
+    for name in ("metrics.csv", "metrics.json", "curves.csv", "curves.json", "intervals.csv", "intervals.json",
+                 "accuracy_vs_tokens.png", "pass_at_k.png", "rsa_rounds.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert glob.glob(str(out / "tensorboard" / "events.out.tfevents*"))
     assert [(t.num_devices, t.limit_val_batches) for t in validated] == [(1, 1.0)] * 2
@@ -110,6 +110,20 @@ def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatc
         (c, s) for c in ("hf", "ckpt") for s in ("sequential", "majority", "pass@k", "rsa", "rsa_majority")
     }
     assert [r["x"] for r in curves if r["checkpoint"] == "hf" and r["scaffold"] == "rsa"] == ["0", "1", "2"]
+
+    # The same weights under two names: every per-problem difference is 0, so is every interval.
+    with (out / "intervals.csv").open() as f:
+        assert csv.DictReader(f).fieldnames == INTERVAL_FIELDS
+    intervals = {r["metric"]: r for r in json.loads((out / "intervals.json").read_text())}
+    expected_metrics = {"search/pass@1", "sequential/accuracy@6", "aggregation/accuracy", "aggregation/set_oracle",
+                        "rsa/accuracy@2", "rsa/majority@2", "rsa/tokens@2"}  # fmt: skip
+    assert expected_metrics <= set(intervals) <= set(by_checkpoint["hf"])
+    assert "rsa/set_oracle" not in intervals  # RSA's diagnostics are per set: 2 sets per problem
+    assert intervals["search/pass@1"]["n_problems"] == 4
+    for row in intervals.values():
+        assert (row["checkpoint"], row["baseline"]) == ("ckpt", "hf")
+        assert row["difference"] == row["low"] == row["high"] == 0.0
+        assert 2 <= row["n_problems"] <= 4
 
 
 def test_curve_rows_from_metric_names() -> None:
@@ -157,7 +171,7 @@ def _other_size_checkpoint(path: Path) -> Path:
 def test_every_checkpoint_is_checked_before_any_is_evaluated(tiny_policy, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
     evaluated = []
-    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or ({}, {}))
     bad = _other_size_checkpoint(tmp_path / "small.ckpt")
     config = _config(tmp_path, tiny_policy.path)
     args = ["--config", str(config), "--out", str(tmp_path / "compare")]
@@ -172,7 +186,7 @@ def test_every_checkpoint_is_checked_before_any_is_evaluated(tiny_policy, tmp_pa
 def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
     evaluated = []
-    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or {})
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluated.append(name) or ({}, {}))
     config = _config(tmp_path, tiny_policy.path)
     args = ["--config", str(config), "--checkpoints", f"hf={tiny_policy.path}"]
     theirs = tmp_path / "theirs"
@@ -184,3 +198,50 @@ def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, 
         with pytest.raises(UserError, match="would destroy it"):
             main([*args, "--out", str(out), "--overwrite"])
     assert evaluated == [] and (theirs / "results.csv").read_text() == "keep me"
+
+
+def test_interval_rows_pair_finite_values_by_problem_against_the_first() -> None:
+    nan = math.nan
+    per_problem = {
+        "base": {"acc": {"p1": 0.0, "p2": 1.0, "p3": 0.5}, "rate": {"p1": nan, "p2": 0.5, "p3": 0.5}, "only": {}},
+        "new": {"acc": {"p3": 0.75, "p2": 1.25, "p1": 0.25}, "rate": {"p1": 1.0, "p2": nan, "p3": 0.5}},
+        "same": {"acc": {"p1": 0.0, "p2": 1.0, "p3": 0.5}},
+    }
+    rows = interval_rows(per_problem)
+    # "rate" is finite for both on p3 only (fewer than 2 problems); "only" is the baseline's alone.
+    assert rows == [
+        {"checkpoint": "new", "baseline": "base", "metric": "acc", "n_problems": 3, "difference": 0.25, "low": 0.25,
+         "high": 0.25},
+        {"checkpoint": "same", "baseline": "base", "metric": "acc", "n_problems": 3, "difference": 0.0, "low": 0.0,
+         "high": 0.0},
+    ]  # fmt: skip
+    assert interval_rows({"base": per_problem["base"]}) == []
+
+
+def test_compare_writes_intervals_and_prints_the_key_metrics(tiny_policy, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    values = {
+        "search/pass@1": {"p1": 0.0, "p2": 1.0}, "aggregation/accuracy": {"p1": 0.5, "p2": 0.5},
+        "rsa/accuracy@1": {"p1": 0.0, "p2": 0.0}, "rsa/accuracy@10": {"p1": 0.0, "p2": 0.0},
+        "rsa/accuracy@2": {"p1": 0.0, "p2": 0.0},
+    }  # fmt: skip
+    evaluations = {
+        "a": ({}, values),
+        "b": ({}, values | {"search/pass@1": {"p1": 1.0, "p2": 1.0}, "rsa/accuracy@10": {"p1": 1.0, "p2": 1.0}}),
+    }
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", lambda name, *args: evaluations[name])
+    monkeypatch.setattr(compare_module, "FIGURES", {})
+    config = str(_config(tmp_path, tiny_policy.path))
+    main(["--config", config, "--out", str(tmp_path / "one"), "--checkpoints", f"a={tiny_policy.path}"])
+    # One checkpoint: nothing to compare against, the table has its header only.
+    assert (tmp_path / "one" / "intervals.csv").read_text().splitlines() == [",".join(INTERVAL_FIELDS)]
+    assert json.loads((tmp_path / "one" / "intervals.json").read_text()) == []
+    capsys.readouterr()
+    out = tmp_path / "two"
+    main(["--config", config, "--out", str(out), "--checkpoints", f"a={tiny_policy.path}", f"b={tiny_policy.path}"])
+    assert len(json.loads((out / "intervals.json").read_text())) == 5
+    lines = [line for line in capsys.readouterr().out.splitlines() if "paired 95% interval" in line]
+    assert lines == [
+        "[spiral_lit] b - a (paired 95% interval, 2 problems): search/pass@1 +0.500 [+0.000, +1.000], "
+        "aggregation/accuracy +0.000 [+0.000, +0.000], rsa/accuracy@10 +1.000 [+1.000, +1.000]"
+    ]

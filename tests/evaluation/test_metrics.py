@@ -1,4 +1,4 @@
-"""pass@k, majority vote and aggregation diagnostics (docs/algorithm.md §7.2, §7.4)."""
+"""pass@k, majority vote, aggregation diagnostics (docs/algorithm.md §7.2, §7.4) and paired bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from functools import partial
 import pytest
 import torch
 
-from spiral_lit.evaluation.metrics import gather_sets, majority_vote, majority_vote_correct, pass_at_k, set_diagnostics
+from spiral_lit.evaluation.metrics import (
+    gather_sets,
+    majority_vote,
+    majority_vote_correct,
+    paired_bootstrap_interval,
+    pass_at_k,
+    set_diagnostics,
+)
 from spiral_lit.tasks import CountdownTask
 from spiral_lit.tasks.base import answer_keys
 
@@ -156,3 +163,49 @@ def test_set_diagnostics_count_equivalent_answers_once() -> None:
     correct_BKS = torch.tensor([[[True, True, False, False]]])
     diag = set_diagnostics(keys_BKS, correct_BKS, torch.tensor([[[True]]]))
     assert diag["distinct_answers"].item() == 2.0 and diag["set_majority"].item() == 1.0
+
+
+def test_paired_interval_of_a_constant_difference_is_that_constant() -> None:
+    a = torch.tensor([0.0, 0.25, 1.0, 0.5, 0.75])
+    assert paired_bootstrap_interval(a, a + 0.5) == pytest.approx((0.5, 0.5, 0.5))
+    # The problems' own spread (a varies a lot) does not widen a paired interval.
+    assert paired_bootstrap_interval(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_paired_interval_of_one_problem_is_its_difference() -> None:
+    assert paired_bootstrap_interval(torch.tensor([0.25]), torch.tensor([1.0]), n_resamples=7) == (0.75, 0.75, 0.75)
+
+
+def test_paired_interval_of_two_problems_by_hand() -> None:
+    # d = [0, 1]: a resample's mean is 0, 0.5 or 1 with chance 1/4, 1/2, 1/4.
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert paired_bootstrap_interval(a, b, level=0.9) == (0.5, 0.0, 1.0)  # 5% and 95% quantiles: 0 and 1
+    assert paired_bootstrap_interval(a, b, level=0.2) == (0.5, 0.5, 0.5)  # 40% and 60%: both inside the 0.5s
+    assert paired_bootstrap_interval(b, a, level=0.9) == (-0.5, -1.0, 0.0)
+
+
+def test_paired_interval_is_seeded_and_near_the_normal_interval() -> None:
+    d = torch.rand(1000, generator=torch.Generator().manual_seed(1))  # several draws of resamples (chunks)
+    a = torch.zeros(1000)
+    first = paired_bootstrap_interval(a, d, seed=3)
+    assert paired_bootstrap_interval(a, d, seed=3) == first
+    assert paired_bootstrap_interval(a, d, seed=4) != first
+    mean, low, high = first
+    half = 1.96 * float(d.double().std()) / math.sqrt(1000)
+    assert mean == pytest.approx(float(d.double().mean()))
+    assert low == pytest.approx(mean - half, abs=0.1 * half) and high == pytest.approx(mean + half, abs=0.1 * half)
+
+
+def test_paired_interval_rejects_unpaired_empty_or_undefined_values() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap_interval(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap_interval(torch.zeros(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="at least one problem"):
+        paired_bootstrap_interval(torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap_interval(torch.tensor([0.0, math.nan]), torch.zeros(2))
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap_interval(torch.zeros(2), torch.zeros(2), level=1.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        paired_bootstrap_interval(torch.zeros(2), torch.zeros(2), n_resamples=0)
