@@ -16,11 +16,12 @@ problems and draws. Each checkpoint is evaluated by ``trainer.validate`` on the 
 Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpoint),
 ``curves.csv``/``.json`` (accuracy, generated and prompt tokens per scaffold and x: token
 budget, k or RSA round), ``accuracy_vs_tokens.png``, ``pass_at_k.png``, ``rsa_rounds.png``, and
-the same figures in TensorBoard (``tensorboard --logdir OUT``), and ``intervals.csv``/``.json``: for every
-checkpoint after the first and every metric with one value per problem, the mean difference against the FIRST
-checkpoint with a paired bootstrap 95% interval over the held-out problems
+the same figures in TensorBoard (``tensorboard --logdir OUT``), ``intervals.csv``/``.json``: for every pair of
+checkpoints (each against every one listed before it) and every metric with one value per problem, the mean
+difference with a paired bootstrap 95% interval over the held-out problems
 (:func:`~spiral_lit.evaluation.metrics.paired_bootstrap_interval`; columns checkpoint, baseline, metric,
-n_problems, difference, low, high; only the header with one checkpoint). Plotting needs matplotlib
+n_problems, difference, low, high; only the header with one checkpoint), and ``per_problem.csv`` (checkpoint,
+metric, problem uid, value: what the intervals are computed from, for any other test). Plotting needs matplotlib
 (``pip install -e ".[plots]"``).
 
 Before anything is evaluated, every checkpoint is checked against its model (a directory must be a Hugging
@@ -208,32 +209,42 @@ KEY_METRICS = ("search/pass@1", "aggregation/accuracy")
 
 
 def interval_rows(per_problem: dict[str, PerProblem]) -> list[dict[str, Any]]:
-    """For every checkpoint after the first and every per-problem metric both have: the mean difference against
-    the first checkpoint and its paired bootstrap 95% interval, over the problems where both values are finite
-    (a metric defined on fewer than 2 of them is left out)."""
+    """For every checkpoint and every one listed before it (its baseline), and every per-problem metric both have:
+    the mean difference and its paired bootstrap 95% interval, over the problems where both values are finite
+    (a metric defined on fewer than 2 of them is left out). Rows come checkpoint by checkpoint, baselines in
+    their listed order: base, warm start, trained gives trained - base, trained - warm start and warm start - base
+    without a second evaluation."""
     names = list(per_problem)
     rows: list[dict[str, Any]] = []
-    for name in names[1:]:
-        baseline, other = per_problem[names[0]], per_problem[name]
-        for metric in sorted(baseline.keys() & other.keys()):
-            a, b = baseline[metric], other[metric]
-            uids = [u for u in a if u in b and math.isfinite(a[u]) and math.isfinite(b[u])]
-            if len(uids) < 2:
-                continue
-            a_N = torch.tensor([a[u] for u in uids], dtype=torch.float64)
-            b_N = torch.tensor([b[u] for u in uids], dtype=torch.float64)
-            difference, low, high = paired_bootstrap_interval(a_N, b_N)
-            values = [name, names[0], metric, len(uids), difference, low, high]
-            rows.append(dict(zip(INTERVAL_FIELDS, values, strict=True)))
+    for j, name in enumerate(names):
+        for first in names[:j]:
+            rows += _pair_rows(per_problem, first, name)
+    return rows
+
+
+def _pair_rows(per_problem: dict[str, PerProblem], first: str, name: str) -> list[dict[str, Any]]:
+    """:func:`interval_rows` of checkpoint ``name`` against ``first``."""
+    rows: list[dict[str, Any]] = []
+    baseline, other = per_problem[first], per_problem[name]
+    for metric in sorted(baseline.keys() & other.keys()):
+        a, b = baseline[metric], other[metric]
+        uids = [u for u in a if u in b and math.isfinite(a[u]) and math.isfinite(b[u])]
+        if len(uids) < 2:
+            continue
+        a_N = torch.tensor([a[u] for u in uids], dtype=torch.float64)
+        b_N = torch.tensor([b[u] for u in uids], dtype=torch.float64)
+        difference, low, high = paired_bootstrap_interval(a_N, b_N)
+        values = [name, first, metric, len(uids), difference, low, high]
+        rows.append(dict(zip(INTERVAL_FIELDS, values, strict=True)))
     return rows
 
 
 def _print_intervals(rows: list[dict[str, Any]]) -> None:
-    """One line per compared checkpoint with the key metrics' differences (``+0.031 [-0.004, +0.066]``)."""
-    by_checkpoint: dict[str, dict[str, dict[str, Any]]] = {}
+    """One line per compared pair with the key metrics' differences (``+0.031 [-0.004, +0.066]``)."""
+    by_pair: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
-        by_checkpoint.setdefault(row["checkpoint"], {})[row["metric"]] = row
-    for name, found in by_checkpoint.items():
+        by_pair.setdefault((row["checkpoint"], row["baseline"]), {})[row["metric"]] = row
+    for (name, _), found in by_pair.items():
         rsa = [m for m in found if m.startswith("rsa/accuracy@")]
         keys = [m for m in KEY_METRICS if m in found] + sorted(rsa, key=lambda m: int(m.rpartition("@")[2]))[-1:]
         if not keys:
@@ -244,6 +255,16 @@ def _print_intervals(rows: list[dict[str, Any]]) -> None:
             f"[spiral_lit] {name} - {first['baseline']} (paired 95% interval, {first['n_problems']} problems): "
             + ", ".join(parts)
         )
+
+
+def write_per_problem(per_problem: dict[str, PerProblem], path: Path) -> None:
+    """``checkpoint,metric,uid,value`` for every per-problem value (NaN written as ``nan``)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "metric", "uid", "value"])
+        for name, metrics in per_problem.items():
+            for metric, values in sorted(metrics.items()):
+                writer.writerows([name, metric, uid, value] for uid, value in values.items())
 
 
 def _json_value(value: Any) -> Any:
@@ -282,7 +303,8 @@ def compare(
     check_checkpoints(specs, config)
     evaluated = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
     metrics = {name: means for name, (means, _) in evaluated.items()}
-    intervals = interval_rows({name: per_problem for name, (_, per_problem) in evaluated.items()})
+    per_problem = {name: values for name, (_, values) in evaluated.items()}
+    intervals = interval_rows(per_problem)
     rows = [
         {"checkpoint": c, "metric": k, "value": v} for c, values in metrics.items() for k, v in sorted(values.items())
     ]
@@ -291,6 +313,7 @@ def compare(
         write_table(rows, tmp, "metrics")
         write_table(curves, tmp, "curves")
         write_table(intervals, tmp, "intervals", INTERVAL_FIELDS)
+        write_per_problem(per_problem, tmp / "per_problem.csv")
         writer = SummaryWriter(str(tmp / "tensorboard"))
         for figure_name, draw in FIGURES.items():
             figure = draw(curves)

@@ -1,5 +1,5 @@
 """``python -m spiral_lit compare`` on two tiny checkpoints (a Hugging Face directory and a Lightning .ckpt), each
-evaluated by ``trainer.validate``, the curve table behind its plots and the paired intervals against the first."""
+evaluated by ``trainer.validate``, the curve table behind its plots and the paired intervals between checkpoints."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatc
     cli_main(["compare", "--checkpoints", f"hf={tiny_policy.path}", f"ckpt={ckpt}", "--config", str(config),
               "--out", str(out)])  # fmt: skip
     for name in ("metrics.csv", "metrics.json", "curves.csv", "curves.json", "intervals.csv", "intervals.json",
-                 "accuracy_vs_tokens.png", "pass_at_k.png", "rsa_rounds.png"):  # fmt: skip
+                 "per_problem.csv", "accuracy_vs_tokens.png", "pass_at_k.png", "rsa_rounds.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert glob.glob(str(out / "tensorboard" / "events.out.tfevents*"))
     assert [(t.num_devices, t.limit_val_batches) for t in validated] == [(1, 1.0)] * 2
@@ -124,6 +124,9 @@ def test_compare_writes_tables_and_plots(tiny_policy, tmp_path: Path, monkeypatc
         assert (row["checkpoint"], row["baseline"]) == ("ckpt", "hf")
         assert row["difference"] == row["low"] == row["high"] == 0.0
         assert 2 <= row["n_problems"] <= 4
+    per_problem = list(csv.DictReader((out / "per_problem.csv").open()))
+    pass1 = {(r["checkpoint"], r["uid"]): float(r["value"]) for r in per_problem if r["metric"] == "search/pass@1"}
+    assert len(pass1) == 8 and sum(pass1.values()) / 8 == by_checkpoint["hf"]["search/pass@1"]
 
 
 def test_curve_rows_from_metric_names() -> None:
@@ -200,7 +203,7 @@ def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, 
     assert evaluated == [] and (theirs / "results.csv").read_text() == "keep me"
 
 
-def test_interval_rows_pair_finite_values_by_problem_against_the_first() -> None:
+def test_interval_rows_pair_finite_values_by_problem_against_every_earlier_checkpoint() -> None:
     nan = math.nan
     per_problem = {
         "base": {"acc": {"p1": 0.0, "p2": 1.0, "p3": 0.5}, "rate": {"p1": nan, "p2": 0.5, "p3": 0.5}, "only": {}},
@@ -214,6 +217,8 @@ def test_interval_rows_pair_finite_values_by_problem_against_the_first() -> None
          "high": 0.25},
         {"checkpoint": "same", "baseline": "base", "metric": "acc", "n_problems": 3, "difference": 0.0, "low": 0.0,
          "high": 0.0},
+        {"checkpoint": "same", "baseline": "new", "metric": "acc", "n_problems": 3, "difference": -0.25, "low": -0.25,
+         "high": -0.25},
     ]  # fmt: skip
     assert interval_rows({"base": per_problem["base"]}) == []
 
