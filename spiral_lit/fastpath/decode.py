@@ -131,7 +131,8 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
         if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
             return f"{name} has forward hooks (torch or accelerate's), which a fused step would skip"
         if name.endswith("_proj") and type(module) is not nn.Linear:
-            return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
+            kind = type(module)
+            return f"{name} is a {kind.__module__}.{kind.__qualname__} (LoRA or quantised), not a plain nn.Linear"
     return None
 
 
