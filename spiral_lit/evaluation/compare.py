@@ -212,8 +212,8 @@ def interval_rows(per_problem: dict[str, PerProblem]) -> list[dict[str, Any]]:
     """For every checkpoint and every one listed before it (its baseline), and every per-problem metric both have:
     the mean difference and its paired bootstrap 95% interval, over the problems where both values are finite
     (a metric defined on fewer than 2 of them is left out). Rows come checkpoint by checkpoint, baselines in
-    their listed order: base, warm start, trained gives trained - base, trained - warm start and warm start - base
-    without a second evaluation."""
+    their listed order: base, warm start, trained gives warm start - base, then trained - base and trained - warm
+    start, without a second evaluation."""
     names = list(per_problem)
     rows: list[dict[str, Any]] = []
     for j, name in enumerate(names):

@@ -47,21 +47,28 @@ def qwen2(loaded_policy):
     return model, tokenizer
 
 
-def tiny_qwen3(vocab_size: int, **overrides) -> Qwen3ForCausalLM:
-    """A tiny random Qwen3: head_dim 32 with hidden size 64 (q_proj widens), biased projections, and q/k norm
-    weights away from 1, so a q/k norm weight applied in the wrong head-dim order moves the logits."""
+def tiny_qwen3(
+    vocab_size: int,
+    hidden_size: int = 64,
+    intermediate_size: int = 96,
+    head_dim: int = 32,
+    bias_std: float = 0.5,
+    **overrides,
+) -> Qwen3ForCausalLM:
+    """A tiny random Qwen3 in eval mode: a head_dim of its own (4 heads x 32 widen q_proj past hidden size 64),
+    biased projections, and q/k norm weights away from 1, so a q/k norm weight applied in the wrong head-dim order
+    moves the logits. tests/fastpath/test_fused_prefix.py builds its smaller one here too."""
     config = Qwen3Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=head_dim,
         attention_bias=True,
-        max_position_embeddings=512,
         initializer_range=0.2,
-        **overrides,
+        **{"max_position_embeddings": 512, **overrides},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -70,7 +77,7 @@ def tiny_qwen3(vocab_size: int, **overrides) -> Qwen3ForCausalLM:
             for layer in model.model.layers:
                 attn = layer.self_attn
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                    proj.bias.normal_(0, 0.5)
+                    proj.bias.normal_(0, bias_std)
                 for norm in (attn.q_norm, attn.k_norm):
                     norm.weight.normal_(1, 0.5)
     return model

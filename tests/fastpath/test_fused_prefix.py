@@ -11,13 +11,14 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from spiral_lit.algorithms import token_logprobs
 from spiral_lit.fastpath import decode, fused_prefix
 from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal, prompt_runs
 from spiral_lit.training import forward
 from spiral_lit.training.prefix_forward import cache_forward, pack_shared_prefix
+from tests.fastpath.test_decode import tiny_qwen3
 from tests.training.test_prefix_forward import (
     PAD,
     VOCAB,
@@ -30,24 +31,11 @@ from tests.training.test_prefix_forward import (
 
 
 def _qwen3(**overrides) -> Qwen3ForCausalLM:
-    """A sharp random Qwen3 as ``_model`` builds the others, with head_dim 16 (not hidden / heads), biased
-    projections and q/k norm weights away from 1 (a weight applied in the wrong head-dim order shows)."""
-    config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, attention_bias=True, initializer_range=0.2, attn_implementation="sdpa",
-        **overrides,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config).float()
-        with torch.no_grad():  # initialised at zero and one: make them matter
-            for layer in model.model.layers:
-                attn = layer.self_attn
-                for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                    proj.bias.normal_(0, 0.2)
-                for norm in (attn.q_norm, attn.k_norm):
-                    norm.weight.normal_(1, 0.5)
-    return model
+    """A sharp random Qwen3 as ``_model`` builds the others (train mode, sdpa), with head_dim 16 (not hidden / heads),
+    biased projections and q/k norm weights away from 1 (a weight applied in the wrong head-dim order shows)."""
+    return tiny_qwen3(
+        VOCAB, hidden_size=32, intermediate_size=64, head_dim=16, bias_std=0.2, attn_implementation="sdpa", **overrides
+    ).train()
 
 
 def _family_model(family: str) -> torch.nn.Module:
