@@ -57,9 +57,9 @@ def _fits(tree: Path, tiny: Path, out: Path, steps: int) -> None:
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}",
     ]  # fmt: skip
-    _run(tree, "-m", "spiral_lit", "fit", "--config", "experiments/quickstart/warmstart.yaml", *common,
+    _run(tree, "-m", "spiral_lit", "fit", "--config", "experiments/chain_sum/warmstart.yaml", *common,
          f"--model.init_args.policy.path={tiny}")  # fmt: skip
-    _run(tree, "-m", "spiral_lit", "fit", "--config", "experiments/quickstart/spiral.yaml", *common,
+    _run(tree, "-m", "spiral_lit", "fit", "--config", "experiments/chain_sum/spiral.yaml", *common,
          f"--model.init_args.policy.path={out / 'warmstart' / 'hf'}")  # fmt: skip
 
 

@@ -44,7 +44,7 @@ def _clean_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     main(
-        ["fit", "--config", "experiments/quickstart/warmstart.yaml", *SMALL,
+        ["fit", "--config", "experiments/chain_sum/warmstart.yaml", *SMALL,
          "--model.init_args.policy.path", str(tiny_policy.path), "--data.batch_size", "8",
          "--model.init_args.eval.n_samples", "2", "--model.init_args.eval.pass_k", "[1, 2]",
          "--model.init_args.eval.set_size", "2", "--model.init_args.eval_sampling.max_new_tokens", "8",
@@ -64,7 +64,7 @@ def test_warm_start_then_spiral(tiny_policy, tmp_path: Path) -> None:
     # A 2-step warm start never writes a right chain sum, so every reward would be 0 and SPIRAL would not move a
     # weight: VoteTask's hash-based verdicts give this seed's batch of 4 prompts signal (tests/hash_task.py).
     main(
-        ["fit", "--config", "experiments/quickstart/spiral.yaml", "--data.task", "hash_task.VoteTask", *SMALL,
+        ["fit", "--config", "experiments/chain_sum/spiral.yaml", "--data.task", "hash_task.VoteTask", *SMALL,
          "--trainer.max_steps", "1", "--model.init_args.policy.path", str(warm / "hf"), "--data.batch_size", "4",
          "--model.init_args.algorithm.n_search", "4", "--model.init_args.algorithm.n_sets", "2",
          "--model.init_args.algorithm.set_size", "2", "--model.init_args.algorithm.n_agg", "2",
@@ -121,7 +121,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_inline_config_is_left_to_jsonargparse() -> None:
     check_config_file("{trainer: {max_steps: 1}}")
     with pytest.raises(PathNotFoundError):
-        check_config_file("experiments/quickstart/spiral.yml")
+        check_config_file("experiments/chain_sum/spiral.yml")
 
 
 def test_a_fresh_fit_refuses_a_run_directory_with_checkpoints(tiny_policy, tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_given_args_do_not_warn_about_sys_argv(tiny_policy, monkeypatch: pytest.
     monkeypatch.setattr("sys.argv", ["spiral_lit", "export", "--ckpt_path", "x.ckpt"])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="LightningCLI's args parameter")
-        config = "experiments/quickstart/spiral.yaml"
+        config = "experiments/chain_sum/spiral.yaml"
         main(["--config", config, "--model.init_args.policy.path", str(tiny_policy.path)], run=False)
 
 

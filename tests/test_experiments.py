@@ -36,7 +36,7 @@ def _print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int
 
 
 def _misspell_n_search(tmp_path: Path) -> Path:
-    config = yaml.safe_load((ROOT / "experiments" / "quickstart" / "spiral.yaml").read_text())
+    config = yaml.safe_load((ROOT / "experiments" / "chain_sum" / "spiral.yaml").read_text())
     algorithm = config["model"]["init_args"]["algorithm"]
     algorithm["n_serch"] = algorithm.pop("n_search")
     bad = tmp_path / "bad.yaml"

@@ -32,7 +32,7 @@ def test_the_old_evaluation_module_names_resolve_in_its_package() -> None:
 def test_an_old_class_path_in_yaml_still_parses(tiny_policy, tmp_path: Path) -> None:
     from spiral_lit.cli import main
 
-    config = yaml.safe_load((ROOT / "experiments" / "quickstart" / "spiral.yaml").read_text())
+    config = yaml.safe_load((ROOT / "experiments" / "chain_sum" / "spiral.yaml").read_text())
     config["model"]["init_args"]["policy"]["path"] = str(tiny_policy.path)
     config["trainer"]["callbacks"][-1]["class_path"] = "spiral_lit.callbacks.HFExport"  # the flat layout's path
     path = tmp_path / "old.yaml"

@@ -126,7 +126,7 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 def cli_config(tiny_dir: Path, out: Path, verifier_workers: int = 1) -> Path:
     """The quickstart SPIRAL YAML shrunk to the tiny policy, checkpointing every step; written to ``out``."""
-    config = yaml.safe_load((ROOT / "experiments" / "quickstart" / "spiral.yaml").read_text())
+    config = yaml.safe_load((ROOT / "experiments" / "chain_sum" / "spiral.yaml").read_text())
     trainer, model = config["trainer"], config["model"]["init_args"]
     trainer |= {"max_time": None, "val_check_interval": None, "limit_val_batches": 0, "enable_progress_bar": False}
     trainer["logger"]["init_args"]["save_dir"] = str(out)

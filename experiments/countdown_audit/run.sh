@@ -33,5 +33,5 @@ stage "4/5: measure the warm start and SPIRAL on 200 held-out problems -> $out/c
 python -m spiral_lit compare --config experiments/countdown_audit/compare.yaml --out "$out/compare" \
   --checkpoints warmstart="$out/warmstart_audit/hf" spiral="$out/spiral/hf"
 stage "5/5: results"
-python experiments/countdown_audit/summary.py "$out/compare"
+python experiments/quickstart/summary.py "$out/compare"
 stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

@@ -24,5 +24,5 @@ python -m spiral_lit fit --config experiments/countdown_audit/select_spiral.yaml
 stage "4/4: measure the warm start and SPIRAL on 200 held-out problems -> $out/compare"
 python -m spiral_lit compare --config experiments/countdown_audit/select_compare.yaml --out "$out/compare" \
   --checkpoints warmstart="$out/warmstart/hf" spiral="$out/spiral/hf"
-python experiments/countdown_audit/summary.py "$out/compare"
+python experiments/quickstart/summary.py "$out/compare"
 stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

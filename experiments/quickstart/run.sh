@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The quickstart, end to end on a laptop CPU (~25 minutes on 2 cores):
-#   1. build a tiny Llama + tokenizer locally (no download),
-#   2. warm-start its search role on worked chain sums until held-out pass@1 >= 0.45 (<= 11 min),
-#   3. warm-start both roles (aggregation examples with deliberately wrong candidates, ~3 min),
-#   4. measure the warm start on 200 held-out problems (pass@1, maj@8, pass@8, aggregated answer),
-#   5. train with SPIRAL for 1000 steps or 20 minutes, whichever comes first (17 min on 2 cores),
-#   6. measure the aggregated-answer accuracy again on the same 200 problems and seeds.
+# The quickstart, end to end on a laptop CPU (README.md gives the measured time and table):
+#   1. build a tiny Llama + tokenizer locally for countdown (no download),
+#   2. warm-start its search role on worked solutions (600 steps),
+#   3. warm-start both roles: the aggregator audits 4 candidates and keeps a right one by reference (1200 steps),
+#   4. train with SPIRAL (60 steps),
+#   5. measure the warm start and SPIRAL on the same 200 held-out problems and seeds, and print the table with the
+#      three things the quickstart is meant to show (experiments/quickstart/summary.py).
 # Everything lands under runs/quickstart/ (TensorBoard: tensorboard --logdir runs/quickstart).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,22 +18,18 @@ fi
 # progress line every 30 s (spiral_lit.reliability.progress).
 stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] quickstart stage $1"; }
 
-stage "1/7: build the tiny model -> $out/tiny"
-python -m spiral_lit tiny --out "$out/tiny"
-stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min) -> $out/warmstart_search"
+stage "1/5: build the tiny model for countdown -> $out/tiny"
+python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.n_numbers 4 \
+  --task.operators "+-" --task.verdict_steps true --task.faked_wrong 0.5 --prompts.aggregation_target select \
+  --tiny.vocab_size 512
+stage "2/5: warm start, search role (600 steps) -> $out/warmstart_search"
 python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
-stage "3/7: warm start, both roles (120 steps) -> $out/warmstart"
+stage "3/5: warm start, both roles (1200 steps) -> $out/warmstart"
 python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
-stage "4/7: evaluate the warm start on 200 held-out problems"
-python -m spiral_lit validate --config experiments/quickstart/warmstart.yaml \
-  --model.init_args.policy.path "$out/warmstart/hf" --trainer.limit_val_batches 1.0 \
-  --trainer.logger.init_args.name warmstart_eval
-stage "5/7: evaluate the aggregated answer before SPIRAL"
-python -m spiral_lit validate --config experiments/quickstart/spiral.yaml \
-  --trainer.logger.init_args.name spiral_eval_before
-stage "6/7: SPIRAL (1000 steps or 20 min) -> $out/spiral"
+stage "4/5: SPIRAL (60 steps) -> $out/spiral"
 python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
-stage "7/7: evaluate the aggregated answer after SPIRAL"
-python -m spiral_lit validate --config experiments/quickstart/spiral.yaml \
-  --model.init_args.policy.path "$out/spiral/hf" --trainer.logger.init_args.name spiral_eval_after
-stage "done: tensorboard --logdir $out"
+stage "5/5: the warm start and SPIRAL on 200 held-out problems -> $out/compare"
+python -m spiral_lit compare --config experiments/quickstart/compare.yaml --out "$out/compare" \
+  --checkpoints warmstart="$out/warmstart/hf" spiral="$out/spiral/hf"
+python experiments/quickstart/summary.py "$out/compare"
+stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

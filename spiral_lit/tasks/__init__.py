@@ -10,6 +10,7 @@ from spiral_lit.tasks.countdown import CountdownTask
 from spiral_lit.tasks.extraction import AnswerFormat, answer_instruction, extract_answer, format_answer
 from spiral_lit.tasks.math_task import MathDatasetTask
 from spiral_lit.tasks.reasoning_gym_task import ReasoningGymSpec, ReasoningGymTask
+from spiral_lit.tasks.star_path import StarPathTask
 from spiral_lit.tasks.verify import Verifier, VerifyResult
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ReasoningGymSpec",
     "ReasoningGymTask",
     "Split",
+    "StarPathTask",
     "Task",
     "Verifier",
     "VerifyResult",

@@ -80,7 +80,7 @@ def _step_lines(steps: list[tuple[int, str, int, int]]) -> list[str]:
 
 
 class CountdownTask(Task):
-    """``n_numbers`` numbers in [1, ``max_number``] and a target reachable with ``+ - *``, each number used once."""
+    """``n_numbers`` numbers in [1, ``max_number``] and a target reachable with ``operators``, each number used once."""
 
     name = "countdown"
 
@@ -91,6 +91,7 @@ class CountdownTask(Task):
         seed: int = 0,
         verdict_steps: bool = False,
         faked_wrong: float = 0.0,
+        operators: str = "+-*",
     ) -> None:
         """
         Args:
@@ -102,7 +103,12 @@ class CountdownTask(Task):
                 rather than reading a candidate's last line (docs/algorithm.md §6.3).
             faked_wrong: Fraction of :meth:`wrong_solutions` whose worked lines claim the target with wrong
                 arithmetic (``8*7=50``), as an untrained solver writes them; 0 keeps every wrong candidate honest.
+            operators: The operators a problem allows, some of ``+-*``; ``+-`` keeps every step's arithmetic to
+                small sums and differences, which a tiny model checks reliably (an answer with another operator
+                scores 0).
         """
+        if not operators or any(op not in _OPERATORS for op in operators) or len(set(operators)) != len(operators):
+            raise ValueError(f"countdown: operators must be distinct characters of '+-*', got {operators!r}")
         if not 0.0 <= faked_wrong <= 1.0:
             raise ValueError(f"countdown: faked_wrong must be between 0 and 1, got {faked_wrong}")
         if not 2 <= n_numbers <= 5:
@@ -114,6 +120,7 @@ class CountdownTask(Task):
         self.seed = seed
         self.verdict_steps = verdict_steps
         self.faked_wrong = faked_wrong
+        self.operators = tuple(operators)
 
     def num_problems(self, split: Split) -> int | None:
         """Endless: every index is a new problem."""
@@ -127,24 +134,27 @@ class CountdownTask(Task):
         while True:
             numbers = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
             order = rng.sample(numbers, len(numbers))
-            ops = [rng.choice(_OPERATORS) for _ in range(len(numbers) - 1)]
+            ops = [rng.choice(self.operators) for _ in range(len(numbers) - 1)]
             target = _left_to_right(order, ops)
             if target > 0:
                 break
         return Problem(
             uid=f"{self.name}/{split}/{index}",
-            question=f"Use {' '.join(map(str, numbers))} once each with + - * to make {target}.",
+            question=f"Use {' '.join(map(str, numbers))} once each with {' '.join(self.operators)} to make {target}.",
             answer=str(target),
             solution=self._worked_solution(order, ops),
             metadata={"numbers": numbers, "target": target},
         )
 
     def score(self, extracted_answer: str, problem: Problem) -> float:
-        """1.0 when the expression uses exactly the given numbers, each once, and evaluates to the target."""
-        parsed = evaluate_expression(extracted_answer)
-        if parsed is None:
+        """1.0 when the expression uses exactly the given numbers, each once, only the allowed operators, and
+        evaluates to the target."""
+        walked = _walk(extracted_answer)
+        if walked is None:
             return 0.0
-        value, used = parsed
+        value, used, steps = walked
+        if any(op not in self.operators for _, op, _, _ in steps):
+            return 0.0
         return float(value == problem.metadata["target"] and sorted(used) == sorted(problem.metadata["numbers"]))
 
     def answer_key(self, answer: str, problem: Problem) -> Hashable:
@@ -170,7 +180,7 @@ class CountdownTask(Task):
         if walked is None:
             return "no answer"
         value, used, steps = walked
-        if value != problem.metadata["target"]:
+        if value != problem.metadata["target"] or any(op not in self.operators for _, op, _, _ in steps):
             status = "wrong"
         else:
             status = "right" if sorted(used) == sorted(problem.metadata["numbers"]) else "wrong numbers"
@@ -184,7 +194,7 @@ class CountdownTask(Task):
         numbers, target = problem.metadata["numbers"], problem.metadata["target"]
         found: dict[str, None] = {}
         for order in itertools.permutations(numbers):
-            for ops in itertools.product(_OPERATORS, repeat=len(numbers) - 1):
+            for ops in itertools.product(self.operators, repeat=len(numbers) - 1):
                 if _left_to_right(list(order), list(ops)) == target:
                     found[self._worked_solution(list(order), list(ops))] = None
                     if ops[0] != "-":  # a+b and a*b may be written b+a, b*a
@@ -206,7 +216,7 @@ class CountdownTask(Task):
             if len(out) == n:
                 break
             order = rng.sample(numbers, len(numbers))
-            ops = [rng.choice(_OPERATORS) for _ in range(len(numbers) - 1)]
+            ops = [rng.choice(self.operators) for _ in range(len(numbers) - 1)]
             if _left_to_right(order, ops) != target:
                 faked = self.faked_wrong > 0 and rng.random() < self.faked_wrong
                 out.append(self._worked_solution(order, ops, claim=target if faked else None, rng=rng))

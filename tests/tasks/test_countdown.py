@@ -193,3 +193,34 @@ def test_right_solutions_are_all_right_and_vary() -> None:
         assert all(
             task.score(task.extract_answer(s) or "", p) == 1.0 for s in task.right_solutions(p, 5, random.Random(index))
         )
+
+
+def test_operators_restrict_problems_answers_and_verdicts() -> None:
+    task = CountdownTask(n_numbers=4, operators="+-", verdict_steps=True)
+    for i in range(30):
+        problem = task.problem(i, "train")
+        assert problem.question.endswith(f"once each with + - to make {problem.metadata['target']}.")
+        assert problem.solution is not None and "*" not in problem.solution
+        assert task.score(task.extract_answer(problem.solution) or "", problem) == 1.0
+        for right in task.right_solutions(problem, 3, random.Random(i)):
+            assert "*" not in right and task.score(task.extract_answer(right) or "", problem) == 1.0
+    # 2*3+1 reaches 7 with the given numbers, but * is not allowed: it scores 0 and its verdict says wrong.
+    problem = CountdownTask(n_numbers=3, operators="+-").problem(0, "train")
+    hand = type(problem)(uid="h", question="", answer="7", metadata={"numbers": [1, 2, 3], "target": 7})
+    plus_minus = CountdownTask(n_numbers=3, operators="+-")
+    assert plus_minus.score("2*3+1", hand) == 0.0 and CountdownTask(n_numbers=3).score("2*3+1", hand) == 1.0
+    assert plus_minus.candidate_verdict("<answer>2*3+1</answer>", hand) == "7 wrong"
+    assert plus_minus.score("(1+3)+2+1", hand) == 0.0  # 1 used twice
+    for bad in ["", "+/", "++", "*+-*"]:
+        with pytest.raises(ValueError):
+            CountdownTask(operators=bad)
+
+
+def test_default_operators_keep_the_problems_unchanged() -> None:
+    # Problems as every run before the operators option drew them (same tuple, same order of draws).
+    task = CountdownTask()
+    assert [task.problem(i, "train").question for i in (1, 2)] == [
+        "Use 3 4 8 once each with + - * to make 15.",
+        "Use 1 7 3 once each with + - * to make 11.",
+    ]
+    assert task.problem(0, "heldout").solution == "5*5=25\n25*9=225\n<answer>5*5*9</answer>"

@@ -230,7 +230,7 @@ def test_two_processes_warm_start_as_one(tiny_policy, tmp_path: Path, strategy: 
 
 
 def _quickstart_metric_names(tiny_dir: Path, tmp_path: Path, devices: int) -> set[str]:
-    """Scalar tags that ``fit`` of experiments/quickstart/spiral.yaml, shortened, logs on ``devices`` processes."""
+    """Scalar tags that ``fit`` of experiments/chain_sum/spiral.yaml, shortened, logs on ``devices`` processes."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     save_dir = tmp_path / f"devices{devices}"
@@ -242,7 +242,7 @@ def _quickstart_metric_names(tiny_dir: Path, tmp_path: Path, devices: int) -> se
         # A random model never answers correctly; keep its zero-advantage prompts so the update runs.
         "model.init_args.algorithm.drop_zero_signal": "false", "data.batch_size": "2",
     }  # fmt: skip
-    command = [sys.executable, "-m", "spiral_lit", "fit", "--config", "experiments/quickstart/spiral.yaml"]
+    command = [sys.executable, "-m", "spiral_lit", "fit", "--config", "experiments/chain_sum/spiral.yaml"]
     command += [f"--{key}={value}" for key, value in overrides.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,9 +1,8 @@
-"""Print the countdown audit experiment's table from a ``compare`` output and say which of its three claims held.
+"""Print the table of a ``compare`` output and say which of the quickstart's three claims held.
 
-    python experiments/countdown_audit/summary.py runs/countdown_audit/compare
+    python experiments/quickstart/summary.py runs/quickstart/compare
 
-The claims the aggregation work aims at for the quickstart (the SPIRAL checkpoint, 200 held-out problems,
-temperature 1.0):
+The claims the quickstart is meant to show (the SPIRAL checkpoint, 200 held-out problems, temperature 1.0):
 1. one aggregation of 4 candidates is at least 5 points above majority vote over the same 4 candidates;
 2. recursive aggregation (population 8, sets of 4) at round 4 is at least 3 points above round 1;
 3. both are above the warm start's.
@@ -78,4 +77,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/countdown_audit/compare")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart/compare")
