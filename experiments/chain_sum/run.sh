@@ -9,14 +9,9 @@
 # Everything lands under runs/chain_sum/ (TensorBoard: tensorboard --logdir runs/chain_sum).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/stages.sh
 out=runs/chain_sum
-if [ -e "$out" ]; then
-  echo "error: $out already exists (an earlier run); move it away or delete it (rm -r $out) to run again" >&2
-  exit 2
-fi
-# Each stage announces itself with a timestamp; when the output is a file (a job's log), the runs also print a
-# progress line every 30 s (spiral_lit.reliability.progress).
-stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] chain_sum stage $1"; }
+begin_run chain_sum "$out"
 
 stage "1/7: build the tiny model -> $out/tiny"
 python -m spiral_lit tiny --out "$out/tiny"

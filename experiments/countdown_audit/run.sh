@@ -11,14 +11,9 @@
 # Everything lands under runs/countdown_audit/ (TensorBoard: tensorboard --logdir runs/countdown_audit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/stages.sh
 out=runs/countdown_audit
-if [ -e "$out" ]; then
-  echo "error: $out already exists (an earlier run); move it away or delete it (rm -r $out) to run again" >&2
-  exit 2
-fi
-# Each stage announces itself with a timestamp; when the output is a file (a job's log), the runs also print a
-# progress line every 30 s (spiral_lit.reliability.progress).
-stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] countdown_audit stage $1"; }
+begin_run countdown_audit "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
 python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask \

@@ -7,12 +7,9 @@
 # Everything lands under runs/countdown_select/ (TensorBoard: tensorboard --logdir runs/countdown_select).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/stages.sh
 out=runs/countdown_select
-if [ -e "$out" ]; then
-  echo "error: $out already exists (an earlier run); move it away or delete it (rm -r $out) to run again" >&2
-  exit 2
-fi
-stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] countdown_select stage $1"; }
+begin_run countdown_select "$out"
 
 stage "1/4: build the tiny model for countdown -> $out/tiny"
 python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.verdict_steps true \

@@ -9,14 +9,9 @@
 # Everything lands under runs/quickstart/ (TensorBoard: tensorboard --logdir runs/quickstart).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/stages.sh
 out=runs/quickstart
-if [ -e "$out" ]; then
-  echo "error: $out already exists (an earlier quickstart); move it away or delete it (rm -r $out) to run again" >&2
-  exit 2
-fi
-# Each stage announces itself with a timestamp; when the output is a file (a job's log), the runs also print a
-# progress line every 30 s (spiral_lit.reliability.progress).
-stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] quickstart stage $1"; }
+begin_run quickstart "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
 python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.n_numbers 4 \

