@@ -18,10 +18,11 @@ from spiral_lit.training.data import ProblemDataModule
 from spiral_lit.training.spiral_module import SpiralModule
 
 
-def plain_trainer(log_dir: str, max_steps: int) -> L.Trainer:
+def plain_trainer(log_dir: str, max_steps: int, precision: str = "32-true") -> L.Trainer:
     """CPU, TensorBoard under ``log_dir/run``, a log line every step; no checkpoints, validation or progress bar."""
     return L.Trainer(
         accelerator="cpu",
+        precision=precision,  # type: ignore[arg-type]
         max_steps=max_steps,
         logger=TensorBoardLogger(log_dir, name="run"),
         log_every_n_steps=1,
@@ -44,10 +45,10 @@ def tensorboard_scalars(log_dir: str) -> dict[str, list[float]]:
 
 
 def fit_moving_every_parameter(
-    module: SpiralModule, data: ProblemDataModule, log_dir: str, max_steps: int
+    module: SpiralModule, data: ProblemDataModule, log_dir: str, max_steps: int, precision: str = "32-true"
 ) -> dict[str, list[float]]:
     """Fit ``module`` for ``max_steps``, assert that every trainable parameter changed; return the scalars."""
-    trainer = plain_trainer(log_dir, max_steps)
+    trainer = plain_trainer(log_dir, max_steps, precision)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
     trainer.fit(module, datamodule=data)

@@ -162,8 +162,9 @@ def truncated_importance_weights(
 
     ``trainer_logprobs_BT`` / ``sampler_logprobs_BT``: ``[B, T]`` log-probs of the sampled tokens; ``mask_BT``:
     ``[B, T]`` True = keep. Returns ``(weights_BT, stats)``: weights are 1 at dropped tokens and carry no gradient;
-    ``stats`` over kept tokens: ``tis_mean``, ``tis_max`` (of the truncated weight) and ``tis_clip_frac``
-    (fraction whose raw weight exceeded the cap).
+    ``stats`` over kept tokens: ``tis_mean``, ``tis_max`` (of the truncated weight), ``tis_clip_frac``
+    (fraction whose raw weight exceeded the cap) and ``logprob_abs_diff`` (mean |trainer - sampler|: how far the
+    two disagree, e.g. under bf16).
     """
     if cap <= 0:
         raise ValueError(f"update.tis_cap must be > 0, got {cap}")
@@ -178,6 +179,7 @@ def truncated_importance_weights(
             "tis_mean": (weights_BT * keep_BT).sum() / n,
             "tis_max": weights_BT.masked_fill(~mask_BT, 0.0).max() if bool(mask_BT.any()) else weights_BT.new_ones(()),
             "tis_clip_frac": ((raw_BT > cap) & mask_BT).float().sum() / n,
+            "logprob_abs_diff": (log_w_BT.abs() * keep_BT).sum() / n,
         }
     return weights_BT, stats
 

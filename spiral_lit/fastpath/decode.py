@@ -164,11 +164,19 @@ class _Projection:
         weights = [
             m.weight.detach() if o is None else m.weight.detach()[o] for m, o in zip(linears, orders, strict=True)
         ]
-        self.weight_OI = weights[0] if len(weights) == 1 else torch.cat(weights)
+        weight_OI = weights[0] if len(weights) == 1 else torch.cat(weights)
         self.bias_O: torch.Tensor | None = None
         if any(m.bias is not None for m in linears):
             biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
             self.bias_O = torch.cat([b if o is None else b[o] for b, o in zip(biases, orders, strict=True)])
+        # Under autocast (``precision: bf16-mixed``) F.linear would cast the weight at every decode step; cast the
+        # copy once instead (the same numbers: autocast rounds the weight to the same dtype).
+        device_type = weight_OI.device.type
+        if torch.is_autocast_enabled(device_type) and weight_OI.is_floating_point():
+            dtype = torch.get_autocast_dtype(device_type)
+            weight_OI = weight_OI.to(dtype)
+            self.bias_O = self.bias_O.to(dtype) if self.bias_O is not None else None
+        self.weight_OI = weight_OI
         self.packed: torch.Tensor | None = None
         self.packed_rows = 0
 

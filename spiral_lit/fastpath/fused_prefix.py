@@ -20,11 +20,11 @@ computes the same logits without per-row copies of long prompts:
   matmuls: with thousands of rows per matmul, fusing them was slower.
 
 Embedding, rotary module, activation, norms and ``lm_head`` are the model's own modules, so their hooks run.
-Log-probs and gradients equal the model-forward path up to rounding (tests/fastpath/test_fused_prefix.py). Models it
-does
-not reproduce, and policies off the CPU where it was never measured (:func:`fused_prefix_refusal`: other classes,
-GPUs, LoRA, hooks on bypassed modules, activation checkpointing, attention dropout, autocast), use the
-model-forward path.
+Log-probs and gradients equal the model-forward path up to rounding (tests/fastpath/test_fused_prefix.py), in fp32,
+with bf16 weights, and under bf16 autocast (``precision: bf16-mixed``: the matmuls run in bf16, rotary in fp32). Models
+it does not reproduce, and policies off the CPU where it was never measured (:func:`fused_prefix_refusal`: other
+classes, GPUs, LoRA, hooks on bypassed modules, activation checkpointing, attention dropout), use the model-forward
+path.
 """
 
 from __future__ import annotations
@@ -66,8 +66,6 @@ def fused_prefix_refusal(model: object) -> str | None:
         return "activation checkpointing is on"
     if model.training and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout is on"
-    if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
-        return "autocast is on"
     return None
 
 

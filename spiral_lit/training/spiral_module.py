@@ -63,6 +63,7 @@ from spiral_lit.training.strategy import (
     sync_metrics,
 )
 from spiral_lit.training.update import PolicyUpdater, TrainSequence, UpdateConfig
+from spiral_lit.training.update_config import resolve_for_precision
 
 
 class SpiralModule(L.LightningModule):
@@ -172,9 +173,17 @@ class SpiralModule(L.LightningModule):
         assert self.runtime is not None
         if isinstance(self.reference, torch.nn.Module) and sharding_of(self) != "fsdp2":
             self.reference.to(self.device)
+        config = resolve_for_precision(self.update_config, str(self.trainer.precision))
+        chosen_by_precision = config.recompute_old_logprobs and self.update_config.recompute_old_logprobs is None
+        if chosen_by_precision and self.global_rank == 0:
+            print(
+                f"[spiral_lit] precision {self.trainer.precision}: the update recomputes old log-probs and weights "
+                f"tokens by truncated importance (cap {config.tis_cap}); train/logprob_abs_diff logs how far "
+                "sampler and trainer disagree (update.recompute_old_logprobs: false turns it off)"
+            )
         return PolicyUpdater(
             self.policy,
-            self.update_config,
+            config,
             self.runtime.tokenizer.pad_token_id,
             # Each role is re-scored at its own sampling temperature (greedy sampling has no temperature: 1.0).
             (self.search_sampling.temperature or 1.0, self.aggregation_sampling.temperature or 1.0),

@@ -58,14 +58,21 @@ class TrainSequence:
     """0 = search, 1 = aggregation."""
 
 
+_MAXIMA = frozenset({"tis_max"})
+"""Statistics whose value over an update is the largest over its micro-batches, not their mean."""
+
+
 class _WeightedMeans:
-    """Weighted means of statistics over an update's micro-batches and minibatches."""
+    """Weighted means (maxima for :data:`_MAXIMA`) of statistics over an update's micro-batches and minibatches."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self.weights: dict[str, float] = {}
 
     def add(self, name: str, value: float, weight: float = 1.0) -> None:
+        if name in _MAXIMA:
+            self.totals[name], self.weights[name] = max(self.totals.get(name, value), value), 1.0
+            return
         self.totals[name] = self.totals.get(name, 0.0) + value * weight
         self.weights[name] = self.weights.get(name, 0.0) + weight
 
@@ -103,6 +110,8 @@ class PolicyUpdater:
         self.world_size, self.reference, self.sharded = world_size, reference, sharded
         self._tis: list[torch.Tensor] | None = None
         """Per-sequence truncated importance weights of the current update (``tis_cap``)."""
+        self._old_from_forward = False
+        """The current update takes its old log-probs from its own (single) forward pass instead of a recompute."""
         self._prefix = shared_prefix_cache(model, config.shared_prefix)
         """How to pass the KV cache for the shared-prefix forward; None = the full forward."""
         self._forward = training_forward(model, self._prefix)
@@ -159,7 +168,9 @@ class PolicyUpdater:
         """All epochs and minibatches over ``sequences``; returns averaged statistics."""
         cfg = self.config
         self._tis, tis_stats = None, {}
-        if cfg.recompute_old_logprobs:
+        # One optimiser step per update: its own forward is the trainer's old policy, so no separate pass is needed.
+        self._old_from_forward = bool(cfg.recompute_old_logprobs) and cfg.epochs * cfg.num_minibatches == 1
+        if cfg.recompute_old_logprobs and not self._old_from_forward:
             sampler_logprobs = [s.completion.logprobs for s in sequences]  # before the recompute replaces them
             self._recompute_old(sequences, device)
             if cfg.tis_cap is not None and sequences:
@@ -278,9 +289,10 @@ class PolicyUpdater:
         adv_B = torch.tensor([sequences[i].advantage for i in rows], device=device, dtype=torch.float32)
         normaliser, weights_B = self._loss_weights(normaliser_R, roles_B)
         mask_BT = batch.completion_mask_BT1
+        old_BT, tis_BT, tis_stats = self._old_and_weights(batch, logp_BT)
         loss, stats = policy_loss(
             logp_BT,
-            batch.values_BT1["old"],
+            old_BT,
             adv_B,
             mask_BT,
             normaliser,
@@ -292,7 +304,7 @@ class PolicyUpdater:
             kl_coef=cfg.kl_coef,
             entropy_BT=entropy_BT,
             entropy_coef=cfg.entropy_coef,
-            token_weights_BT=batch.values_BT1.get("tis"),
+            token_weights_BT=tis_BT,
         )
         # DDP and FSDP (1 and 2) average gradients over ranks; the normaliser already sums over ranks, so undo
         # the average (tests/training/test_distributed.py checks both against one process).
@@ -300,7 +312,24 @@ class PolicyUpdater:
         n = float(mask_BT.sum())
         out = {k: (float(v), n) for k, v in stats.items() if k != "n_tokens"}
         out["loss"] = (float(loss.detach()) * float(normaliser) / max(n, 1.0), n)
-        return out | self._role_stats(batch, logp_BT, adv_B, roles_B, entropy_BT)
+        out |= {k: (float(v), n) for k, v in tis_stats.items()}
+        return out | self._role_stats(batch, logp_BT, old_BT, tis_BT, adv_B, roles_B, entropy_BT)
+
+    def _old_and_weights(
+        self, batch: PackedBatch | SharedPrefixBatch, logp_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The old log-probs of a micro-batch, its truncated importance weights (None: off) and their statistics.
+        With one optimiser step per update and the trainer's own old log-probs (``_old_from_forward``), the old
+        policy is this forward itself, detached (ratio 1), and the weights compare it with the sampler's."""
+        if not self._old_from_forward:
+            return batch.values_BT1["old"], batch.values_BT1.get("tis"), {}
+        old_BT = logp_BT.detach()
+        if self.config.tis_cap is None:
+            return old_BT, None, {}
+        tis_BT, stats = truncated_importance_weights(
+            old_BT, batch.values_BT1["old"], batch.completion_mask_BT1, self.config.tis_cap
+        )
+        return old_BT, tis_BT, stats
 
     def _loss_weights(self, normaliser_R: torch.Tensor, roles_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch loss's normaliser and ``[B]`` sequence weights: the role weights over the shared
@@ -315,6 +344,8 @@ class PolicyUpdater:
         self,
         batch: PackedBatch | SharedPrefixBatch,
         logp_BT: torch.Tensor,
+        old_BT: torch.Tensor,
+        tis_BT: torch.Tensor | None,
         adv_B: torch.Tensor,
         roles_B: torch.Tensor,
         entropy_BT: torch.Tensor,
@@ -326,9 +357,9 @@ class PolicyUpdater:
             n_role = float(role_mask.sum())
             if n_role:
                 _, role_stats = policy_loss(
-                    logp_BT.detach(), batch.values_BT1["old"], adv_B, role_mask, 1.0,
+                    logp_BT.detach(), old_BT, adv_B, role_mask, 1.0,
                     loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    token_weights_BT=batch.values_BT1.get("tis"),
+                    token_weights_BT=tis_BT,
                 )  # fmt: skip
                 out[f"loss/{name}"] = (float(role_stats["pg_loss"]), n_role)
                 out[f"entropy/{name}"] = (float((entropy_BT.detach() * role_mask).sum()) / n_role, n_role)

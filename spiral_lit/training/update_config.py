@@ -3,7 +3,7 @@ weights, and how a rollout batch is cut into optimiser steps and micro-batches (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from spiral_lit.algorithms import LossType, Reduction
 from spiral_lit.algorithms.roles import RoleNormalisation
@@ -42,13 +42,17 @@ class UpdateConfig:
     entropy_coef: float = 0.0
     """Entropy bonus (paper: 0)."""
     max_grad_norm: float = 1.0
-    recompute_old_logprobs: bool = False
+    recompute_old_logprobs: bool | None = None
     """Use the trainer's own no-grad log-probs as the old policy instead of the sampler's.
-    Needed when sampling and training differ numerically (bf16 autocast, another engine)."""
+    Needed when sampling and training differ numerically (bf16 autocast, another engine). None: on exactly when
+    the Trainer's ``precision`` is a 16-bit one, where sampler and trainer round differently
+    (:func:`resolve_for_precision`); set it for another engine (vLLM)."""
     tis_cap: float | None = None
     """Truncated importance sampling (docs/algorithm.md §4.3): weight each token's policy-gradient term by
     min(exp(trainer_old - sampler), tis_cap), correcting for a sampler that is not the trainer (a bf16 or stale
-    vLLM engine); logs ``train/tis_mean``, ``tis_max``, ``tis_clip_frac``. Needs ``recompute_old_logprobs``."""
+    vLLM engine); logs ``train/tis_mean``, ``tis_max``, ``tis_clip_frac`` and ``logprob_abs_diff``. Needs
+    ``recompute_old_logprobs``; when that is left to the precision and turns on, None means
+    :data:`MIXED_PRECISION_TIS_CAP`."""
     search_weight: float = 1.0
     aggregation_weight: float = 1.0
     role_normalisation: RoleNormalisation = "shared"
@@ -68,8 +72,27 @@ class UpdateConfig:
                 raise UserError(f"update.{key} must be >= 1, got {getattr(self, key)}")
         if self.reduction == "seq_mean_token_sum_norm" and not self.norm_const:
             raise UserError("update.norm_const must be set (> 0) when update.reduction is 'seq_mean_token_sum_norm'")
-        if self.tis_cap is not None and (self.tis_cap <= 0 or not self.recompute_old_logprobs):
+        if self.tis_cap is not None and (self.tis_cap <= 0 or self.recompute_old_logprobs is False):
             raise UserError(
                 f"update.tis_cap={self.tis_cap}: needs a value > 0 and update.recompute_old_logprobs: true (the "
                 "weight compares the trainer's recomputed log-probs with the sampler's)"
             )
+
+
+MIXED_PRECISION_TIS_CAP = 2.0
+"""The truncated importance cap under 16-bit precision when ``update.tis_cap`` is not set (the value of Yao et al.
+2025's recipe that docs/algorithm.md §4.3 follows)."""
+
+
+def resolve_for_precision(config: UpdateConfig, precision: str) -> UpdateConfig:
+    """``config`` with ``recompute_old_logprobs: None`` decided by the Trainer's ``precision`` (docs/algorithm.md
+    §4.3): under ``bf16-mixed``, ``bf16-true``, ``16-mixed`` or ``16-true`` the sampler's log-probs round
+    differently from the trainer's, so the trainer's own are the old policy and truncated importance weights
+    (cap :data:`MIXED_PRECISION_TIS_CAP` unless set) correct for the sampler; in fp32 both are the same numbers
+    and the sampler's are used, saving a forward pass."""
+    if config.recompute_old_logprobs is not None:
+        return config
+    if not str(precision).startswith(("bf16", "16")):
+        return replace(config, recompute_old_logprobs=False)
+    cap = config.tis_cap if config.tis_cap is not None else MIXED_PRECISION_TIS_CAP
+    return replace(config, recompute_old_logprobs=True, tis_cap=cap)

@@ -239,7 +239,8 @@ def test_token_entropy_of_banned_tokens_is_finite() -> None:
 
 # Truncated importance weights (docs/algorithm.md §4.3): raw weights exp(trainer - sampler) chosen by hand, cap 2:
 #   (0,0) 0.5  (0,1) 1.0  (0,2) 3.0 -> 2 (clipped)  (1,0) 2.5 -> 2 (clipped)  (1,1) 1.2  (1,2) padding -> 1.
-# Kept: 0.5 + 1 + 2 + 2 + 1.2 = 6.7 over 5 tokens -> mean 1.34, max 2, clipped fraction 2/5.
+# Kept: 0.5 + 1 + 2 + 2 + 1.2 = 6.7 over 5 tokens -> mean 1.34, max 2, clipped fraction 2/5; mean |log raw weight|
+# (|trainer - sampler|) = (log 2 + 0 + log 3 + log 2.5 + log 1.2) / 5 = log(18) / 5 = 0.57807.
 RAW_WEIGHTS = [[0.5, 1.0, 3.0], [2.5, 1.2, 1.0]]
 TIS_BT = torch.tensor([[0.5, 1.0, 2.0], [2.0, 1.2, 1.0]])
 
@@ -256,11 +257,13 @@ def test_truncated_importance_weights_hand_values() -> None:
     torch.testing.assert_close(stats["tis_mean"], torch.tensor(1.34))
     torch.testing.assert_close(stats["tis_max"], torch.tensor(2.0))
     torch.testing.assert_close(stats["tis_clip_frac"], torch.tensor(0.4))
+    torch.testing.assert_close(stats["logprob_abs_diff"], torch.tensor(math.log(18.0) / 5))
     assert not weights_BT.requires_grad
     # On-policy (sampler == trainer): every weight is 1, nothing clipped.
     ones_BT, on_policy = truncated_importance_weights(OLD_BT, OLD_BT, MASK_BT, cap=2.0)
     torch.testing.assert_close(ones_BT, torch.ones(2, 3))
     assert on_policy["tis_clip_frac"].item() == 0.0 and on_policy["tis_max"].item() == 1.0
+    assert on_policy["logprob_abs_diff"].item() == 0.0
     with pytest.raises(ValueError, match="tis_cap"):
         truncated_importance_weights(OLD_BT, OLD_BT, MASK_BT, cap=0.0)
 

@@ -269,3 +269,24 @@ def test_fused_decode_runs_in_bfloat16(request, family: str) -> None:
             pairs = zip(c1.token_ids, c2.token_ids, strict=False)
             same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(c1.num_tokens, c2.num_tokens))
             torch.testing.assert_close(c1.logprobs[:same], c2.logprobs[:same], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_decode_under_bf16_autocast(request, family: str) -> None:
+    """``precision: bf16-mixed`` (fp32 weights, bf16 autocast): the projections hold bf16 copies (cast once, not
+    at every step) and the fused step follows the model-forward decode under the same autocast to bf16 rounding."""
+    model, tokenizer = request.getfixturevalue(family)
+    prompts = _prompts(tokenizer)[:2]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in FusedDecoder(model).projections[0][0].__dict__.values()
+                   if isinstance(p, torch.Tensor))  # fmt: skip
+        fused = KVCacheEngine(model, tokenizer).generate(prompts, n=2, sampling=sampling, seed=1)
+        plain = KVCacheEngine(model, tokenizer, fused_decode=False).generate(prompts, n=2, sampling=sampling, seed=1)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for g1, g2 in zip(fused, plain, strict=True):
+        for c1, c2 in zip(g1, g2, strict=True):
+            assert c1.token_ids[0] == c2.token_ids[0]
+            pairs = zip(c1.token_ids, c2.token_ids, strict=False)
+            same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(c1.num_tokens, c2.num_tokens))
+            torch.testing.assert_close(c1.logprobs[:same], c2.logprobs[:same], atol=0.05, rtol=0)

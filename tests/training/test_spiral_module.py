@@ -8,6 +8,7 @@ instead, so advantages are non-zero and every parameter must move.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 import pytest
@@ -108,6 +109,22 @@ def test_bf16_weights_train_end_to_end(tiny_dir: str, tmp_path) -> None:
     scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2)
     assert {p.dtype for p in module.policy.parameters()} == {torch.bfloat16}
     assert scalars["train/loss"] and all(math.isfinite(v) for v in scalars["train/loss"])
+
+
+def test_bf16_mixed_precision_trains_with_the_trainers_old_logprobs(tiny_dir: str, tmp_path, caplog) -> None:
+    """``trainer.precision: bf16-mixed``: fp32 master weights, rollouts and update under bf16 autocast on the fast
+    paths (fused decode, fused shared-prefix forward); the update recomputes old log-probs and applies truncated
+    importance weights by default, logging how far sampler and trainer disagree (bf16 rounding: small)."""
+    module = _tiny_module(tiny_dir, "spiral")
+    with caplog.at_level(logging.WARNING):
+        scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2, precision="bf16-mixed")
+    assert not [r for r in caplog.records if "not used" in r.getMessage()]  # no fast path fell back
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    assert module._updater().config.recompute_old_logprobs and module._updater().config.tis_cap == 2.0
+    assert module._updater()._forward.path == "fused_prefix"
+    assert all(math.isfinite(v) for v in scalars["train/loss"])
+    assert 0.0 < max(scalars["train/logprob_abs_diff"]) < 0.05
+    assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3  # the trainer's own old log-probs
 
 
 def test_dynamic_sampling_refills_the_batch(tiny_policy, tmp_path) -> None:

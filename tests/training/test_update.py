@@ -13,6 +13,7 @@ import torch
 from spiral_lit.rollout import Completion
 from spiral_lit.training.batching import length_buckets
 from spiral_lit.training.update import PolicyUpdater, TrainSequence, UpdateConfig
+from spiral_lit.training.update_config import resolve_for_precision
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +95,19 @@ def _tis_sequences(
     return out
 
 
-def test_importance_weight_scales_the_gradient_and_is_logged(tiny_policy) -> None:
+@pytest.mark.parametrize("minibatches", [1, 2], ids=["old_from_the_forward", "recomputed"])
+def test_importance_weight_scales_the_gradient_and_is_logged(tiny_policy, minibatches: int) -> None:
+    """One optimiser step per update takes the old log-probs from its own forward; more steps recompute them first
+    (a separate no-grad pass). Both weight the gradient and log alike."""
     model = tiny_policy.model
     vocab = model.config.vocab_size
-    # The trainer's own old log-probs, read back after a recompute.
+    # The trainer's own old log-probs, read back after a recompute (two minibatches: the separate pass).
     probe = _tis_sequences(vocab, 0.0, None)
-    _update(model, probe, UpdateConfig(recompute_old_logprobs=True, micro_batch_size=2))
+    _update(model, probe, UpdateConfig(recompute_old_logprobs=True, micro_batch_size=2, num_minibatches=2))
     trainer = [copy.deepcopy(s.completion.logprobs) for s in probe]
 
     def run(shift: float, cap: float | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        config = UpdateConfig(recompute_old_logprobs=True, tis_cap=cap, micro_batch_size=2)
+        config = UpdateConfig(recompute_old_logprobs=True, tis_cap=cap, micro_batch_size=2, num_minibatches=minibatches)
         return _update(model, _tis_sequences(vocab, shift, trainer), config)
 
     plain_stats, plain = run(0.0, None)
@@ -115,6 +119,7 @@ def test_importance_weight_scales_the_gradient_and_is_logged(tiny_policy) -> Non
     half_stats, half = run(math.log(2.0), 2.0)
     assert half_stats["tis_mean"] == pytest.approx(0.5, abs=1e-6)
     assert half_stats["tis_max"] == pytest.approx(0.5, abs=1e-6)
+    assert half_stats["logprob_abs_diff"] == pytest.approx(math.log(2.0), abs=1e-5)
     # The sampler found every token 4x less likely: raw weight 4, truncated to the cap 3.
     capped_stats, capped = run(-math.log(4.0), 3.0)
     assert capped_stats["tis_mean"] == pytest.approx(3.0, abs=1e-5)
@@ -128,9 +133,24 @@ def test_importance_weight_scales_the_gradient_and_is_logged(tiny_policy) -> Non
 
 def test_tis_cap_needs_recomputed_old_logprobs() -> None:
     with pytest.raises(ValueError, match="recompute_old_logprobs"):
-        UpdateConfig(tis_cap=2.0)
+        UpdateConfig(tis_cap=2.0, recompute_old_logprobs=False)
     with pytest.raises(ValueError, match="tis_cap"):
         UpdateConfig(tis_cap=0.0, recompute_old_logprobs=True)
+
+
+def test_precision_decides_the_old_logprobs_unless_set() -> None:
+    """16-bit precision: the trainer's own old log-probs and TIS (cap 2 unless set); fp32: the sampler's; an explicit
+    choice always stands."""
+    unset = UpdateConfig()
+    assert resolve_for_precision(unset, "32-true").recompute_old_logprobs is False
+    for precision in ("bf16-mixed", "bf16-true", "16-mixed"):
+        resolved = resolve_for_precision(unset, precision)
+        assert resolved.recompute_old_logprobs is True and resolved.tis_cap == 2.0
+    assert resolve_for_precision(UpdateConfig(tis_cap=5.0), "bf16-mixed").tis_cap == 5.0
+    explicit_off = UpdateConfig(recompute_old_logprobs=False)
+    assert resolve_for_precision(explicit_off, "bf16-mixed") is explicit_off
+    explicit_on = UpdateConfig(recompute_old_logprobs=True)
+    assert resolve_for_precision(explicit_on, "32-true").tis_cap is None
 
 
 # ----------------------------------------------------------------- sampling temperature per role
