@@ -11,6 +11,11 @@ forward pass), backward, optimiser step. The update is timed per phase here, whi
 ``PolicyUpdater`` fuses per micro-batch; its arithmetic is the same. The first step is
 a warm-up and is not counted.
 
+``--precision bf16-mixed`` runs each step under bf16 autocast, as ``trainer.precision: bf16-mixed`` does (fp32
+weights and optimiser); ``--precision both`` runs every step in fp32 and in bf16-mixed on the same problems, in
+alternating order, and reports the ratio (one process, side by side). ``--size 50m`` builds the benchmarks' ~50M
+Llama (hidden 512, 12 layers) instead of the tiny one.
+
 ``--shared-prefix both`` (the default) runs the update of every step twice on the same traces, with
 ``update.shared_prefix`` off and on (each distinct prompt encoded once: spiral_lit/fastpath/fused_prefix.py on CPU, as
 ``PolicyUpdater`` runs it, else spiral_lit/training/prefix_forward.py), in
@@ -43,6 +48,21 @@ from spiral_lit.training.prefix_forward import cache_forward, pack_shared_prefix
 from spiral_lit.training.update import TrainSequence
 
 PHASES = ("generate", "verify", "logprobs", "backward", "optimizer")
+PRECISIONS = {"32-true": ("32-true",), "bf16-mixed": ("bf16-mixed",), "both": ("32-true", "bf16-mixed")}
+SIZES = {
+    "tiny": TinyModelConfig(),
+    "50m": TinyModelConfig(hidden_size=512, intermediate_size=2048, num_layers=12, num_heads=8),
+}
+
+
+def step_in_precision(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse.Namespace, step: int,
+                      precision: str) -> dict:  # fmt: skip
+    """:func:`one_step` under ``precision``: bf16-mixed is bf16 autocast around the whole step, as Lightning's
+    precision plugin wraps ``training_step``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        return one_step(rt, optimizer, args, step)
+
+
 MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
 
 
@@ -144,6 +164,8 @@ def main() -> None:
     parser.add_argument("--algorithm", choices=("spiral", "grpo"), default="spiral")
     parser.add_argument("--shared-prefix", choices=tuple(MODES), default="both", help="update.shared_prefix")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="32-true")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model built when --model is not given")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.json"))
     args = parser.parse_args()
     if args.threads is not None:
@@ -152,13 +174,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
-            build_tiny_policy(tmp, tokenizer_corpus(task, PromptConfig(), 500), TinyModelConfig())
+            build_tiny_policy(tmp, tokenizer_corpus(task, PromptConfig(), 500), SIZES[args.size])
             path = tmp
         rt = PolicyRuntime(PolicyConfig(path), task, PromptConfig(), VerifierConfig(num_workers=1))
         rt.model.train()
         optimizer = torch.optim.AdamW(rt.model.parameters(), lr=1e-6)
-        runs = [one_step(rt, optimizer, args, step) for step in range(args.steps + 1)][1:]
+        precisions = PRECISIONS[args.precision]
+        by_precision: dict[str, list[dict]] = {p: [] for p in precisions}
+        for step in range(args.steps + 1):  # step 0 warms up every precision and is not counted
+            for precision in precisions if step % 2 == 0 else precisions[::-1]:
+                by_precision[precision].append(step_in_precision(rt, optimizer, args, step, precision))
+        by_precision = {p: r[1:] for p, r in by_precision.items()}
         rt.close()
+    if len(precisions) == 2:
+        totals = {p: [sum(r["seconds"].values()) for r in by_precision[p]] for p in precisions}
+        ratios = [a / b for a, b in zip(totals["32-true"], totals["bf16-mixed"], strict=True)]
+        for p in precisions:
+            phases = {ph: statistics.median(r["seconds"][ph] for r in by_precision[p]) for ph in PHASES}
+            print(f"{p:<11} step median {statistics.median(totals[p]):.3f} s: "
+                  + ", ".join(f"{ph} {v:.3f}" for ph, v in phases.items()))  # fmt: skip
+        print(f"fp32 / bf16-mixed step time: median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {args.steps} steps")  # fmt: skip
+    runs = by_precision[precisions[-1]]
     median = {p: statistics.median(r["seconds"][p] for r in runs) for p in PHASES}
     total = sum(median.values())
     n_agg = args.n_sets * args.n_agg if args.algorithm == "spiral" else 0
@@ -185,6 +222,7 @@ def main() -> None:
         print(f"speed-up off/on per step: median {statistics.median(ratios):.2f}x "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
+              "by_precision": by_precision,
               "median_seconds": median, "total": total, "share": {p: median[p] / total for p in PHASES},
               "update_seconds": update, "steps": runs}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2))
