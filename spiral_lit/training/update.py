@@ -110,8 +110,8 @@ class PolicyUpdater:
         self.world_size, self.reference, self.sharded = world_size, reference, sharded
         self._tis: list[torch.Tensor] | None = None
         """Per-sequence truncated importance weights of the current update (``tis_cap``)."""
-        self._old_from_forward = False
-        """The current update takes its old log-probs from its own (single) forward pass instead of a recompute."""
+        self._old_from_forward = bool(config.recompute_old_logprobs) and config.epochs * config.num_minibatches == 1
+        """One optimiser step per update: its own forward, detached, is the trainer's old policy (no recompute)."""
         self._prefix = shared_prefix_cache(model, config.shared_prefix)
         """How to pass the KV cache for the shared-prefix forward; None = the full forward."""
         self._forward = training_forward(model, self._prefix)
@@ -168,8 +168,6 @@ class PolicyUpdater:
         """All epochs and minibatches over ``sequences``; returns averaged statistics."""
         cfg = self.config
         self._tis, tis_stats = None, {}
-        # One optimiser step per update: its own forward is the trainer's old policy, so no separate pass is needed.
-        self._old_from_forward = bool(cfg.recompute_old_logprobs) and cfg.epochs * cfg.num_minibatches == 1
         if cfg.recompute_old_logprobs and not self._old_from_forward:
             sampler_logprobs = [s.completion.logprobs for s in sequences]  # before the recompute replaces them
             self._recompute_old(sequences, device)
