@@ -136,15 +136,19 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
     return None
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    """Whether MKL's packed sgemm can run this weight."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")  # F.linear then runs in the autocast dtype, as the model would
-        and torch.backends.mkl.is_available()
-        and hasattr(torch.ops.mkl, "_mkl_linear")
-    )
+def _packing(weight: torch.Tensor) -> str | None:
+    """Which packed matmul runs this weight on CPU: MKL's sgemm for float32 outside autocast, oneDNN's for bf16
+    (the weight copy under bf16 autocast, or a bf16 model); None: plain ``F.linear``."""
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32:
+        mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+        # Under autocast F.linear runs in the autocast dtype, as the model would: no fp32 packing then.
+        return "mkl" if mkl and not torch.is_autocast_enabled("cpu") else None
+    if weight.dtype == torch.bfloat16:
+        onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return "onednn" if onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
 
 
 class _Projection:
@@ -153,7 +157,9 @@ class _Projection:
     On CPU in fp32 the weight can also be packed by MKL for a given row count (``pack``; the
     op torch.compile's CPU weight freezing uses): a decode step multiplies ~128 rows by every
     weight, few enough that the weight repacking inside each plain matmul is a large share of
-    the work. Packed, the 50M benchmark model's decode matmuls ran ~25% faster.
+    the work. Packed, the 50M benchmark model's decode matmuls ran ~25% faster. Under bf16 autocast the bf16 weight
+    copy is packed for oneDNN's bf16 matmul instead (the numbers of autocast's ``F.linear``, bit for bit; 1.1-1.35x
+    faster on the 50M model's decode shapes, benchmarks/README.md, "FLOP/s account").
     Other row counts, e.g. after a compaction, use ``F.linear`` on the unpacked weight; both
     give the same numbers up to rounding.
     """
@@ -179,15 +185,24 @@ class _Projection:
         self.weight_OI = weight_OI
         self.packed: torch.Tensor | None = None
         self.packed_rows = 0
+        self.kind: str | None = None
 
     def pack(self, rows: int) -> None:
-        """Pack the weight for matmuls with ``rows`` rows (no-op where MKL packing is unavailable)."""
-        if _can_pack(self.weight_OI) and rows != self.packed_rows:
+        """Pack the weight for matmuls with ``rows`` rows (no-op where no packed matmul is available)."""
+        kind = _packing(self.weight_OI)
+        if kind == "mkl" and rows != self.packed_rows:
             self.packed, self.packed_rows = torch.ops.mkl._mkl_reorder_linear_weight(self.weight_OI, rows), rows
+        elif kind == "onednn" and rows != self.packed_rows:
+            self.packed, self.packed_rows = torch.ops.mkldnn._reorder_linear_weight(self.weight_OI, rows), rows
+        self.kind = kind
 
     def __call__(self, x_BI: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x_BI.shape[0] == self.packed_rows:
-            return torch.ops.mkl._mkl_linear(x_BI, self.packed, self.weight_OI, self.bias_O, self.packed_rows)
+            if self.kind == "mkl":
+                return torch.ops.mkl._mkl_linear(x_BI, self.packed, self.weight_OI, self.bias_O, self.packed_rows)
+            # oneDNN's bf16 matmul on the packed weight: the input cast as autocast's F.linear would cast it.
+            x_BI = x_BI.to(self.weight_OI.dtype)
+            return torch.ops.mkldnn._linear_pointwise(x_BI, self.packed, self.bias_O, "none", [], "")
         return F.linear(x_BI, self.weight_OI, self.bias_O)
 
 
@@ -248,6 +263,11 @@ class FusedDecoder:
     def interleave_prompt_keys(self, prefix: SharedPrefix) -> None:
         """Put the prefilled prompt keys in the decoder's interleaved head-dim order (once per chunk)."""
         prefix.keys = [k.index_select(-1, self.interleave_D.to(k.device)) for k in prefix.keys]
+        if torch.is_autocast_enabled("cpu"):
+            # Under bf16 autocast the prefill leaves the keys in float32 (rotary runs in float32), and every decode
+            # step's attention matmul would cast all of them again; cast once (the same bf16 numbers).
+            dtype = torch.get_autocast_dtype("cpu")
+            prefix.keys = [k.to(dtype) if k.device.type == "cpu" else k for k in prefix.keys]
 
     def pack(self, rows: int) -> None:
         """Prepare the projections for steps of ``rows`` rows (see :class:`_Projection`)."""

@@ -252,6 +252,28 @@ def test_projection_fuses_linears_and_packs_for_one_row_count() -> None:
         torch.testing.assert_close(projection(x), want)
 
 
+def test_projection_packs_bf16_weights_under_autocast_with_the_same_numbers() -> None:
+    """Under bf16 autocast the weight copy is bf16 and oneDNN's packed matmul runs it: the same numbers as the
+    autocast ``F.linear`` that the model's own forward would run, at the packed row count and at another one."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN bf16 matmul is not available on this CPU")
+    g = torch.Generator().manual_seed(0)
+    linears = [nn.Linear(64, 32, bias=True), nn.Linear(64, 16, bias=False)]
+    for linear in linears:
+        nn.init.normal_(linear.weight, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projection = _Projection(linears)
+        projection.pack(5)
+        assert projection.kind == "onednn" and projection.packed is not None
+        for rows in (5, 3):
+            x = torch.randn(rows, 64, generator=g)
+            with torch.no_grad():
+                want = torch.cat([linear(x) for linear in linears], dim=-1)
+            got = projection(x)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fused_decode_runs_in_bfloat16(request, family: str) -> None:
     """Off fp32 (no MKL packing, norms as modules, rotary in float32) it follows the plain path to bf16 rounding."""
@@ -277,7 +299,7 @@ def test_fused_decode_under_bf16_autocast(request, family: str) -> None:
     at every step) and the fused step follows the model-forward decode under the same autocast to bf16 rounding."""
     model, tokenizer = request.getfixturevalue(family)
     prompts = _prompts(tokenizer)[:2]
-    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0)  # >= 8: the projections are packed
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(p.dtype == torch.bfloat16 for p in FusedDecoder(model).projections[0][0].__dict__.values()
                    if isinstance(p, torch.Tensor))  # fmt: skip
