@@ -199,7 +199,8 @@ def main() -> None:
     median = {p: statistics.median(r["seconds"][p] for r in runs) for p in PHASES}
     total = sum(median.values())
     n_agg = args.n_sets * args.n_agg if args.algorithm == "spiral" else 0
-    print(f"model {args.model or 'random tiny'}; {args.algorithm}: {args.prompts} prompts x ({args.n_search} search + "
+    model = args.model or f"random {args.size}"
+    print(f"model {model}; {args.algorithm}: {args.prompts} prompts x ({args.n_search} search + "
           f"{n_agg} aggregation) traces; median of {args.steps} steps; {torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'phase':<10} {'seconds':>8} {'share':>7}")
     for phase in PHASES:

@@ -21,7 +21,9 @@ Identical work per optimiser step, on the same saved model (``rollout.py``'s ``t
   completion tokens / their number (spiral_lit ``token_mean``, TRL ``loss_type="dapo"``), one optimiser
   step per rollout batch (TRL ``num_iterations=1``, ``steps_per_generation=1``) over one forward/backward
   of all rows (spiral_lit ``micro_batch_size`` = rows, TRL ``per_device_train_batch_size`` = rows),
-  torch AdamW (lr 1e-6, no weight decay, constant rate), gradient norm clipped at 1, fp32, no gradient
+  torch AdamW (lr 1e-6, no weight decay, constant rate), gradient norm clipped at 1, fp32 (``--precision
+  bf16-mixed``: bf16 autocast over fp32 weights on both sides, spiral_lit ``Trainer(precision="bf16-mixed")``, TRL
+  ``bf16=True``, each framework as it implements that setting), no gradient
   checkpointing, no logging, checkpointing or evaluation; neither recomputes old log-probabilities;
 - rewards: the chain_sum verifier on both sides (answer extraction + ``ChainSumTask.score``; spiral_lit
   through its ``Verifier``, TRL as a reward function). Random weights never write an answer, so every
@@ -90,6 +92,8 @@ class Work:
     lr: float = 1e-6
     threads: int | None = None
     """torch threads in every worker (None: torch's default)."""
+    precision: str = "32-true"
+    """``32-true`` or ``bf16-mixed``: spiral_lit's ``Trainer(precision=...)``, TRL's ``GRPOConfig(bf16=...)``."""
 
     def generated_tokens(self, mode: str) -> int:
         traces = self.generations + (N_SETS * N_AGG if mode == "spiral" else 0)
@@ -229,7 +233,7 @@ def run_spiral_lit(model_dir: str, work: Work, algorithm: str) -> list[dict[str,
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="32-true",
+        precision=work.precision,
         max_steps=work.steps + 1,
         logger=False,
         enable_checkpointing=False,
@@ -302,7 +306,7 @@ def run_trl(model_dir: str, work: Work) -> list[dict[str, float]]:
         config = GRPOConfig(
             output_dir=out_dir,
             use_cpu=True,
-            bf16=False,  # GRPOConfig defaults to bf16 and gradient checkpointing
+            bf16=work.precision == "bf16-mixed",  # GRPOConfig defaults to bf16 and gradient checkpointing
             fp16=False,
             gradient_checkpointing=False,
             per_device_train_batch_size=work.prompts * work.generations,
@@ -499,6 +503,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=Work.generations)
     parser.add_argument("--max-tokens", type=int, default=Work.max_tokens)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default=Work.precision,
+                        help="both frameworks: fp32, or bf16 autocast with fp32 weights (TRL: bf16=True)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 4 prompts, 1 repeat, 1 step")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/vs_trl.json"))
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -508,7 +514,8 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.spiral_models, args.prompts, args.repeats, args.steps = ["tiny"], ["tiny"], 4, 1, 1
-    work = Work(args.prompts, args.generations, args.max_tokens, args.steps, threads=args.threads)
+    work = Work(args.prompts, args.generations, args.max_tokens, args.steps, threads=args.threads,
+                precision=args.precision)  # fmt: skip
     start = time.perf_counter()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
