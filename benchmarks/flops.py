@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: train_step.py sits beside this file
 
+from rollout import ban_eos  # noqa: E402
 from train_step import SIZES, update_seconds  # noqa: E402
 
 from spiral_lit.algorithms import grpo_advantages, sample_sets_batch, spiral_advantages  # noqa: E402
@@ -178,9 +179,9 @@ def one_step(rt: PolicyRuntime, timer: PrefillTimer, optimizer: torch.optim.Opti
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         start = time.perf_counter()
         search = sample_search(rt.engine, rt.renderer, problems, args.n_search, sampling, seed=step)
-        rewards = torch.zeros(len(problems), args.n_search)  # random weights never answer: no signal, same work
-        sequences = search_sequences(search, grpo_advantages(rewards), keep)
-        decode_rows = [(len(s.prompt_ids), s.completion.num_tokens) for s in sequences]
+        # Random weights never answer: every advantage is 0, the same work as any other.
+        search_adv = grpo_advantages(torch.zeros(len(problems), args.n_search))
+        sequences = search_sequences(search, search_adv, keep)
         if algorithm == "spiral":
             generator = torch.Generator().manual_seed(step)
             sets_BKS = sample_sets_batch(len(problems), args.n_search, args.n_sets, args.set_size, generator)
@@ -188,10 +189,9 @@ def one_step(rt: PolicyRuntime, timer: PrefillTimer, optimizer: torch.optim.Opti
                                       sampling, step)  # fmt: skip
             search_adv, agg_adv = spiral_advantages(torch.zeros(len(problems), args.n_sets, args.n_agg), sets_BKS,
                                                     args.n_search)  # fmt: skip
-            aggregation = aggregation_sequences(agg, agg_adv, keep)
-            decode_rows += [(len(s.prompt_ids), s.completion.num_tokens) for s in aggregation]
-            sequences = search_sequences(search, search_adv, keep) + aggregation
+            sequences = search_sequences(search, search_adv, keep) + aggregation_sequences(agg, agg_adv, keep)
         generate = time.perf_counter() - start
+        decode_rows = [(len(s.prompt_ids), s.completion.num_tokens) for s in sequences]
         optimizer.zero_grad(set_to_none=True)
         update = update_seconds(rt, sequences, args, shared=True)
     start = time.perf_counter()
@@ -206,15 +206,6 @@ def one_step(rt: PolicyRuntime, timer: PrefillTimer, optimizer: torch.optim.Opti
              "forward": forward, "backward": 2 * forward, "optimizer": OPTIMIZER_FLOPS_PER_PARAM * params}  # fmt: skip
     return {"seconds": seconds, "flops": flops, "generated_tokens": sum(g for _, g in decode_rows),
             "trained_tokens": trained_tokens(sequences)}  # fmt: skip
-
-
-def ban_eos(model: torch.nn.Module, eos_id: int) -> None:
-    """EOS logit -> -inf in every forward (decode and training), so every trace runs to the token budget."""
-
-    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], logits: torch.Tensor) -> None:
-        logits[..., eos_id] = float("-inf")
-
-    model.get_output_embeddings().register_forward_hook(hook)
 
 
 def run_size(size: str, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
