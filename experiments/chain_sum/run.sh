@@ -14,21 +14,21 @@ out=runs/chain_sum
 begin_run chain_sum "$out"
 
 stage "1/7: build the tiny model -> $out/tiny"
-python -m spiral_lit tiny --out "$out/tiny"
+run python -m spiral_lit tiny --out "$out/tiny"
 stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min) -> $out/warmstart_search"
-python -m spiral_lit fit --config experiments/chain_sum/warmstart_search.yaml
+run python -m spiral_lit fit --config experiments/chain_sum/warmstart_search.yaml
 stage "3/7: warm start, both roles (120 steps) -> $out/warmstart"
-python -m spiral_lit fit --config experiments/chain_sum/warmstart.yaml
+run python -m spiral_lit fit --config experiments/chain_sum/warmstart.yaml
 stage "4/7: evaluate the warm start on 200 held-out problems"
-python -m spiral_lit validate --config experiments/chain_sum/warmstart.yaml \
+run python -m spiral_lit validate --config experiments/chain_sum/warmstart.yaml \
   --model.init_args.policy.path "$out/warmstart/hf" --trainer.limit_val_batches 1.0 \
   --trainer.logger.init_args.name warmstart_eval
 stage "5/7: evaluate the aggregated answer before SPIRAL"
-python -m spiral_lit validate --config experiments/chain_sum/spiral.yaml \
+run python -m spiral_lit validate --config experiments/chain_sum/spiral.yaml \
   --trainer.logger.init_args.name spiral_eval_before
 stage "6/7: SPIRAL (1000 steps or 20 min) -> $out/spiral"
-python -m spiral_lit fit --config experiments/chain_sum/spiral.yaml
+run python -m spiral_lit fit --config experiments/chain_sum/spiral.yaml
 stage "7/7: evaluate the aggregated answer after SPIRAL"
-python -m spiral_lit validate --config experiments/chain_sum/spiral.yaml \
+run python -m spiral_lit validate --config experiments/chain_sum/spiral.yaml \
   --model.init_args.policy.path "$out/spiral/hf" --trainer.logger.init_args.name spiral_eval_after
 stage "done: tensorboard --logdir $out"

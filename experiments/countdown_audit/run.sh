@@ -16,17 +16,17 @@ out=runs/countdown_audit
 begin_run countdown_audit "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
-python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask \
+run python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask \
   --prompts.aggregation_target audit --tiny.vocab_size 512
 stage "2a/5: warm start, both roles (1200 steps) -> $out/warmstart"
-python -m spiral_lit fit --config experiments/countdown_audit/warmstart.yaml
+run python -m spiral_lit fit --config experiments/countdown_audit/warmstart.yaml
 stage "2b/5: warm start, mostly aggregation (1200 steps) -> $out/warmstart_audit"
-python -m spiral_lit fit --config experiments/countdown_audit/warmstart_audit.yaml
+run python -m spiral_lit fit --config experiments/countdown_audit/warmstart_audit.yaml
 stage "3/5: SPIRAL (60 steps) -> $out/spiral"
-python -m spiral_lit fit --config experiments/countdown_audit/spiral.yaml
+run python -m spiral_lit fit --config experiments/countdown_audit/spiral.yaml
 stage "4/5: measure the warm start and SPIRAL on 200 held-out problems -> $out/compare"
-python -m spiral_lit compare --config experiments/countdown_audit/compare.yaml --out "$out/compare" \
+run python -m spiral_lit compare --config experiments/countdown_audit/compare.yaml --out "$out/compare" \
   --checkpoints warmstart="$out/warmstart_audit/hf" spiral="$out/spiral/hf"
 stage "5/5: results"
-python experiments/quickstart/summary.py "$out/compare"
+run python experiments/quickstart/summary.py "$out/compare"
 stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

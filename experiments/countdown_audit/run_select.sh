@@ -12,14 +12,14 @@ out=runs/countdown_select
 begin_run countdown_select "$out"
 
 stage "1/4: build the tiny model for countdown -> $out/tiny"
-python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.verdict_steps true \
+run python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.verdict_steps true \
   --task.faked_wrong 0.5 --prompts.aggregation_target select --tiny.vocab_size 512
 stage "2/4: warm start, both roles (1200 steps) -> $out/warmstart"
-python -m spiral_lit fit --config experiments/countdown_audit/select_warmstart.yaml
+run python -m spiral_lit fit --config experiments/countdown_audit/select_warmstart.yaml
 stage "3/4: SPIRAL (60 steps) -> $out/spiral"
-python -m spiral_lit fit --config experiments/countdown_audit/select_spiral.yaml
+run python -m spiral_lit fit --config experiments/countdown_audit/select_spiral.yaml
 stage "4/4: measure the warm start and SPIRAL on 200 held-out problems -> $out/compare"
-python -m spiral_lit compare --config experiments/countdown_audit/select_compare.yaml --out "$out/compare" \
+run python -m spiral_lit compare --config experiments/countdown_audit/select_compare.yaml --out "$out/compare" \
   --checkpoints warmstart="$out/warmstart/hf" spiral="$out/spiral/hf"
-python experiments/quickstart/summary.py "$out/compare"
+run python experiments/quickstart/summary.py "$out/compare"
 stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

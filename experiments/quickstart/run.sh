@@ -14,17 +14,17 @@ out=runs/quickstart
 begin_run quickstart "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
-python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.n_numbers 4 \
+run python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.n_numbers 4 \
   --task.operators "+-" --task.verdict_steps true --task.faked_wrong 0.5 --prompts.aggregation_target select \
   --tiny.vocab_size 512
 stage "2/5: warm start, search role (600 steps) -> $out/warmstart_search"
-python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
+run python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
 stage "3/5: warm start, both roles (1200 steps) -> $out/warmstart"
-python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
+run python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
 stage "4/5: SPIRAL (60 steps) -> $out/spiral"
-python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
+run python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 stage "5/5: the warm start and SPIRAL on 200 held-out problems -> $out/compare"
-python -m spiral_lit compare --config experiments/quickstart/compare.yaml --out "$out/compare" \
+run python -m spiral_lit compare --config experiments/quickstart/compare.yaml --out "$out/compare" \
   --checkpoints warmstart="$out/warmstart/hf" spiral="$out/spiral/hf"
-python experiments/quickstart/summary.py "$out/compare"
+run python experiments/quickstart/summary.py "$out/compare"
 stage "done: tensorboard --logdir $out; plots in $out/compare/*.png"

@@ -18,10 +18,10 @@ base=$(python -c "import sys; from spiral_lit.tools.convert_gguf import ensure_s
 mkdir -p "$out"
 ln -s "$base" "$out/base"
 stage "2/4: warm start (until held-out pass@1 >= 0.3) -> $out/warmstart"
-python -m spiral_lit fit --config experiments/smollm2/warmstart.yaml
+run python -m spiral_lit fit --config experiments/smollm2/warmstart.yaml
 stage "3/4: SPIRAL with LoRA -> $out/spiral"
-python -m spiral_lit fit --config experiments/smollm2/spiral.yaml
+run python -m spiral_lit fit --config experiments/smollm2/spiral.yaml
 stage "4/4: compare base, warm start and SPIRAL on 200 held-out problems -> $out/compare"
-python -m spiral_lit compare --config experiments/smollm2/compare.yaml --out "$out/compare" \
+run python -m spiral_lit compare --config experiments/smollm2/compare.yaml --out "$out/compare" \
   --checkpoints base="$out/base" warmstart="$out/warmstart/hf" spiral="$out/spiral/hf"
 stage "done: $out/compare/metrics.csv, $out/compare/intervals.csv; tensorboard --logdir $out"
