@@ -34,8 +34,20 @@ ForwardPath = Literal["fused_prefix", "shared_prefix", "full"]
 
 
 def full_logits(model: Callable[..., Any], batch: PackedBatch) -> torch.Tensor:
-    """Logits ``[B, T-1, V]`` of ``prompt + completion`` rows, aligned with ``batch.targets_BT1``."""
-    return model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
+    """Logits ``[B, T-1, V]`` of ``prompt + completion`` rows, aligned with ``batch.targets_BT1``.
+
+    The rows are right-padded (:func:`~spiral_lit.training.batching.pack`), so no real token attends to a pad:
+    the causal mask alone gives the real tokens' logits, and the padding mask is left out. Attention then runs
+    sdpa's causal kernel, which skips the masked half of the score blocks, instead of the kernel that reads a
+    ``[B, 1, T, T]`` mask. Logits at pad positions change, and nothing reads them (the completion mask excludes
+    them)."""
+    mask = None if is_right_padded(batch.attention_mask_BT) else batch.attention_mask_BT
+    return model(input_ids=batch.input_ids_BT, attention_mask=mask).logits[:, :-1]
+
+
+def is_right_padded(attention_mask_BT: torch.Tensor) -> bool:
+    """Whether every row is ones then zeros (real tokens first, pads after)."""
+    return bool((attention_mask_BT[:, 1:] <= attention_mask_BT[:, :-1]).all())
 
 
 def shared_prefix_cache(model: torch.nn.Module, wanted: bool) -> CacheForward | None:
