@@ -179,18 +179,19 @@ def one_step(rt: PolicyRuntime, timer: PrefillTimer, optimizer: torch.optim.Opti
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         start = time.perf_counter()
         search = sample_search(rt.engine, rt.renderer, problems, args.n_search, sampling, seed=step)
-        # Random weights never answer: every advantage is 0, the same work as any other.
-        search_adv = grpo_advantages(torch.zeros(len(problems), args.n_search))
-        sequences = search_sequences(search, search_adv, keep)
         if algorithm == "spiral":
             generator = torch.Generator().manual_seed(step)
             sets_BKS = sample_sets_batch(len(problems), args.n_search, args.n_sets, args.set_size, generator)
             agg = sample_aggregations(rt.engine, rt.renderer, problems, search.traces, sets_BKS, args.n_agg,
                                       sampling, step)  # fmt: skip
+        generate = time.perf_counter() - start
+        # Random weights never answer: every advantage is 0, the same work as any other.
+        if algorithm == "spiral":
             search_adv, agg_adv = spiral_advantages(torch.zeros(len(problems), args.n_sets, args.n_agg), sets_BKS,
                                                     args.n_search)  # fmt: skip
             sequences = search_sequences(search, search_adv, keep) + aggregation_sequences(agg, agg_adv, keep)
-        generate = time.perf_counter() - start
+        else:
+            sequences = search_sequences(search, grpo_advantages(torch.zeros(len(problems), args.n_search)), keep)
         decode_rows = [(len(s.prompt_ids), s.completion.num_tokens) for s in sequences]
         optimizer.zero_grad(set_to_none=True)
         update = update_seconds(rt, sequences, args, shared=True)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.runtime.models import PolicyConfig, TinyModelConfig, build_tiny_policy, load_policy
@@ -19,6 +20,27 @@ from spiral_lit.tasks import ChainSumTask
 from spiral_lit.tools.tiny import tokenizer_corpus
 
 TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+
+
+def random_causal_lm(family: str, attention: str, vocab_size: int) -> torch.nn.Module:
+    """A 2-layer Llama or Qwen2 with grouped-query attention (as Qwen and Llama 3 use) and large random weights
+    (``initializer_range=0.2``), so attention is sharp and a wrong position id or mask shows in the logits; the
+    same weights on every call."""
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "initializer_range": 0.2,
+        "attn_implementation": attention,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if family == "llama":
+            return LlamaForCausalLM(LlamaConfig(**common)).float()
+        return Qwen2ForCausalLM(Qwen2Config(**common)).float()
 
 
 @dataclass

@@ -28,17 +28,17 @@ print("stage 1 finished", flush=True)
 """
 
 
+def _script(tmp_path: Path, *stages: str) -> Path:
+    """A run script of ``stages``, one ``run`` command each, with the experiments' preamble."""
+    script = tmp_path / "stages.sh"
+    stages_sh, out = ROOT / "experiments" / "stages.sh", tmp_path / "out"
+    preamble = ["set -euo pipefail", f"source {stages_sh}", f"begin_run probe {out}"]
+    script.write_text("\n".join([*preamble, *(f"run {stage}" for stage in stages)]) + "\n")
+    return script
+
+
 def _start(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
-    script = tmp_path / "two_stages.sh"
-    script.write_text(
-        "set -euo pipefail\n"
-        f"source {ROOT / 'experiments' / 'stages.sh'}\n"
-        f"begin_run probe {tmp_path / 'out'}\n"
-        'stage "1/2"\n'
-        f"run python -c '{STAGE}'\n"
-        'stage "2/2"\n'
-        f"run touch {tmp_path / 'stage2'}\n"
-    )
+    script = _script(tmp_path, f"python -c '{STAGE}'", f"touch {tmp_path / 'stage2'}")
     log = tmp_path / "log"
     # A session of its own with SIGINT at its default, as a script started from a terminal has it.
     process = subprocess.Popen(
@@ -76,16 +76,7 @@ def test_a_stopped_script_stops_its_stage_once_and_starts_no_other(tmp_path: Pat
 
 
 def test_an_unstopped_script_runs_every_stage(tmp_path: Path) -> None:
-    script = tmp_path / "two_stages.sh"
-    script.write_text(
-        "set -euo pipefail\n"
-        f"source {ROOT / 'experiments' / 'stages.sh'}\n"
-        f"begin_run probe {tmp_path / 'out'}\n"
-        "run true\n"
-        f"run touch {tmp_path / 'stage2'}\n"
-        "run false\n"
-        f"run touch {tmp_path / 'stage4'}\n"
-    )
+    script = _script(tmp_path, "true", f"touch {tmp_path / 'stage2'}", "false", f"touch {tmp_path / 'stage4'}")
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=20)
     assert result.returncode == 1  # a failed stage stops the script (set -e), as before
     assert (tmp_path / "stage2").exists() and not (tmp_path / "stage4").exists()

@@ -190,11 +190,14 @@ class _Projection:
     def pack(self, rows: int) -> None:
         """Pack the weight for matmuls with ``rows`` rows (no-op where no packed matmul is available)."""
         kind = _packing(self.weight_OI)
-        if kind == "mkl" and rows != self.packed_rows:
-            self.packed, self.packed_rows = torch.ops.mkl._mkl_reorder_linear_weight(self.weight_OI, rows), rows
-        elif kind == "onednn" and rows != self.packed_rows:
-            self.packed, self.packed_rows = torch.ops.mkldnn._reorder_linear_weight(self.weight_OI, rows), rows
-        self.kind = kind
+        if kind is None:
+            self.packed, self.packed_rows, self.kind = None, 0, None
+        elif (kind, rows) != (self.kind, self.packed_rows):
+            if kind == "mkl":
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight_OI, rows)
+            else:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_OI, rows)
+            self.packed, self.packed_rows, self.kind = packed, rows, kind
 
     def __call__(self, x_BI: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x_BI.shape[0] == self.packed_rows:

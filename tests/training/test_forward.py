@@ -5,30 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spiral_lit.training.batching import pack
 from spiral_lit.training.forward import full_logits, is_right_padded
+from tests.conftest import random_causal_lm
 
 VOCAB, PAD = 61, 0
-
-
-def _model(family: str, attention: str) -> torch.nn.Module:
-    common = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "initializer_range": 0.2,
-        "attn_implementation": attention,
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if family == "llama":
-            return LlamaForCausalLM(LlamaConfig(**common)).float()
-        return Qwen2ForCausalLM(Qwen2Config(**common)).float()
 
 
 def _batch():
@@ -48,7 +30,7 @@ def test_is_right_padded_hand_checked() -> None:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_logits_and_gradients_at_real_tokens_equal_the_padding_masked_forward(family: str, attention: str) -> None:
-    model, batch = _model(family, attention), _batch()
+    model, batch = random_causal_lm(family, attention, VOCAB), _batch()
     real_BT1 = batch.attention_mask_BT[:, 1:].bool()
     masked = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits[:, :-1]
     (masked * batch.completion_mask_BT1.unsqueeze(-1)).sum().backward()
@@ -62,7 +44,7 @@ def test_logits_and_gradients_at_real_tokens_equal_the_padding_masked_forward(fa
 
 
 def test_a_left_padded_batch_keeps_its_mask() -> None:
-    model, batch = _model("llama", "sdpa"), _batch()
+    model, batch = random_causal_lm("llama", "sdpa", VOCAB), _batch()
     flipped = type(batch)(
         batch.input_ids_BT.flip(1),
         batch.attention_mask_BT.flip(1),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from spiral_lit.algorithms import token_logprobs
 from spiral_lit.rollout import Completion
@@ -20,27 +20,14 @@ from spiral_lit.training.prefix_forward import (
     shared_prefix_logits,
 )
 from spiral_lit.training.update import PolicyUpdater, TrainSequence, UpdateConfig
+from tests.conftest import random_causal_lm
 
 VOCAB = 61
 PAD = 0
 
 
 def _model(family: str, attention: str) -> torch.nn.Module:
-    common = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,  # grouped-query attention, as Qwen and Llama 3 use
-        "initializer_range": 0.2,
-        "attn_implementation": attention,
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if family == "llama":
-            return LlamaForCausalLM(LlamaConfig(**common)).float()
-        return Qwen2ForCausalLM(Qwen2Config(**common)).float()
+    return random_causal_lm(family, attention, VOCAB)
 
 
 def _rows() -> tuple[list[list[int]], list[list[int]]]:
