@@ -29,7 +29,8 @@ named (with the line) before parsing; a parser error shows one usage line, not e
 :class:`~spiral_lit.errors.UserError` is printed without a traceback by ``python -m spiral_lit``
 (:func:`~spiral_lit.errors.run_main`), also by the tools. Every Trainer also gets
 :class:`~spiral_lit.reliability.progress.ProgressLog`, which prints a progress line every 30 s when the output is a
-log file rather than a terminal.
+log file rather than a terminal, and on a terminal
+:class:`~spiral_lit.reliability.progress.StepProgressBar`, whose training bar counts optimiser steps.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from spiral_lit.errors import PathNotFoundError, UserError, run_main
 from spiral_lit.reliability.callbacks import GracefulStop, PredictionWriter, ResumeState, guard_outputs
 from spiral_lit.reliability.checkpointing import AtomicCheckpointIO, check_resume_config, is_lightning_special_path
 from spiral_lit.reliability.preflight import preflight
-from spiral_lit.reliability.progress import ProgressLog
+from spiral_lit.reliability.progress import ProgressLog, StepProgressBar
 from spiral_lit.training.data import ProblemDataModule
 
 if TYPE_CHECKING:
@@ -138,6 +139,8 @@ class SpiralCLI(LightningCLI):
         for default in (ResumeState, GracefulStop, ProgressLog):
             if not any(isinstance(c, default) for c in given):
                 callbacks.append(default())
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:

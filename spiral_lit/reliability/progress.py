@@ -10,6 +10,10 @@ The CLI adds it to every Trainer (``--trainer.callbacks+=spiral_lit.reliability.
 --trainer.callbacks.every_s 60`` changes the rate). On a terminal with the progress bar on, it prints
 nothing. :class:`LogProgress` does the same for a loop outside Lightning.
 
+On a terminal, :class:`StepProgressBar` (also added by the CLI) is Lightning's tqdm bar with its training bar
+counting optimiser steps out of ``max_steps``, as these lines do: a SPIRAL or GRPO step whose dynamic sampling
+refills draws several batches before it updates, and a bar of batches out of ``max_steps`` read ``114/60``.
+
 Lines go through Lightning's rank-zero logger (``rank_zero_info``): on stderr, from process 0 only.
 """
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 Clock = Callable[[], float]
@@ -219,3 +223,26 @@ class LogProgress:
     def close(self) -> None:
         if self.enabled and self._done > 0:
             self._emit(self._loop.line(self._done, self._clock(), final=True))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar whose training bar counts optimiser steps (``trainer.global_step``) out of
+    ``max_steps``, not batches out of the loader's length (module docstring). Without ``max_steps`` it is
+    Lightning's bar unchanged."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it stopped
+            self.train_progress_bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, pl_module, *args)
+            return
+        bar, done = self.train_progress_bar, trainer.global_step
+        if bar is not None and done != bar.n and self._should_update(done, bar.total):
+            bar.n = done
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

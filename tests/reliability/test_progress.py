@@ -8,12 +8,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import pytest
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
+from lightning.pytorch.demos.boring_classes import BoringModel
 from tiny_run import cli_config
 
 from spiral_lit.cli import main
-from spiral_lit.reliability.progress import LogProgress, LoopProgress, ProgressLog, format_duration
+from spiral_lit.reliability.progress import LogProgress, LoopProgress, ProgressLog, StepProgressBar, format_duration
 
 
 class FakeClock:
@@ -158,3 +160,39 @@ def test_cli_fit_logs_progress_when_not_on_a_terminal(
     err = "\n".join(caplog.messages)  # Lightning's rank-zero logger: stderr of process 0
     assert "[spiral_lit] fit: step 1/3 (33%)" in err
     assert "[spiral_lit] fit: step 3/3 (100%)" in err and ", finished" in err
+
+
+class _StepsEveryOtherBatch(BoringModel):
+    """Updates on every second batch, as a step that waits for a refill batch does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.manual_backward(self(batch).sum())
+        if batch_idx % 2:
+            optimizer = self.optimizers()
+            optimizer.step()  # type: ignore[union-attr]
+            optimizer.zero_grad()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bar_class, shown", [(TQDMProgressBar, 6), (StepProgressBar, 3)])
+def test_step_progress_bar_counts_optimiser_steps_not_batches(tmp_path: Path, bar_class: type, shown: int) -> None:
+    bar = bar_class()
+    trainer = L.Trainer(
+        max_steps=3, callbacks=[bar], logger=False, enable_checkpointing=False, limit_val_batches=0,
+        default_root_dir=tmp_path, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(_StepsEveryOtherBatch())
+    assert trainer.global_step == 3
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (shown, 3)  # Lightning's own: 6 of 3
+
+
+def test_cli_puts_the_step_bar_on_a_terminal(tiny_policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit"])
+    config = cli_config(tiny_policy.path, tmp_path, verifier_workers=0)
+    cli = main(["--config", str(config), "--trainer.enable_progress_bar", "true"], run=False)
+    assert type(cli.trainer.progress_bar_callback) is StepProgressBar
+    cli = main(["--config", str(config)], run=False)  # enable_progress_bar: false in the config
+    assert cli.trainer.progress_bar_callback is None
