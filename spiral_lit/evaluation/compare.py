@@ -11,7 +11,9 @@ config's ``model.init_args.policy.path`` (which then gives the architecture and 
 Seeds derive from ``eval.seed`` and each problem's uid, so every checkpoint sees the same
 problems and draws. Each checkpoint is evaluated by ``trainer.validate`` on the config's Trainer, in one process
 (``devices: 1``, the default strategy, every held-out batch), so the numbers are those
-``python -m spiral_lit validate`` logs with the same config, without a logger.
+``python -m spiral_lit validate`` logs with the same config, without a logger. Options after ``--`` override the
+config for every checkpoint, as on ``fit``'s command line (``-- --model.init_args.eval.rsa_rounds 10``); the
+checkpoint's own path and the one-process Trainer settings still win.
 
 Writes into ``--out``: ``metrics.csv``/``.json`` (each metric's mean per checkpoint),
 ``curves.csv``/``.json`` (accuracy, generated and prompt tokens per scaffold and x: token
@@ -36,7 +38,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -82,10 +84,13 @@ ONE_PROCESS = ["--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.
 """compare writes its results from one process: the config's accelerator, one device, no sharding."""
 
 
-def _build(config: str, policy_dir: Path | None = None, heldout_size: int | None = None) -> SpiralCLI:
+def _build(
+    config: str, policy_dir: Path | None = None, heldout_size: int | None = None, overrides: Sequence[str] = ()
+) -> SpiralCLI:
     """The config's module (its policy from ``policy_dir`` if given), data and Trainer (no logger, one process,
-    every held-out batch)."""
-    args = ["--config", config, "--trainer.logger", "false", *ONE_PROCESS, "--trainer.limit_val_batches", "null"]
+    every held-out batch), with ``overrides`` (command-line options) applied over the config first."""
+    args = ["--config", config, *overrides, "--trainer.logger", "false", *ONE_PROCESS]
+    args += ["--trainer.limit_val_batches", "null"]
     if policy_dir is not None:
         args += ["--model.init_args.policy.path", str(policy_dir)]
     if heldout_size is not None:
@@ -145,9 +150,11 @@ def _policy_weights(path: Path, mmap: bool = False) -> tuple[dict[str, Any], str
     return weights, checkpoint_policy_path(checkpoint)
 
 
-def check_checkpoints(specs: dict[str, Path], config: str) -> None:
-    """Before any is evaluated: every directory is a Hugging Face model and every ``.ckpt`` fits the config's
-    model (names, shapes), so a wrong entry fails at once instead of after the others were evaluated."""
+def check_checkpoints(specs: dict[str, Path], config: str, overrides: Sequence[str] = ()) -> None:
+    """Before any is evaluated: the config with ``overrides`` parses, every directory is a Hugging Face model and
+    every ``.ckpt`` fits the config's model (names, shapes), so a wrong entry fails at once instead of after the
+    others were evaluated."""
+    _build(config, overrides=overrides)  # a mistyped override fails here, not after the first checkpoint
     for name, path in specs.items():
         if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise UserError(
@@ -158,7 +165,7 @@ def check_checkpoints(specs: dict[str, Path], config: str) -> None:
     files = {name: path for name, path in specs.items() if path.is_file()}
     if not files:
         return
-    cli = _build(config)
+    cli = _build(config, overrides=overrides)
     # The config's precision (e.g. bf16-true weights), as ``validate`` builds the module.
     with cli.trainer.precision_plugin.module_init_context():
         cli.model.configure_model()
@@ -180,13 +187,13 @@ def check_checkpoints(specs: dict[str, Path], config: str) -> None:
 
 
 def evaluate_checkpoint(
-    name: str, checkpoint: Path, config: str, heldout_size: int | None
+    name: str, checkpoint: Path, config: str, heldout_size: int | None, overrides: Sequence[str] = ()
 ) -> tuple[dict[str, float], PerProblem]:
     """Mean of every evaluation metric of one checkpoint over the config's held-out problems: ``trainer.validate``
     logs ``val/<metric>`` (:func:`~spiral_lit.training.strategy.log_eval_metrics`); returned without ``val/``.
     Also the values of the metrics with one value per problem, ``{metric: {uid: value}}``
     (:class:`CollectPerProblem`)."""
-    cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size)
+    cli = _build(config, checkpoint if checkpoint.is_dir() else None, heldout_size, overrides)
     # Without a logger, validate would save the config into the working directory: compare writes only --out.
     # Trainer.callbacks is set by Lightning's callback connector, unannotated.
     callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]  # type: ignore[attr-defined]
@@ -287,6 +294,7 @@ def compare(
     out: str = "runs/compare",
     heldout_size: int | None = None,
     overwrite: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Evaluate checkpoints on the same held-out problems and seeds; write tables and plots.
 
@@ -296,12 +304,14 @@ def compare(
         out: Output directory for the tables, PNGs and TensorBoard events: new, empty or an earlier compare output.
         heldout_size: Evaluate only the first this many held-out problems (default: the config's).
         overwrite: Replace what ``out`` holds even if spiral_lit did not write it (never a checkpoint or the config).
+        overrides: Command-line options applied over ``config`` for every checkpoint (``main`` takes them after
+            ``--``).
     """
     specs = parse_checkpoints(checkpoints)
     inputs = [(f"the checkpoint {name}", path) for name, path in specs.items()] + [("the config (--config)", config)]
     check_output(out, **OUT, overwrite=overwrite, protected=inputs)
-    check_checkpoints(specs, config)
-    evaluated = {name: evaluate_checkpoint(name, path, config, heldout_size) for name, path in specs.items()}
+    check_checkpoints(specs, config, overrides)
+    evaluated = {name: evaluate_checkpoint(name, path, config, heldout_size, overrides) for name, path in specs.items()}
     metrics = {name: means for name, (means, _) in evaluated.items()}
     per_problem = {name: values for name, (_, values) in evaluated.items()}
     intervals = interval_rows(per_problem)
@@ -356,10 +366,12 @@ def _bare_flag(argv: list[str], option: str) -> list[str]:
 def main(argv: list[str] | None = None) -> Path:
     # jsonargparse's auto_cli drops a parameter named ``config``, so the parser is built from the signature here.
     parser = ArgumentParser(prog=f"{PROG} compare", description=cast(str, compare.__doc__).splitlines()[0])
-    parser.add_function_arguments(compare, as_group=False)
-    argv = _bare_flag(_as_one_list(sys.argv[1:] if argv is None else argv, "--checkpoints"), "--overwrite")
-    args = parser.parse_args(argv)
-    return compare(**args.as_dict())
+    parser.add_function_arguments(compare, as_group=False, skip={"overrides"})
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: len(argv) - len(overrides) - ("--" in argv)]
+    args = parser.parse_args(_bare_flag(_as_one_list(argv, "--checkpoints"), "--overwrite"))
+    return compare(**args.as_dict(), overrides=overrides)
 
 
 if __name__ == "__main__":

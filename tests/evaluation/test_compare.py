@@ -186,6 +186,28 @@ def test_every_checkpoint_is_checked_before_any_is_evaluated(tiny_policy, tmp_pa
     assert evaluated == [] and not (tmp_path / "compare").exists()
 
 
+def test_options_after_a_double_dash_override_the_config_for_every_checkpoint(
+    tiny_policy, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
+    seen = []
+    monkeypatch.setattr(
+        compare_module, "evaluate_checkpoint", lambda name, *args: seen.append((name, args[-1])) or ({}, {})
+    )
+    config = _config(tmp_path, tiny_policy.path)
+    args = ["--config", str(config), "--out", str(tmp_path / "compare"), "--checkpoints", f"a={tiny_policy.path}"]
+    override = ["--model.init_args.eval.rsa_rounds", "7"]
+    main([*args, f"b={tiny_policy.path}", "--", *override])
+    assert seen == [("a", override), ("b", override)]
+    built = compare_module._build(str(config), tiny_policy.path, None, override)
+    assert built.model.hparams["eval"]["rsa_rounds"] == 7
+    assert built.trainer.num_devices == 1  # compare's own settings still win
+    seen.clear()
+    with pytest.raises(SystemExit):  # a mistyped key fails before any checkpoint is evaluated
+        main([*args, "--", "--model.init_args.eval.rsa_roundz", "7"])
+    assert seen == [] and "rsa_roundz" in capsys.readouterr().err
+
+
 def test_compare_out_refuses_what_it_did_not_write(tiny_policy, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["spiral_lit.evaluation.compare"])
     evaluated = []
