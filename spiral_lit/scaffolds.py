@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -139,8 +140,10 @@ def recursive_aggregation(
     set_size: int,
     sampling: SamplingConfig,
     seeds: list[int],
+    on_round: Callable[[int], None] | None = None,
 ) -> list[AggregationRollout]:
-    """RSA (docs/algorithm.md §7.5): ``rounds`` rounds over the initial ``population`` ``[B][N]``.
+    """RSA (docs/algorithm.md §7.5): ``rounds`` rounds over the initial ``population`` ``[B][N]``; ``on_round(t)``
+    is called as round t starts (progress lines).
 
     In round t each of the N new members aggregates its own uniformly random ``set_size``-subset
     of the population of round t - 1 (one aggregation trace per member). Returns one rollout per
@@ -149,6 +152,8 @@ def recursive_aggregation(
     """
     out: list[AggregationRollout] = []
     for t in range(1, rounds + 1):
+        if on_round is not None:
+            on_round(t)
         N = len(population[0])
         generators = [torch.Generator().manual_seed(derive_seed(s, "rsa_sets", t)) for s in seeds]
         sets_BNK = torch.stack([sample_member_sets(N, N, set_size, g) for g in generators])

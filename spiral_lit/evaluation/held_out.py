@@ -30,7 +30,7 @@ is undefined). :func:`spiral_lit.runtime.policy.log_eval_metrics` averages them 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -50,6 +50,15 @@ from spiral_lit.tasks.base import Problem, answer_keys
 from spiral_lit.tasks.verify import Verifier
 
 PredictScaffold = Literal["single", "majority", "rsa"]
+Progress = Callable[[str], None]
+"""Told which scaffold of a batch starts, for progress lines (:meth:`ProgressLog.phase
+<spiral_lit.reliability.progress.ProgressLog.phase>`)."""
+
+
+def ignore_progress(phase: str) -> None:
+    """The default :data:`Progress`: says nothing."""
+
+
 """``single``: one search trace; ``majority``: vote over ``n_samples``; ``rsa``: vote over RSA's last population."""
 
 
@@ -314,13 +323,14 @@ def rsa_metrics(
     scored: Scored,
     sampling: SamplingConfig,
     seeds: list[int],
+    progress: Progress = ignore_progress,
 ) -> dict[str, torch.Tensor]:
     """Accuracy, majority vote and cumulative compute of the RSA population after every round (round 0 = P_0)."""
     N = config.rsa_population
     population = [ts[:N] for ts in search.traces]
     rounds = recursive_aggregation(
         sampler.engine, sampler.renderer, problems, population, config.rsa_rounds, config.rsa_set_size, sampling,
-        [derive_seed(s, "rsa") for s in seeds],
+        [derive_seed(s, "rsa") for s in seeds], lambda t: progress(f"RSA round {t}/{config.rsa_rounds}"),
     )  # fmt: skip
     previous = scored.head(N)
     tokens, prompt_tokens = tokens_B(population), _prompt_tokens_B(search.prompts)
@@ -345,21 +355,27 @@ def evaluate_problems(
     config: EvalConfig,
     search_sampling: SamplingConfig,
     aggregation_sampling: SamplingConfig,
+    progress: Progress = ignore_progress,
 ) -> dict[str, torch.Tensor]:
-    """Every configured scaffold on ``problems``: ``{name: values}`` (module docstring)."""
+    """Every configured scaffold on ``problems``: ``{name: values}`` (module docstring). ``progress`` is told
+    which scaffold starts (a batch of RSA to 10 rounds runs for minutes)."""
     seeds = [derive_seed(config.seed, p.uid) for p in problems]
     n_traces = max(config.n_samples, config.rsa_population if config.rsa_rounds else 0)
     search_seeds = [derive_seed(s, "search") for s in seeds]
+    progress(f"{n_traces} search traces per problem")
     search = sample_search(sampler.engine, sampler.renderer, problems, n_traces, search_sampling, search_seeds)
     scored = score_traces(sampler.verifier, problems, search.traces)
     out = parallel_metrics(config, search, scored)
     args = (sampler, problems)
     if config.budgets:
+        progress("single chains at each budget")
         out |= sequential_metrics(*args, config.budgets, search_sampling, seeds)
     if config.set_size:
+        progress("aggregation of a set")
         out |= set_metrics(*args, config, search, scored, aggregation_sampling, seeds)
     if config.controls:
+        progress("control sets")
         out |= control_metrics(*args, config, search, scored, aggregation_sampling, seeds)
     if config.rsa_rounds:
-        out |= rsa_metrics(*args, config, search, scored, aggregation_sampling, seeds)
+        out |= rsa_metrics(*args, config, search, scored, aggregation_sampling, seeds, progress)
     return out

@@ -6,15 +6,19 @@ shown, :class:`ProgressLog` prints one plain line at most every ``every_s`` seco
 
     [spiral_lit] fit: step 120/1000 (12%), 1.90 s/step, elapsed 0:03:48, left ~0:27:52
 
+An evaluation batch can run for minutes (100 problems through RSA to 10 rounds), so the modules also report which
+scaffold a batch is on (:func:`report_phase`), at the same bounded rate::
+
+    [spiral_lit] validate: batch 1/2: RSA round 6/10, elapsed 0:02:40
+
 The CLI adds it to every Trainer (``--trainer.callbacks+=spiral_lit.reliability.progress.ProgressLog
 --trainer.callbacks.every_s 60`` changes the rate). On a terminal with the progress bar on, it prints
 nothing. :class:`LogProgress` does the same for a loop outside Lightning.
 
-On a terminal, :class:`StepProgressBar` (also added by the CLI) is Lightning's tqdm bar with its training bar
-counting optimiser steps out of ``max_steps``, as these lines do: a SPIRAL or GRPO step whose dynamic sampling
-refills draws several batches before it updates, and a bar of batches out of ``max_steps`` read ``114/60``.
-
-Lines go through Lightning's rank-zero logger (``rank_zero_info``): on stderr, from process 0 only.
+On a terminal, :class:`StepProgressBar` (also added by the CLI; off when its output is a file) is Lightning's
+tqdm bar with its training bar counting optimiser steps out of ``max_steps``, as these lines do: a SPIRAL or GRPO
+step whose dynamic sampling refills draws several batches before it updates, and a bar of batches out of
+``max_steps`` read ``114/60``.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ class LoopProgress:
             parts.append(f"left ~{format_duration(min(left))}")
         return "[spiral_lit] " + ", ".join(parts)
 
+    def phase_line(self, done: int, now: float, phase: str) -> str:
+        """``label: unit done+1/total: phase, elapsed``: where the unit in progress is (no rate: it is unfinished)."""
+        of = f"/{self.total}" if self.total else ""
+        elapsed = format_duration(now - self.start_time)
+        return f"[spiral_lit] {self.label}: {self.unit} {done + 1}{of}: {phase}, elapsed {elapsed}"
+
 
 @dataclass
 class Throttle:
@@ -131,7 +141,8 @@ class ProgressLog(L.Callback):
         self._done: dict[str, int] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        bar_on_terminal = trainer.progress_bar_callback is not None and sys.stdout.isatty()
+        bar = trainer.progress_bar_callback
+        bar_on_terminal = bar is not None and getattr(bar, "is_enabled", True) and sys.stdout.isatty()
         self._active = not bar_on_terminal
 
     def _start(self, key: str, label: str, unit: str, total: int | None, done: int = 0) -> None:
@@ -181,6 +192,13 @@ class ProgressLog(L.Callback):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start("eval", "predict", "batch", _finite_total(trainer.num_predict_batches))
 
+    def phase(self, label: str) -> None:
+        """A progress line inside an evaluation batch, at most one every ``every_s``: which scaffold the batch is
+        on (``label``), for batches that run for minutes (RSA to 10 rounds over 100 problems)."""
+        loop = self._loops.get("eval")
+        if self._active and loop is not None and self._throttle.ready():
+            self._emit(loop.phase_line(self._done.get("eval", 0), self._clock(), label))
+
     def _eval_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._advance("eval", self._done.get("eval", 0) + 1)
 
@@ -228,7 +246,13 @@ class LogProgress:
 class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar whose training bar counts optimiser steps (``trainer.global_step``) out of
     ``max_steps``, not batches out of the loader's length (module docstring). Without ``max_steps`` it is
-    Lightning's bar unchanged."""
+    Lightning's bar unchanged. Off when stderr, where it draws, is not a terminal: in a log file a bar is one
+    endless line of redraws, and :class:`ProgressLog` prints plain lines there instead."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not sys.stderr.isatty():
+            self.disable()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
@@ -246,3 +270,11 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = done
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+def report_phase(trainer: L.Trainer | None, label: str) -> None:
+    """Hands ``label`` to the Trainer's :class:`ProgressLog` (:meth:`ProgressLog.phase`); nothing without one."""
+    # Trainer.callbacks is set by Lightning's callback connector, unannotated.
+    for callback in trainer.callbacks if trainer is not None else []:  # type: ignore[attr-defined]
+        if isinstance(callback, ProgressLog):
+            callback.phase(label)

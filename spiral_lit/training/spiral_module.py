@@ -26,6 +26,7 @@ Run:  python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -43,6 +44,7 @@ from spiral_lit.reliability.checkpointing import (
     own_rank_entry,
 )
 from spiral_lit.reliability.faults import NonFiniteGuard
+from spiral_lit.reliability.progress import report_phase
 from spiral_lit.rollout import Backend, VLLMConfig
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.runtime.models import PolicyConfig
@@ -288,8 +290,9 @@ class SpiralModule(L.LightningModule):
         spiral_lit.evaluation.compare)."""
         assert self.runtime is not None
         return evaluate_problems(
-            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling
-        )
+            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling,
+            partial(report_phase, self._trainer),
+        )  # fmt: skip
 
     def configure_callbacks(self) -> list[L.Callback]:
         keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -36,6 +37,7 @@ from spiral_lit.evaluation.predict import predict_problems
 from spiral_lit.prompts import PromptConfig, PromptRenderer, audit_text
 from spiral_lit.reliability.checkpointing import check_checkpoint_matches
 from spiral_lit.reliability.faults import NonFiniteGuard
+from spiral_lit.reliability.progress import report_phase
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.rollout.vllm_engine import VLLMConfig
@@ -276,7 +278,10 @@ class WarmStartModule(L.LightningModule):
     def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
         """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
         assert self.runtime is not None
-        return evaluate_problems(self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling)
+        return evaluate_problems(
+            self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling,
+            partial(report_phase, self._trainer),
+        )  # fmt: skip
 
     def configure_callbacks(self) -> list[L.Callback]:
         keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []

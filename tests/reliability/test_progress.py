@@ -15,7 +15,14 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from tiny_run import cli_config
 
 from spiral_lit.cli import main
-from spiral_lit.reliability.progress import LogProgress, LoopProgress, ProgressLog, StepProgressBar, format_duration
+from spiral_lit.reliability.progress import (
+    LogProgress,
+    LoopProgress,
+    ProgressLog,
+    StepProgressBar,
+    format_duration,
+    report_phase,
+)
 
 
 class FakeClock:
@@ -101,6 +108,31 @@ def test_validation_batches_share_the_rate_limit() -> None:
     ]
 
 
+def test_a_long_evaluation_batch_says_which_scaffold_it_is_on() -> None:
+    clock, lines = FakeClock(), []
+    callback = ProgressLog(every_s=30, clock=clock, emit=lines.append)
+    trainer = _trainer(state=SimpleNamespace(fn="validate"), num_val_batches=[2], callbacks=[callback])
+    callback.setup(trainer, None, "validate")  # type: ignore[arg-type]
+    callback.on_validation_start(trainer, None)  # type: ignore[arg-type]
+    for label in ["8 search traces per problem", "aggregation of a set", *(f"RSA round {t}/10" for t in range(1, 11))]:
+        clock.now += 20.0
+        report_phase(trainer, label)  # type: ignore[arg-type]
+    assert lines == [
+        "[spiral_lit] validate: batch 1/2: aggregation of a set, elapsed 0:00:40",
+        "[spiral_lit] validate: batch 1/2: RSA round 2/10, elapsed 0:01:20",
+        "[spiral_lit] validate: batch 1/2: RSA round 4/10, elapsed 0:02:00",
+        "[spiral_lit] validate: batch 1/2: RSA round 6/10, elapsed 0:02:40",
+        "[spiral_lit] validate: batch 1/2: RSA round 8/10, elapsed 0:03:20",
+        "[spiral_lit] validate: batch 1/2: RSA round 10/10, elapsed 0:04:00",
+    ]
+    clock.now += 20.0
+    callback.on_validation_batch_end(trainer, None, None, None, 0)
+    clock.now += 20.0
+    report_phase(trainer, "RSA round 1/10")
+    assert lines[-1] == "[spiral_lit] validate: batch 2/2: RSA round 1/10, elapsed 0:04:40"
+    report_phase(None, "outside a Trainer")  # says nothing, raises nothing
+
+
 def test_validating_every_step_keeps_the_rate_bounded() -> None:
     clock, times = FakeClock(), []
     callback, trainer = ProgressLog(every_s=30, clock=clock, emit=lambda line: times.append(clock.now)), _trainer()
@@ -160,6 +192,12 @@ def test_cli_fit_logs_progress_when_not_on_a_terminal(
     err = "\n".join(caplog.messages)  # Lightning's rank-zero logger: stderr of process 0
     assert "[spiral_lit] fit: step 1/3 (33%)" in err
     assert "[spiral_lit] fit: step 3/3 (100%)" in err and ", finished" in err
+    caplog.clear()
+    main(
+        ["validate", "--config", str(config), "--trainer.limit_val_batches", "1",
+         "--trainer.callbacks+=spiral_lit.reliability.progress.ProgressLog", "--trainer.callbacks.every_s", "0"]
+    )  # fmt: skip
+    assert "[spiral_lit] validate: batch 1/1: aggregation of a set, elapsed" in caplog.text
 
 
 class _StepsEveryOtherBatch(BoringModel):
@@ -178,7 +216,10 @@ class _StepsEveryOtherBatch(BoringModel):
 
 
 @pytest.mark.parametrize("bar_class, shown", [(TQDMProgressBar, 6), (StepProgressBar, 3)])
-def test_step_progress_bar_counts_optimiser_steps_not_batches(tmp_path: Path, bar_class: type, shown: int) -> None:
+def test_step_progress_bar_counts_optimiser_steps_not_batches(
+    tmp_path: Path, bar_class: type, shown: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # where the bar draws
     bar = bar_class()
     trainer = L.Trainer(
         max_steps=3, callbacks=[bar], logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -189,10 +230,14 @@ def test_step_progress_bar_counts_optimiser_steps_not_batches(tmp_path: Path, ba
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (shown, 3)  # Lightning's own: 6 of 3
 
 
-def test_cli_puts_the_step_bar_on_a_terminal(tiny_policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_puts_the_step_bar_on_a_terminal_only(tiny_policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["spiral_lit"])
     config = cli_config(tiny_policy.path, tmp_path, verifier_workers=0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     cli = main(["--config", str(config), "--trainer.enable_progress_bar", "true"], run=False)
-    assert type(cli.trainer.progress_bar_callback) is StepProgressBar
+    assert type(cli.trainer.progress_bar_callback) is StepProgressBar and cli.trainer.progress_bar_callback.is_enabled
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a log file: the bar is off, ProgressLog prints
+    cli = main(["--config", str(config), "--trainer.enable_progress_bar", "true"], run=False)
+    assert cli.trainer.progress_bar_callback.is_disabled
     cli = main(["--config", str(config)], run=False)  # enable_progress_bar: false in the config
     assert cli.trainer.progress_bar_callback is None
