@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "tiny_repro" / "run.py"
 
@@ -44,8 +45,37 @@ def test_training_summary_adds_both_roles_tokens_and_averages_the_tail(study) ->
     }
 
 
-def test_train_command_scales_steps_for_the_token_matched_arm(study, tmp_path: Path) -> None:
-    command = study.train_command("grpo_2x", 1, 200, tmp_path)
-    assert command[command.index("--trainer.max_steps") + 1] == "400"
-    assert command[command.index("--config") + 1].endswith("grpo.yaml")
-    assert command[command.index("--trainer.logger.init_args.name") + 1] == "grpo_2x_seed1"
+def test_train_command_runs_the_quickstart_config_with_the_arms_overrides(study, tmp_path: Path) -> None:
+    command = study.train_command("grpo_matched", 1, tmp_path / "warm", tmp_path)
+    assert command[command.index("--config") + 1].endswith("experiments/quickstart/grpo.yaml")
+    assert command[command.index("--trainer.logger.init_args.name") + 1] == "grpo_matched_seed1"
+    assert command[command.index("--model.init_args.policy.path") + 1] == str(tmp_path / "warm")
+    assert command[len(command) - command[::-1].index("--trainer.max_steps")] == "230"  # the arm's, given last
+    command = study.train_command("spiral_per_role", 2, tmp_path / "warm", tmp_path)
+    assert command[command.index("--config") + 1].endswith("experiments/quickstart/spiral.yaml")
+    assert command[command.index("--model.init_args.update.role_normalisation") + 1] == "per_role"
+
+
+@pytest.mark.parametrize("arm", ["spiral_per_role", "spiral_search0", "grpo", "grpo_matched"])
+def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm: str, capsys) -> None:
+    from spiral_lit.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*study.train_command(arm, 1, tmp_path, tmp_path)[3:], "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    model = config["model"]["init_args"]
+    expected = {
+        "spiral_per_role": ("spiral", 60, "per_role", 1.0, 48),
+        "spiral_search0": ("spiral", 60, "shared", 0.0, 48),
+        "grpo": ("grpo", 60, "shared", 1.0, 184),
+        "grpo_matched": ("grpo", 230, "shared", 1.0, 184),
+    }[arm]
+    resolved = (
+        model["algorithm"]["algorithm"],
+        config["trainer"]["max_steps"],
+        model["update"]["role_normalisation"],
+        model["update"]["search_weight"],
+        model["search_sampling"]["max_new_tokens"],
+    )
+    assert resolved == expected
+    assert (config["seed_everything"], model["seed"]) == (1, 1)

@@ -1,21 +1,25 @@
-"""The small-scale reproduction (docs/algorithm.md §8.6): SPIRAL against compute-matched GRPO on countdown.
+"""The small-scale study (docs/algorithm.md §8.6): SPIRAL, its credit ablations and GRPO on the quickstart's task.
 
     python experiments/tiny_repro/run.py                 # the whole study (3 seeds)
-    python experiments/tiny_repro/run.py --seeds 1       # re-run one seed's row
+    python experiments/tiny_repro/run.py --seeds 0       # one seed's rows (a later call with more seeds resumes)
 
-1. build the tiny Llama and its tokenizer on countdown text (``python -m spiral_lit tiny``);
-2. warm-start both roles once (``warmstart.yaml``, then ``warmstart_agg.yaml`` for the aggregator); every RL
-   run starts from this one checkpoint;
-3. per seed, train GRPO (``grpo.yaml``) and SPIRAL (``spiral.yaml``) for ``--steps`` steps of 8 prompts
-   with the same output-token ceiling per prompt (12 x 96 = 24 x 48 = 1152);
-4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit compare`` on the same
-   200 held-out problems and evaluation seeds (``eval.yaml``: pass@k, majority vote, single chains at
-   three budgets, one aggregation with its diagnostics, the control sets, RSA by round);
+1. build the quickstart's tiny Llama and tokenizer for countdown with ``+ -`` (``python -m spiral_lit tiny``);
+2. warm-start it with the quickstart's two stages (``experiments/quickstart/warmstart_search.yaml``, then
+   ``warmstart.yaml``: the aggregator audits its candidates and keeps a right one by reference); every RL run
+   starts from this one checkpoint. ``--warmstart DIR`` reuses a finished one (the quickstart's
+   ``runs/quickstart/warmstart/hf``) instead of spending the ~40 minutes again;
+3. per seed, train every arm of :data:`ARMS` from it (the quickstart's ``spiral.yaml`` and ``grpo.yaml`` with the
+   overrides listed there);
+4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit compare`` on the same 200
+   held-out problems and evaluation seeds (``eval.yaml``: pass@k, majority vote, one aggregation of 4 candidates
+   by number of correct ones, recursive aggregation to 10 rounds);
 5. write ``results.json`` / ``results.md`` (mean, spread and per-seed values) and the figures.
 
-Every step runs as its own process with one thread (``OMP_NUM_THREADS=1``) so numbers do not depend
-on the thread count; ``--jobs`` of them run at once. Stages whose output exists are skipped, so an
-interrupted study resumes; ``--fresh`` starts over. Each process logs to ``<out>/logs/``.
+Every stage runs as its own process with one thread (``OMP_NUM_THREADS=1``) so numbers do not depend on the
+thread count; ``--jobs`` of them run at once. Stages whose output exists are skipped and a training run that was
+stopped continues from its ``last.ckpt`` (stop the study with ``kill -TERM -- -<its process group>``, or Ctrl-C,
+which every stage gets: each training stage saves ``last.ckpt`` and exits), so an interrupted study resumes;
+``--fresh`` starts over. Each process logs to ``<out>/logs/``.
 """
 
 from __future__ import annotations
@@ -41,32 +45,57 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-RUNS = {"grpo": ("grpo", 1), "grpo_2x": ("grpo", 2), "spiral": ("spiral", 1)}
-"""Run name -> (config in this folder, multiple of --steps). GRPO and SPIRAL share the output-token ceiling per
-prompt (the paper's rule); GRPO's traces stop far below it, so grpo_2x trains twice as long, which brings its
-generated tokens to SPIRAL's (a second, stricter compute match)."""
-METHODS = tuple(RUNS)
-COLOURS = {"warmstart": "grey", "grpo": "tab:blue", "grpo_2x": "tab:green", "spiral": "tab:red"}
-LABELS = {"warmstart": "warm start", "grpo": "GRPO", "grpo_2x": "GRPO, 2x steps", "spiral": "SPIRAL"}
-BUDGETS = (24, 48, 96)
-RSA_ROUNDS = 4
+QUICKSTART = REPO / "experiments" / "quickstart"
+STEPS = 60
+"""SPIRAL's steps of 8 prompts, as in the quickstart."""
+GRPO_CEILING = ["--model.init_args.search_sampling.max_new_tokens", "184"]
+"""16 GRPO traces of at most 184 tokens = SPIRAL's 8 x 48 + 16 x 160 = 2944 output tokens per prompt, the paper's
+matching rule (docs/algorithm.md §5)."""
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "spiral": ("spiral", []),
+    "spiral_per_role": ("spiral", ["--model.init_args.update.role_normalisation", "per_role"]),
+    "spiral_search0": ("spiral", ["--model.init_args.update.search_weight", "0.0"]),
+    "grpo": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", str(STEPS)]),
+    "grpo_matched": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", "230"]),
+}
+"""Arm -> (quickstart config, overrides). ``spiral`` is the quickstart's run (one normaliser over both roles'
+tokens, docs/algorithm.md §4.5); ``spiral_per_role`` gives each role its own token mean (§4.6); ``spiral_search0``
+trains the aggregator only (search weight 0), which says how much the set-RL credit of the search traces adds.
+``grpo`` is GRPO at the same steps and output-token ceiling; its traces stop far below the ceiling, so
+``grpo_matched`` trains it for 230 steps, which brings its generated tokens near SPIRAL's (~2M; the table reports
+each run's own count)."""
+METHODS = tuple(ARMS)
+COLOURS = {
+    "warmstart": "grey",
+    "spiral": "tab:red",
+    "spiral_per_role": "tab:orange",
+    "spiral_search0": "tab:purple",
+    "grpo": "tab:blue",
+    "grpo_matched": "tab:green",
+}
+LABELS = {
+    "warmstart": "warm start",
+    "spiral": "SPIRAL",
+    "spiral_per_role": "SPIRAL, per-role mean",
+    "spiral_search0": "SPIRAL, search weight 0",
+    "grpo": "GRPO",
+    "grpo_matched": "GRPO, token-matched",
+}
+RSA_ROUNDS = 10
 SET_SIZE = 4
 TABLE_ROWS = [
     ("search/pass@1", "pass@1"),
     ("search/pass@4", "pass@4"),
     ("search/pass@8", "pass@8"),
-    ("search/maj@8", "maj@8"),
-    *[(f"sequential/accuracy@{b}", f"single chain, {b}-token budget") for b in BUDGETS],
-    ("aggregation/accuracy", "one aggregation of 4 candidates"),
-    *[(f"rsa/accuracy@{t}", f"RSA round {t} (population mean)") for t in range(1, RSA_ROUNDS + 1)],
-    (f"rsa/majority@{RSA_ROUNDS}", f"RSA round {RSA_ROUNDS}, majority vote"),
+    ("search/maj@4", "majority vote over 4 traces"),
+    ("search/maj@8", "majority vote over 8 traces"),
+    ("aggregation/set_majority", "majority vote over the 4 candidates shown"),
+    ("aggregation/accuracy", "one aggregation of those 4 candidates"),
     *[(f"aggregation/accuracy_given_{c}correct", f"aggregation, {c} of 4 candidates correct") for c in range(5)],
+    *[(f"rsa/accuracy@{t}", f"RSA round {t} (population mean)") for t in (1, 2, 4, 10)],
+    (f"rsa/majority@{RSA_ROUNDS}", f"RSA round {RSA_ROUNDS}, majority vote"),
     ("aggregation/recovery", "recovery (set majority wrong)"),
     ("aggregation/override", "override (set majority right, aggregation wrong)"),
-    ("control/all_wrong_accuracy", "control: 4 own wrong candidates"),
-    ("control/all_wrong_copies", "control: all-wrong, copies a shown answer"),
-    ("control/shuffled_accuracy", "control: another problem's candidates"),
-    ("control/shuffled_copies", "control: shuffled, copies a shown answer"),
     ("search/length", "search trace length (tokens)"),
     ("aggregation/length", "aggregation trace length (tokens)"),
 ]
@@ -76,11 +105,12 @@ def log(message: str, start: float) -> None:
     print(f"[tiny_repro {time.monotonic() - start:7.0f}s] {message}", flush=True)
 
 
-def run(cmd: list[str], log_path: Path) -> None:
-    """One stage as a single-threaded subprocess; its output goes to ``log_path``."""
+def run(cmd: list[str], log_path: Path, append: bool = False) -> None:
+    """One stage as a single-threaded subprocess; its output goes to ``log_path`` (after what it holds, if
+    ``append``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with log_path.open("w") as f:
+    with log_path.open("a" if append else "w") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit {done.returncode}; see {log_path}")
@@ -90,15 +120,15 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "spiral_lit", *args]
 
 
-def train_command(method: str, seed: int, steps: int, out: Path) -> list[str]:
-    config, multiple = RUNS[method]
+def train_command(arm: str, seed: int, warmstart: Path, out: Path) -> list[str]:
+    config, overrides = ARMS[arm]
     return cli(
-        "fit", "--config", str(HERE / f"{config}.yaml"),
+        "fit", "--config", str(QUICKSTART / f"{config}.yaml"),
         "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
-        "--trainer.max_steps", str(steps * multiple),
         "--trainer.logger.init_args.save_dir", str(out),
-        "--trainer.logger.init_args.name", f"{method}_seed{seed}",
-        "--model.init_args.policy.path", str(out / "warmstart_agg" / "hf"),
+        "--trainer.logger.init_args.name", f"{arm}_seed{seed}",
+        "--model.init_args.policy.path", str(warmstart),
+        *overrides,
     )  # fmt: skip
 
 
@@ -186,7 +216,7 @@ def results_table(results: dict[str, Any], seeds: list[int]) -> str:
 
     header = " | ".join(LABELS[m] for m in METHODS)
     lines = [
-        f"| metric | warm start | {header} | SPIRAL − GRPO | SPIRAL − GRPO 2x |",
+        f"| metric | warm start | {header} | SPIRAL − GRPO | SPIRAL − GRPO token-matched |",
         "|---|" + "---|" * (len(METHODS) + 3),
     ]
     for key, label in TABLE_ROWS:
@@ -196,15 +226,15 @@ def results_table(results: dict[str, Any], seeds: list[int]) -> str:
         spiral = results["spiral"][key]
         lines.append(
             f"| {label} | {'-' if warm is None else f'{warm * scale:.1f}'} | {runs} | "
-            f"{gap(spiral, results['grpo'][key], scale)} | {gap(spiral, results['grpo_2x'][key], scale)} |"
+            f"{gap(spiral, results['grpo'][key], scale)} | {gap(spiral, results['grpo_matched'][key], scale)} |"
         )
     return "\n".join(lines)
 
 
 def per_seed_table(results: dict[str, Any], seeds: list[int]) -> str:
     """Markdown: one row per (run, seed) with the headline metrics, so a re-run seed can be checked row by row."""
-    keys = ["search/pass@1", "search/pass@8", "search/maj@8", "aggregation/accuracy", "rsa/accuracy@1"]
-    keys += [f"rsa/accuracy@{RSA_ROUNDS}", f"rsa/majority@{RSA_ROUNDS}"]
+    keys = ["search/pass@1", "search/pass@8", "aggregation/set_majority", "aggregation/accuracy", "rsa/accuracy@1"]
+    keys += ["rsa/accuracy@4", f"rsa/accuracy@{RSA_ROUNDS}"]
     lines = ["| run | seed | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for m in METHODS:
         for i, seed in enumerate(seeds):
@@ -244,18 +274,17 @@ def plot_curves(
 
 
 def plot_by_correct(results: dict[str, Any], out: Path) -> None:
-    """Aggregation accuracy by how many of the 4 candidates were correct, plus the two controls."""
-    labels = [*(str(c) for c in range(SET_SIZE + 1)), "all-wrong\ncontrol", "shuffled\ncontrol"]
+    """Aggregation accuracy by how many of the 4 candidates were correct."""
+    labels = [str(c) for c in range(SET_SIZE + 1)]
     keys = [f"aggregation/accuracy_given_{c}correct" for c in range(SET_SIZE + 1)]
-    keys += ["control/all_wrong_accuracy", "control/shuffled_accuracy"]
     figure, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
+    width = 0.8 / (len(METHODS) + 1)
     for i, name in enumerate(("warmstart", *METHODS)):
         means = [
             (results[name].get(k) or 0.0) if name == "warmstart" else (results[name][k]["mean"] or 0.0) for k in keys
         ]
         errors = [0.0 if name == "warmstart" else (results[name][k]["std"] or 0.0) for k in keys]
-        xs = [x + (i - 1.5) * width for x in range(len(keys))]
+        xs = [x + (i - len(METHODS) / 2) * width for x in range(len(keys))]
         ax.bar(xs, means, width, yerr=errors, color=COLOURS[name], label=LABELS[name])
     ax.set_xticks(range(len(keys)), labels)
     ax.set(xlabel="correct candidates in the set", ylabel="aggregation accuracy", ylim=(0, 1))
@@ -274,7 +303,7 @@ def plot_entropy(entropy: dict[str, dict[int, tuple[list[int], list[float]]]], o
         steps = runs[0][0]
         mean = [statistics.fmean(values[i] for _, values in runs) for i in range(len(steps))]
         smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
-        style = "--" if name == "grpo_2x" else "-"
+        style = "--" if name == "grpo_matched" else "-"
         ax.plot(steps, smooth, style, color=COLOURS[name], label=LABELS[name])
     ax.set(title=f"Search-token entropy (mean of seeds, {window}-step average)", xlabel="step", ylabel="nats")
     ax.grid(alpha=0.3)
@@ -284,12 +313,40 @@ def plot_entropy(entropy: dict[str, dict[int, tuple[list[int], list[float]]]], o
     plt.close(figure)
 
 
+def build_warmstart(out: Path, start: float) -> Path:
+    """The quickstart's tiny model and two warm-start stages under ``out`` (skipped where finished); the
+    both-roles checkpoint every arm starts from."""
+    if not (out / "tiny" / "config.json").exists():
+        log("building the tiny model and tokenizer", start)
+        # The quickstart's run.sh, stage 1.
+        cmd = [
+            sys.executable, "-m", "spiral_lit", "tiny", "--out", str(out / "tiny"),
+            "--task", "spiral_lit.tasks.CountdownTask", "--task.n_numbers", "4", "--task.operators", "+-",
+            "--task.verdict_steps", "true", "--task.faked_wrong", "0.5", "--prompts.aggregation_target", "select",
+            "--tiny.vocab_size", "512",
+        ]  # fmt: skip
+        run(cmd, out / "logs" / "tiny.log")
+    for stage, source in (("warmstart_search", "tiny"), ("warmstart", "warmstart_search/hf")):
+        if not (out / stage / "hf" / "config.json").exists():
+            log(f"{stage}: supervised warm start (experiments/quickstart/{stage}.yaml)", start)
+            shutil.rmtree(out / stage, ignore_errors=True)
+            run(
+                cli("fit", "--config", str(QUICKSTART / f"{stage}.yaml"),
+                    "--trainer.logger.init_args.save_dir", str(out),
+                    "--model.init_args.policy.path", str(out / source)),
+                out / "logs" / f"{stage}.log",
+            )  # fmt: skip
+            log(f"finished {stage}", start)
+    return out / "warmstart" / "hf"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="RL steps per run (8 prompts each)")
+    parser.add_argument("--arms", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tiny_repro")
+    parser.add_argument("--warmstart", type=Path, help="a finished both-roles warm start (hf/ folder) to reuse")
     parser.add_argument("--figures", type=Path, default=HERE / "figures", help="where the PNGs and results go")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     args = parser.parse_args()
@@ -298,39 +355,24 @@ def main() -> None:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    if not (out / "tiny" / "config.json").exists():
-        log("building the tiny model and tokenizer", start)
-        cmd = [
-            sys.executable,
-            "-m",
-            "spiral_lit",
-            "tiny",
-            "--out",
-            str(out / "tiny"),
-            "--task",
-            "spiral_lit.tasks.CountdownTask",
-        ]
-        run(cmd, out / "logs" / "tiny.log")
-    for stage, source in (("warmstart", "tiny"), ("warmstart_agg", "warmstart/hf")):
-        if not (out / stage / "hf" / "config.json").exists():
-            log(f"{stage}: supervised warm start ({stage}.yaml)", start)
-            shutil.rmtree(out / stage, ignore_errors=True)
-            run(
-                cli("fit", "--config", str(HERE / f"{stage}.yaml"), "--trainer.logger.init_args.save_dir", str(out),
-                    "--model.init_args.policy.path", str(out / source)),
-                out / "logs" / f"{stage}.log",
-            )  # fmt: skip
-            log(f"finished {stage}", start)
+    if args.warmstart is not None and not (args.warmstart / "config.json").exists():
+        raise SystemExit(f"--warmstart {args.warmstart}: no config.json there (expected a warm start's hf/ folder)")
+    warmstart = args.warmstart.resolve() if args.warmstart is not None else build_warmstart(out, start)
+    methods = [m for m in METHODS if m in args.arms]
 
     def train(job: tuple[str, int]) -> None:
-        method, seed = job
-        name = f"{method}_seed{seed}"
+        arm, seed = job
+        name = f"{arm}_seed{seed}"
         if (out / name / "hf" / "config.json").exists():
             return
-        shutil.rmtree(out / name, ignore_errors=True)
-        log(f"training {name} ({args.steps * RUNS[method][1]} steps)", start)
-        run(train_command(method, seed, args.steps, out), out / "logs" / f"{name}.log")
+        command, last = train_command(arm, seed, warmstart, out), out / name / "checkpoints" / "last.ckpt"
+        if last.is_file():  # stopped (SIGTERM or Ctrl-C save it): continue exactly where it stopped
+            log(f"resuming {name} from {last}", start)
+            command += ["--ckpt_path", str(last)]
+        else:
+            shutil.rmtree(out / name, ignore_errors=True)
+            log(f"training {name}", start)
+        run(command, out / "logs" / f"{name}.log", append=last.is_file())
         log(f"finished {name}", start)
 
     def evaluate(job: tuple[str, dict[str, Path]]) -> None:
@@ -341,33 +383,35 @@ def main() -> None:
         run(compare_command(checkpoints, out / name), out / "logs" / f"{name}.log")
         log(f"finished {name}", start)
 
+    def train_then_evaluate(job: tuple[str, int]) -> None:
+        arm, seed = job
+        train(job)
+        evaluate((f"compare_{arm}_seed{seed}", {arm: out / f"{arm}_seed{seed}" / "hf"}))
+
+    # Evaluation seeds come from eval.seed and the problem, not the process, so evaluating each checkpoint in its
+    # own compare run gives the numbers a joint run would.
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(train, [(m, s) for s in args.seeds for m in METHODS]))
-        jobs = [("compare_warmstart", {"warmstart": out / "warmstart_agg" / "hf"})]
-        # Evaluation seeds come from eval.seed and the problem, not the process, so how checkpoints are grouped
-        # into compare runs does not change their numbers.
-        paired = ("grpo", "spiral")
-        jobs += [(f"compare_seed{s}", {m: out / f"{m}_seed{s}" / "hf" for m in paired}) for s in args.seeds]
-        jobs += [(f"compare_grpo_2x_seed{s}", {"grpo_2x": out / f"grpo_2x_seed{s}" / "hf"}) for s in args.seeds]
-        list(pool.map(evaluate, jobs))
+        jobs = [pool.submit(evaluate, ("compare_warmstart", {"warmstart": warmstart}))]
+        jobs += [pool.submit(train_then_evaluate, (m, s)) for s in args.seeds for m in methods]
+        for job in jobs:
+            job.result()
 
     warm = read_metrics(out / "compare_warmstart")["warmstart"]
-    compare_dir = {"grpo": "compare_seed{}", "spiral": "compare_seed{}", "grpo_2x": "compare_grpo_2x_seed{}"}
-    per_seed = {m: {s: read_metrics(out / compare_dir[m].format(s))[m] for s in args.seeds} for m in METHODS}
-    keys = sorted({k for m in METHODS for s in args.seeds for k in per_seed[m][s]})
+    per_seed = {m: {s: read_metrics(out / f"compare_{m}_seed{s}")[m] for s in args.seeds} for m in methods}
+    keys = sorted({k for m in methods for s in args.seeds for k in per_seed[m][s]})
     results: dict[str, Any] = {"warmstart": warm}
-    for m in METHODS:
+    for m in methods:
         results[m] = {k: summarise([per_seed[m][s].get(k) for s in args.seeds]) for k in keys}
-    scalars = {m: {s: read_scalars(out / f"{m}_seed{s}") for s in args.seeds} for m in METHODS}
-    entropy = {m: {s: read_entropy(scalars[m][s]) for s in args.seeds} for m in METHODS}
-    training = {m: {s: training_summary(scalars[m][s]) for s in args.seeds} for m in METHODS}
+    scalars = {m: {s: read_scalars(out / f"{m}_seed{s}") for s in args.seeds} for m in methods}
+    entropy = {m: {s: read_entropy(scalars[m][s]) for s in args.seeds} for m in methods}
+    training = {m: {s: training_summary(scalars[m][s]) for s in args.seeds} for m in methods}
     figures: Path = args.figures
     figures.mkdir(parents=True, exist_ok=True)
     plot_curves(per_seed, warm, figures)
     plot_by_correct(results, figures)
     plot_entropy(entropy, figures)
     results["training"] = {m: {str(s): v for s, v in t.items()} for m, t in training.items()}
-    results["settings"] = {"seeds": args.seeds, "steps": args.steps, "jobs": args.jobs}
+    results["settings"] = {"seeds": args.seeds, "arms": methods, "jobs": args.jobs, "warmstart": str(warmstart)}
     (figures / "results.json").write_text(json.dumps(results, indent=1))
     tables = [results_table(results, args.seeds), per_seed_table(results, args.seeds), training_table(training)]
     table = "\n\n".join(tables)
