@@ -50,6 +50,7 @@ from spiral_lit.tasks.base import Problem, answer_keys
 from spiral_lit.tasks.verify import Verifier
 
 PredictScaffold = Literal["single", "majority", "rsa"]
+"""``single``: one search trace; ``majority``: vote over ``n_samples``; ``rsa``: vote over RSA's last population."""
 Progress = Callable[[str], None]
 """Told which scaffold of a batch starts, for progress lines (:meth:`ProgressLog.phase
 <spiral_lit.reliability.progress.ProgressLog.phase>`)."""
@@ -57,9 +58,6 @@ Progress = Callable[[str], None]
 
 def ignore_progress(phase: str) -> None:
     """The default :data:`Progress`: says nothing."""
-
-
-"""``single``: one search trace; ``majority``: vote over ``n_samples``; ``rsa``: vote over RSA's last population."""
 
 
 @dataclass
