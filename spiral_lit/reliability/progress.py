@@ -19,6 +19,8 @@ On a terminal, :class:`StepProgressBar` (also added by the CLI; off when its out
 tqdm bar with its training bar counting optimiser steps out of ``max_steps``, as these lines do: a SPIRAL or GRPO
 step whose dynamic sampling refills draws several batches before it updates, and a bar of batches out of
 ``max_steps`` read ``114/60``.
+
+Lines go through Lightning's rank-zero logger (``rank_zero_info``): on stderr, from process 0 only.
 """
 
 from __future__ import annotations
