@@ -154,7 +154,7 @@ def check_checkpoints(specs: dict[str, Path], config: str, overrides: Sequence[s
     """Before any is evaluated: the config with ``overrides`` parses, every directory is a Hugging Face model and
     every ``.ckpt`` fits the config's model (names, shapes), so a wrong entry fails at once instead of after the
     others were evaluated."""
-    _build(config, overrides=overrides)  # a mistyped override fails here, not after the first checkpoint
+    cli = _build(config, overrides=overrides)  # a mistyped override fails here, not after the first checkpoint
     for name, path in specs.items():
         if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise UserError(
@@ -165,7 +165,6 @@ def check_checkpoints(specs: dict[str, Path], config: str, overrides: Sequence[s
     files = {name: path for name, path in specs.items() if path.is_file()}
     if not files:
         return
-    cli = _build(config, overrides=overrides)
     # The config's precision (e.g. bf16-true weights), as ``validate`` builds the module.
     with cli.trainer.precision_plugin.module_init_context():
         cli.model.configure_model()
@@ -368,8 +367,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog=f"{PROG} compare", description=cast(str, compare.__doc__).splitlines()[0])
     parser.add_function_arguments(compare, as_group=False, skip={"overrides"})
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: len(argv) - len(overrides) - ("--" in argv)]
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, overrides = argv[:split], argv[split + 1 :]
     args = parser.parse_args(_bare_flag(_as_one_list(argv, "--checkpoints"), "--overwrite"))
     return compare(**args.as_dict(), overrides=overrides)
 
