@@ -53,17 +53,69 @@ def spiral_advantages(
         raise ValueError(f"sets must hold search indices in [0, n_search={n_search})")
     if not rewards.is_floating_point():
         rewards = rewards.float()  # verifier scores may arrive as 0/1 integers
+    return set_credit(rewards, sets, n_search, scale_by_std), _centre(rewards, scale_by_std)
+
+
+def set_credit(rewards: torch.Tensor, sets: torch.Tensor, n_members: int, scale_by_std: bool = False) -> torch.Tensor:
+    """``[B, n_members]``: each member's mean set advantage over the sets that contain it (0 when in none).
+
+    A set's score f_i is the mean reward of its aggregations ``rewards[b, i]``; its advantage is f_i minus the
+    mean set score of the prompt (docs/algorithm.md §3.1). ``sets`` ``[B, K, S]`` index the ``n_members`` traces
+    the sets were drawn from (search traces, or the previous round's aggregations in §10).
+    """
     batch, n_sets, set_size = sets.shape
     set_score_BK = rewards.mean(dim=-1)  # f_i
     set_adv_BK = _centre(set_score_BK, scale_by_std)  # A#_i
-    # Each set advantage is credited to each of its S members; average per trace by scatter.
+    # Each set advantage is credited to each of its S members; average per member by scatter.
     index_BM = sets.reshape(batch, n_sets * set_size).long()  # M = K * S memberships
     credit_BM = set_adv_BK.unsqueeze(-1).expand(batch, n_sets, set_size).reshape(batch, -1)
-    adv_sum_BN = rewards.new_zeros(batch, n_search).scatter_add_(1, index_BM, credit_BM)
-    count_BN = rewards.new_zeros(batch, n_search).scatter_add_(1, index_BM, torch.ones_like(credit_BM))
-    search_adv_BN = adv_sum_BN / count_BN.clamp(min=1.0)  # a trace in no set: 0 / 1 = 0
-    agg_adv_BKA = _centre(rewards, scale_by_std)
-    return search_adv_BN, agg_adv_BKA
+    adv_sum_BN = rewards.new_zeros(batch, n_members).scatter_add_(1, index_BM, credit_BM)
+    count_BN = rewards.new_zeros(batch, n_members).scatter_add_(1, index_BM, torch.ones_like(credit_BM))
+    return adv_sum_BN / count_BN.clamp(min=1.0)  # a member of no set: 0 / 1 = 0
+
+
+def recursive_advantages(
+    rewards: list[torch.Tensor],
+    sets: list[torch.Tensor],
+    n_search: int,
+    next_round_weight: float = 1.0,
+    scale_by_std: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Advantages of ``T = len(rewards)`` trained rounds of aggregation (docs/algorithm.md §10.2).
+
+    Args:
+        rewards: per round r = 1..T, ``[B, K, A]`` rewards of its aggregation traces.
+        sets: per round, ``[B, K, S]`` sets of that round: round 1's index the ``n_search`` search traces, round
+            r >= 2's the ``K * A`` traces of round r - 1, flattened set-major (trace ``k * A + a``).
+        n_search: search traces per prompt.
+        next_round_weight: weight of the next round's set credit in an intermediate round's advantage.
+        scale_by_std: as in :func:`spiral_advantages`.
+
+    Returns:
+        ``(search_adv_BN, [agg_adv_BKA per round])``: search traces get their mean set advantage over round 1's
+        sets; round T's traces their reward minus their siblings' mean; an intermediate round's traces that
+        sibling-centred advantage plus ``next_round_weight`` times their mean set advantage over round r + 1's
+        sets. With ``T = 1`` this is :func:`spiral_advantages` exactly.
+    """
+    if not rewards or len(rewards) != len(sets):
+        raise ValueError(
+            f"need one [B, K, A] rewards and one [B, K, S] sets per round; got {len(rewards)} and {len(sets)}"
+        )
+    search_adv_BN, first_BKA = spiral_advantages(rewards[0], sets[0], n_search, scale_by_std)
+    agg_adv = [first_BKA] + [_centre(r.float(), scale_by_std) for r in rewards[1:]]
+    for r in range(len(rewards) - 1):  # round r + 1's sets credit round r's traces (0-based rounds)
+        batch, n_sets, n_agg = rewards[r].shape
+        later_rewards, later_sets = rewards[r + 1], sets[r + 1]
+        if later_rewards.dim() != 3 or later_sets.dim() != 3 or later_rewards.shape[:2] != later_sets.shape[:2]:
+            raise ValueError(
+                f"round {r + 2}: rewards must be [B, K, A] and sets [B, K, S] with matching B, K; got rewards "
+                f"{tuple(later_rewards.shape)} and sets {tuple(later_sets.shape)}"
+            )
+        if later_sets.numel() and (int(later_sets.min()) < 0 or int(later_sets.max()) >= n_sets * n_agg):
+            raise ValueError(f"round {r + 2}'s sets must index round {r + 1}'s {n_sets * n_agg} traces")
+        credit_BM = set_credit(later_rewards.float(), later_sets, n_sets * n_agg, scale_by_std)
+        agg_adv[r] = agg_adv[r] + next_round_weight * credit_BM.view(batch, n_sets, n_agg)
+    return search_adv_BN, agg_adv
 
 
 def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
@@ -105,3 +157,15 @@ def informative_prompts(rewards_BKA: torch.Tensor) -> torch.Tensor:
     if rewards_BKA.dim() != 3:
         raise ValueError(f"rewards must be [B, K, A]; got {tuple(rewards_BKA.shape)}")
     return informative_groups(rewards_BKA)
+
+
+def informative_rounds(rewards: list[torch.Tensor]) -> torch.Tensor:
+    """Bool ``[B]``: True where some round's ``[B, K, A]`` aggregation rewards are not all equal.
+
+    Where every round's rewards are equal within the prompt, every advantage of :func:`recursive_advantages` is 0
+    (docs/algorithm.md §10.2); with one round this is :func:`informative_prompts`.
+    """
+    keep_B = informative_prompts(rewards[0])
+    for later in rewards[1:]:
+        keep_B = keep_B | informative_prompts(later)
+    return keep_B

@@ -20,17 +20,19 @@ def rollout_markdown(
     problem: Problem,
     search: SearchRollout,
     search_rewards_BN: torch.Tensor,
-    agg: AggregationRollout | None,
-    rewards_BKA: torch.Tensor | None,
+    rounds: list[AggregationRollout],
+    rewards_BKA: list[torch.Tensor],
 ) -> str:
-    """The first problem of a batch: its search traces, its first aggregation prompt and outputs, with rewards."""
+    """The first problem of a batch: its search traces, then per trained round of aggregation its first set's
+    prompt and outputs, with rewards."""
     lines = [f"**problem** `{problem.uid}`, reference answer `{problem.answer}`", "", "**search traces**"]
     for n, trace in enumerate(search.traces[0]):
         lines += [f"{n}: reward {float(search_rewards_BN[0, n]):.2f}", "", _block(trace.text), ""]
-    if agg is not None and rewards_BKA is not None:
+    for r, (agg, round_BKA) in enumerate(zip(rounds, rewards_BKA, strict=True)):
         members = agg.sets_BKS[0, 0].tolist()
         prompt = cast(str, tokenizer.decode(agg.prompts[0][0]))  # one sequence in, one str out
-        lines += [f"**aggregation prompt** (set {members})", "", _block(prompt), ""]
+        label = "" if len(rounds) == 1 else f"round {r + 1} "
+        lines += [f"**{label}aggregation prompt** (set {members})", "", _block(prompt), ""]
         for a, trace in enumerate(agg.traces[0][0]):
-            lines += [f"aggregation {a}: reward {float(rewards_BKA[0, 0, a]):.2f}", "", _block(trace.text), ""]
+            lines += [f"aggregation {a}: reward {float(round_BKA[0, 0, a]):.2f}", "", _block(trace.text), ""]
     return "\n".join(lines)

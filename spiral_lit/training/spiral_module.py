@@ -210,13 +210,13 @@ class SpiralModule(L.LightningModule):
             runtime.sync_weights()  # (0) a vLLM engine gets the updated weights (lazily)
         with timer("generate"), runtime.gathered():  # a sharded policy is whole while it generates
             search = self._search(batch)  # (1) parallel search traces
-            agg = algorithm.aggregate(runtime.sampler, batch, search, self._step_seed)  # (2-3) sets, aggregations
+            rounds = algorithm.aggregate(runtime.sampler, batch, search, self._step_seed)  # (2-3) sets, aggregations
         with timer("verify"):
-            scores = algorithm.verify(runtime.verifier, batch, search, agg)  # (4) rewards
-        credit = algorithm.advantages(search, agg, scores)  # (5) advantages
+            scores = algorithm.verify(runtime.verifier, batch, search, rounds)  # (4) rewards
+        credit = algorithm.advantages(search, rounds, scores)  # (5) advantages
         with timer("update"):
             update_stats = self._update_when_ready(credit, len(batch))  # (6) policy-gradient update
-        self._log_step(batch, search, agg, scores, credit, update_stats, timer.seconds)
+        self._log_step(batch, search, rounds, scores, credit, update_stats, timer.seconds)
 
     def _search(self, batch: list[Problem]) -> SearchRollout:
         rt = self.runtime
@@ -245,7 +245,7 @@ class SpiralModule(L.LightningModule):
         self,
         batch: list[Problem],
         search: SearchRollout,
-        agg: AggregationRollout | None,
+        rounds: list[AggregationRollout],
         scores: StepScores,
         credit: StepCredit,
         update_stats: dict[str, float],
@@ -253,13 +253,13 @@ class SpiralModule(L.LightningModule):
     ) -> None:
         assert self.runtime is not None
         keys = answer_keys(self.runtime.verifier.task, batch, scores.search.extracted)  # equivalent answers vote as one
-        metrics = step_metrics(self.algo.n_search, search, agg, scores, credit, update_stats, seconds, keys)
+        metrics = step_metrics(self.algo.n_search, search, rounds, scores, credit, update_stats, seconds, keys)
         metrics = sync_metrics(metrics, self.trainer.world_size)  # the mean over ranks, logged by rank 0
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         reward = metrics.get("reward/aggregation", metrics["reward/search"])
         self.log("reward", reward, prog_bar=True, batch_size=len(batch))
         if self.global_step % self.hparams["log_rollouts_every_n_steps"] == 1 or self.global_step == 0:
-            self._log_rollout_text(batch, search, scores, agg)
+            self._log_rollout_text(batch, search, scores, rounds)
 
     def _ready_to_update(self, prompts_per_step: int) -> bool:
         ready = self._pending_prompts >= prompts_per_step or self._pending_batches > self.algo.max_refill_batches
@@ -277,11 +277,13 @@ class SpiralModule(L.LightningModule):
         return stats | {"sequences": float(len(sequences)), "nonfinite_steps": float(self._nonfinite.total)}
 
     def _log_rollout_text(
-        self, batch: list[Problem], search: SearchRollout, scores: StepScores, agg: AggregationRollout | None
+        self, batch: list[Problem], search: SearchRollout, scores: StepScores, rounds: list[AggregationRollout]
     ) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
             assert self.runtime is not None  # set by configure_model
-            text = rollout_markdown(self.runtime.tokenizer, batch[0], search, scores.search_BN, agg, scores.rewards_BKA)
+            text = rollout_markdown(
+                self.runtime.tokenizer, batch[0], search, scores.search_BN, rounds, scores.rewards_BKA
+            )
             self.logger.experiment.add_text("rollouts", text, self.global_step)
 
     # ----------------------------------------------------------------- evaluation

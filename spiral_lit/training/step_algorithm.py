@@ -3,7 +3,8 @@ from ``algorithm.algorithm`` by :func:`make_algorithm` (the one place the choice
 
 - :class:`SpiralAlgorithm` (docs/algorithm.md §2-3): distinct sets of each prompt's search traces, ``n_agg``
   aggregation traces per set, rewards of the aggregations, set-RL advantages for the search traces and
-  sibling-mean advantages for the aggregation traces;
+  sibling-mean advantages for the aggregation traces; with ``train_rounds > 1``, further rounds aggregating sets
+  of the previous round's traces, credited through the next round's sets too (§10);
 - :class:`GrpoAlgorithm` (docs/algorithm.md §5): no sets and no aggregation; rewards of the search traces, group-mean
   advantages.
 
@@ -22,10 +23,10 @@ import torch
 from spiral_lit.algorithms import (
     grpo_advantages,
     informative_groups,
-    informative_prompts,
+    informative_rounds,
     length_gate,
+    recursive_advantages,
     sample_sets_batch,
-    spiral_advantages,
 )
 from spiral_lit.rollout.base import Completion, SamplingConfig
 from spiral_lit.runtime.policy import Sampler
@@ -44,17 +45,18 @@ class StepAlgorithm(Protocol):
 
     def aggregate(
         self, sampler: Sampler, batch: list[Problem], search: SearchRollout, seed: PhaseSeed
-    ) -> AggregationRollout | None:
-        """Phases 2-3: sets of search traces and their aggregation traces (None: this algorithm aggregates none)."""
+    ) -> list[AggregationRollout]:
+        """Phases 2-3: per trained round, its sets and their aggregation traces (none: this algorithm aggregates
+        nothing)."""
         ...
 
     def verify(
-        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, agg: AggregationRollout | None
+        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, rounds: list[AggregationRollout]
     ) -> StepScores:
         """Phase 4: every trace's reward."""
         ...
 
-    def advantages(self, search: SearchRollout, agg: AggregationRollout | None, scores: StepScores) -> StepCredit:
+    def advantages(self, search: SearchRollout, rounds: list[AggregationRollout], scores: StepScores) -> StepCredit:
         """Phase 5: advantages, the prompts kept by dynamic sampling and the credited sequences."""
         ...
 
@@ -70,7 +72,8 @@ def make_algorithm(config: AlgorithmConfig, aggregation_sampling: SamplingConfig
 
 @dataclass
 class SpiralAlgorithm:
-    """SPIRAL: the search traces are credited through the sets they joined (docs/algorithm.md §3)."""
+    """SPIRAL: the search traces are credited through the sets they joined (docs/algorithm.md §3); with
+    ``train_rounds > 1``, each round's aggregations through the next round's sets too (§10)."""
 
     config: AlgorithmConfig
     sampling: SamplingConfig
@@ -78,38 +81,58 @@ class SpiralAlgorithm:
 
     def aggregate(
         self, sampler: Sampler, batch: list[Problem], search: SearchRollout, seed: PhaseSeed
-    ) -> AggregationRollout:
+    ) -> list[AggregationRollout]:
+        """Round 1 aggregates sets of the search traces; round r >= 2 sets of round r - 1's traces (§10.1)."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(seed(2))
-        sets_BKS = sample_sets_batch(len(batch), cfg.n_search, cfg.n_sets, cfg.set_size, generator)
-        return sample_aggregations(
-            sampler.engine, sampler.renderer, batch, search.traces, sets_BKS, cfg.n_agg, self.sampling, seed(3)
-        )
+        rounds: list[AggregationRollout] = []
+        candidates, n_candidates = search.traces, cfg.n_search
+        for r in range(cfg.train_rounds):
+            # Round 1 keeps SPIRAL's phase seeds 2 and 3; round r + 1 uses 10 r + 2 and 10 r + 3.
+            generator = torch.Generator().manual_seed(seed(10 * r + 2))
+            sets_BKS = sample_sets_batch(len(batch), n_candidates, cfg.n_sets, cfg.set_size, generator)
+            rounds.append(
+                sample_aggregations(
+                    sampler.engine, sampler.renderer, batch, candidates, sets_BKS, cfg.n_agg, self.sampling,
+                    seed(10 * r + 3),
+                )
+            )  # fmt: skip
+            # The next round reads this round's traces, flattened set-major (trace k * n_agg + a).
+            candidates = [[t for per_set in per_problem for t in per_set] for per_problem in rounds[-1].traces]
+            n_candidates = cfg.n_sets * cfg.n_agg
+        return rounds
 
     def verify(
-        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, agg: AggregationRollout | None
+        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, rounds: list[AggregationRollout]
     ) -> StepScores:
         """Score every trace; the search scores are for monitoring only (docs/algorithm.md §2.4)."""
-        assert agg is not None
         cfg = self.config
         scores = _score_search(verifier, batch, search, cfg.n_search)
-        agg_texts = [t.final_text for per_problem in agg.traces for per_set in per_problem for t in per_set]
-        agg_result = verifier.score([p for p in batch for _ in range(cfg.n_sets * cfg.n_agg)], agg_texts)
-        rewards_BKA = torch.tensor(agg_result.rewards).view(len(batch), cfg.n_sets, cfg.n_agg)
-        return StepScores(scores.search, scores.search_BN, agg_result, rewards_BKA)
+        for agg in rounds:
+            agg_texts = [t.final_text for per_problem in agg.traces for per_set in per_problem for t in per_set]
+            agg_result = verifier.score([p for p in batch for _ in range(cfg.n_sets * cfg.n_agg)], agg_texts)
+            scores.aggregation.append(agg_result)
+            scores.rewards_BKA.append(torch.tensor(agg_result.rewards).view(len(batch), cfg.n_sets, cfg.n_agg))
+        return scores
 
-    def advantages(self, search: SearchRollout, agg: AggregationRollout | None, scores: StepScores) -> StepCredit:
-        assert agg is not None and scores.rewards_BKA is not None
+    def advantages(self, search: SearchRollout, rounds: list[AggregationRollout], scores: StepScores) -> StepCredit:
         cfg = self.config
-        search_adv_BN, agg_adv_BKA = spiral_advantages(scores.rewards_BKA, agg.sets_BKS, cfg.n_search, cfg.scale_by_std)
-        keep_B = informative_prompts(scores.rewards_BKA)
+        search_adv_BN, agg_adv = recursive_advantages(
+            scores.rewards_BKA, [agg.sets_BKS for agg in rounds], cfg.n_search, cfg.next_round_weight, cfg.scale_by_std
+        )
+        keep_B = informative_rounds(scores.rewards_BKA)
         if cfg.length_target is not None:
             search_adv_BN = length_gate(search_adv_BN, _lengths(search.traces), cfg.length_target)
-            agg_lengths_BKA = torch.stack([_lengths(per_problem) for per_problem in agg.traces])
-            agg_adv_BKA = length_gate(agg_adv_BKA, agg_lengths_BKA, cfg.length_target)
+            agg_adv = [
+                length_gate(
+                    adv_BKA, torch.stack([_lengths(per_problem) for per_problem in agg.traces]), cfg.length_target
+                )
+                for agg, adv_BKA in zip(rounds, agg_adv, strict=True)
+            ]
         keep_B = _dynamic_sampling(keep_B, cfg)
-        sequences = search_sequences(search, search_adv_BN, keep_B) + aggregation_sequences(agg, agg_adv_BKA, keep_B)
-        return StepCredit(search_adv_BN, agg_adv_BKA, keep_B, sequences)
+        sequences = search_sequences(search, search_adv_BN, keep_B)
+        for agg, adv_BKA in zip(rounds, agg_adv, strict=True):
+            sequences += aggregation_sequences(agg, adv_BKA, keep_B)
+        return StepCredit(search_adv_BN, agg_adv, keep_B, sequences)
 
 
 @dataclass
@@ -118,22 +141,24 @@ class GrpoAlgorithm:
 
     config: AlgorithmConfig
 
-    def aggregate(self, sampler: Sampler, batch: list[Problem], search: SearchRollout, seed: PhaseSeed) -> None:
-        return None
+    def aggregate(
+        self, sampler: Sampler, batch: list[Problem], search: SearchRollout, seed: PhaseSeed
+    ) -> list[AggregationRollout]:
+        return []
 
     def verify(
-        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, agg: AggregationRollout | None
+        self, verifier: Verifier, batch: list[Problem], search: SearchRollout, rounds: list[AggregationRollout]
     ) -> StepScores:
         return _score_search(verifier, batch, search, self.config.n_search)
 
-    def advantages(self, search: SearchRollout, agg: AggregationRollout | None, scores: StepScores) -> StepCredit:
+    def advantages(self, search: SearchRollout, rounds: list[AggregationRollout], scores: StepScores) -> StepCredit:
         cfg = self.config
         search_adv_BN = grpo_advantages(scores.search_BN, cfg.scale_by_std)
         keep_B = informative_groups(scores.search_BN)
         if cfg.length_target is not None:
             search_adv_BN = length_gate(search_adv_BN, _lengths(search.traces), cfg.length_target)
         keep_B = _dynamic_sampling(keep_B, cfg)
-        return StepCredit(search_adv_BN, None, keep_B, search_sequences(search, search_adv_BN, keep_B))
+        return StepCredit(search_adv_BN, [], keep_B, search_sequences(search, search_adv_BN, keep_B))
 
 
 def _score_search(verifier: Verifier, batch: list[Problem], search: SearchRollout, n_search: int) -> StepScores:

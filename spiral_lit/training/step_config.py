@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -41,6 +41,11 @@ class AlgorithmConfig:
     """Dynamic sampling with replacement: while fewer than ``data.batch_size`` kept prompts are pending, roll out
     the next batch too before updating, at most this many extra batches per update (0 = update at once), so
     updates stay full of informative prompts. Logged: ``train/prompts_drawn``, ``prompts_kept``, ``refill_batches``."""
+    train_rounds: int = 1
+    """Rounds of aggregation trained per step (docs/algorithm.md §10): 1 is SPIRAL; round r >= 2 draws ``n_sets``
+    sets of ``set_size`` from round r - 1's ``n_sets * n_agg`` traces and aggregates each ``n_agg`` times [ours]."""
+    next_round_weight: float = 1.0
+    """With ``train_rounds >= 2``: weight of the next round's set credit in an intermediate round's advantage."""
 
     def __post_init__(self) -> None:
         for key in ("n_search", "n_sets", "set_size", "n_agg"):
@@ -50,6 +55,13 @@ class AlgorithmConfig:
             raise UserError(f"{_KEY}max_refill_batches must be >= 0, got {self.max_refill_batches}")
         if self.length_target is not None and self.length_target < 1:
             raise UserError(f"{_KEY}length_target must be >= 1 token (or null), got {self.length_target}")
+        if self.train_rounds < 1:
+            raise UserError(f"{_KEY}train_rounds must be >= 1 (1 is SPIRAL), got {self.train_rounds}")
+        if self.algorithm == "grpo" and self.train_rounds != 1:
+            raise UserError(
+                f"{_KEY}train_rounds={self.train_rounds} with algorithm: grpo: GRPO trains no aggregation; use "
+                "algorithm: spiral"
+            )
         if self.algorithm == "grpo" and self.n_search < 2:
             raise UserError(
                 f"{_KEY}n_search={self.n_search}: GRPO's baseline is the mean of a prompt's group, so a group "
@@ -77,6 +89,13 @@ class AlgorithmConfig:
             raise UserError(
                 f"{_KEY}set_size={self.set_size} exceeds algorithm.n_search={self.n_search}: "
                 "a set is drawn from the prompt's search traces"
+            )
+        population = self.n_sets * self.n_agg
+        if self.train_rounds > 1 and math.comb(population, self.set_size) < self.n_sets:
+            raise UserError(
+                f"{_KEY}train_rounds={self.train_rounds}: round 2 draws algorithm.n_sets={self.n_sets} distinct sets "
+                f"of set_size={self.set_size} from round 1's n_sets * n_agg = {population} traces, but only "
+                f"C({population}, {self.set_size}) = {math.comb(population, self.set_size)} exist"
             )
         n_subsets = math.comb(self.n_search, self.set_size)
         if self.n_sets > n_subsets:
@@ -126,21 +145,23 @@ def check_training_sampling(
 
 @dataclass
 class StepScores:
-    """Phase 4's output: verifier results per role."""
+    """Phase 4's output: verifier results per role, the aggregations' per round."""
 
     search: VerifyResult
     search_BN: torch.Tensor
     """[B, n_search] search rewards."""
-    aggregation: VerifyResult | None = None
-    rewards_BKA: torch.Tensor | None = None
-    """[B, n_sets, n_agg] aggregation rewards (SPIRAL only)."""
+    aggregation: list[VerifyResult] = field(default_factory=list)
+    """Per trained round of aggregation (SPIRAL only; one unless ``train_rounds > 1``)."""
+    rewards_BKA: list[torch.Tensor] = field(default_factory=list)
+    """Per round, [B, n_sets, n_agg] aggregation rewards."""
 
 
 @dataclass
 class StepCredit:
-    """Phase 5's output: advantages per role, the prompts kept by dynamic sampling, the credited sequences."""
+    """Phase 5's output: advantages per role (the aggregations' per round), the prompts kept by dynamic sampling,
+    the credited sequences."""
 
     search_adv_BN: torch.Tensor
-    agg_adv_BKA: torch.Tensor | None
+    agg_adv_BKA: list[torch.Tensor]
     keep_B: torch.Tensor
     sequences: list[TrainSequence]

@@ -7,6 +7,8 @@ import time
 from collections.abc import Hashable
 from contextlib import contextmanager
 
+import torch
+
 from spiral_lit.evaluation.metrics import majority_vote_correct
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout
 from spiral_lit.tasks.verify import VerifyResult
@@ -17,7 +19,7 @@ from spiral_lit.training.step_config import StepCredit, StepScores
 def step_metrics(
     n_search: int,
     search: SearchRollout,
-    agg: AggregationRollout | None,
+    rounds: list[AggregationRollout],
     scores: StepScores,
     credit: StepCredit,
     update_stats: dict[str, float],
@@ -28,22 +30,24 @@ def step_metrics(
 
     ``search_keys``: the answer keys of the B * n_search search answers, problem-major
     (:func:`spiral_lit.tasks.base.answer_keys`); majority vote and the set diagnostics compare them.
+    ``rounds``: the trained rounds of aggregation (none for GRPO). ``reward/aggregation`` is the last round's; the
+    set statistics are round 1's, whose sets hold search traces; with several rounds each round's reward is logged
+    as ``reward/aggregation_round<r>``.
     """
     search_flat = [t for ts in search.traces for t in ts]
     metrics = _search_metrics(n_search, scores, credit, search_keys) | trace_stats("search", search_flat)
-    metrics |= _verify_stats("search", scores.search)
+    metrics |= _verify_stats("search", [scores.search])
     generated = sum(t.num_tokens for t in search_flat)
-    if (
-        agg is not None
-        and scores.aggregation is not None
-        and scores.rewards_BKA is not None  # set together with scores.aggregation
-        and credit.agg_adv_BKA is not None
-    ):
-        agg_flat = [t for per_problem in agg.traces for per_set in per_problem for t in per_set]
+    if rounds:
+        agg_flat = [t for agg in rounds for per_problem in agg.traces for per_set in per_problem for t in per_set]
         generated += sum(t.num_tokens for t in agg_flat)
-        metrics |= {"reward/aggregation": float(scores.rewards_BKA.mean())} | set_stats(scores.rewards_BKA)
-        metrics |= set_diagnostic_stats(search_keys, scores.search_BN, agg.sets_BKS, scores.rewards_BKA)
-        metrics |= advantage_stats("aggregation", credit.agg_adv_BKA) | trace_stats("aggregation", agg_flat)
+        first_BKA = scores.rewards_BKA[0]
+        metrics |= {"reward/aggregation": float(scores.rewards_BKA[-1].mean())} | set_stats(first_BKA)
+        if len(rounds) > 1:
+            metrics |= {f"reward/aggregation_round{r + 1}": float(x.mean()) for r, x in enumerate(scores.rewards_BKA)}
+        metrics |= set_diagnostic_stats(search_keys, scores.search_BN, rounds[0].sets_BKS, first_BKA)
+        all_adv = torch.cat([adv.flatten() for adv in credit.agg_adv_BKA])
+        metrics |= advantage_stats("aggregation", all_adv) | trace_stats("aggregation", agg_flat)
         metrics |= _verify_stats("aggregation", scores.aggregation)
     metrics |= {f"train/{k}": v for k, v in update_stats.items()}
     metrics |= {f"time/{k}": v for k, v in seconds.items()}
@@ -63,12 +67,13 @@ def _search_metrics(n: int, scores: StepScores, credit: StepCredit, keys: list[H
     } | advantage_stats("search", credit.search_adv_BN)
 
 
-def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
+def _verify_stats(role: str, results: list[VerifyResult]) -> dict[str, float]:
+    """The verifier's failure counts of one role, summed over its rounds."""
     return {
-        f"verify/{role}_timeouts": float(result.n_timeouts),
-        f"verify/{role}_errors": float(result.n_errors),
-        f"verify/{role}_rejected": float(result.n_rejected),
-        f"verify/{role}_unparsed": float(result.n_unparsed),
+        f"verify/{role}_timeouts": float(sum(r.n_timeouts for r in results)),
+        f"verify/{role}_errors": float(sum(r.n_errors for r in results)),
+        f"verify/{role}_rejected": float(sum(r.n_rejected for r in results)),
+        f"verify/{role}_unparsed": float(sum(r.n_unparsed for r in results)),
     }
 
 

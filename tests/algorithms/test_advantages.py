@@ -11,7 +11,9 @@ from spiral_lit.algorithms import (
     grpo_advantages,
     informative_groups,
     informative_prompts,
+    informative_rounds,
     length_gate,
+    recursive_advantages,
     sample_sets_batch,
     spiral_advantages,
 )
@@ -158,3 +160,54 @@ def test_informative_filters() -> None:
     assert informative_prompts(rewards_BKA).dtype == torch.bool
     rewards_BG = torch.tensor([[0.5, 0.5, 0.5], [0.0, 1.0, 0.0]])
     assert informative_groups(rewards_BG).tolist() == [False, True]
+
+
+# Two trained rounds (docs/algorithm.md §10.2), by hand: 3 search traces, 2 sets of 2, 2 aggregations per set.
+# Round 1: sets {0,1}, {1,2}; rewards (1,1), (0,1) -> f = (1, 0.5) around 0.75 -> set advantages (+0.25, -0.25);
+#   search traces: 0 -> +0.25, 1 -> (0.25 - 0.25) / 2 = 0, 2 -> -0.25; siblings: (0, 0), (-0.5, +0.5).
+# Round 1's traces flattened set-major: 0 = (set 0, a 0), 1 = (set 0, a 1), 2 = (set 1, a 0), 3 = (set 1, a 1).
+# Round 2: sets {0,2}, {1,3}; rewards (1,0), (0,0) -> f = (0.5, 0) around 0.25 -> set advantages (+0.25, -0.25):
+#   round-1 traces 0 and 2 get +0.25, 1 and 3 get -0.25; round 2's siblings: (+0.5, -0.5), (0, 0).
+TWO_ROUND_REWARDS = [torch.tensor([[[1.0, 1.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])]
+TWO_ROUND_SETS = [torch.tensor([[[0, 1], [1, 2]]]), torch.tensor([[[0, 2], [1, 3]]])]
+
+
+@pytest.mark.parametrize(
+    ("weight", "round1"),
+    [(1.0, [[0.25, -0.25], [-0.25, 0.25]]), (0.5, [[0.125, -0.125], [-0.375, 0.375]]), (0.0, [[0, 0], [-0.5, 0.5]])],
+)
+def test_two_rounds_by_hand(weight: float, round1: list[list[float]]) -> None:
+    search_BN, (agg1_BKA, agg2_BKA) = recursive_advantages(
+        TWO_ROUND_REWARDS, TWO_ROUND_SETS, n_search=3, next_round_weight=weight
+    )
+    torch.testing.assert_close(search_BN, torch.tensor([[0.25, 0.0, -0.25]]))
+    torch.testing.assert_close(agg1_BKA, torch.tensor([round1]))  # siblings + weight * round 2's set credit
+    torch.testing.assert_close(agg2_BKA, torch.tensor([[[0.5, -0.5], [0.0, 0.0]]]))  # the final round: siblings
+
+
+@pytest.mark.parametrize("scale_by_std", [False, True])
+def test_one_round_is_spiral_exactly(scale_by_std: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    rewards_BKA = torch.randint(0, 2, (5, 4, 4), generator=generator).float()
+    sets_BKS = sample_sets_batch(5, 8, 4, 4, generator)
+    search_BN, agg = recursive_advantages(
+        [rewards_BKA], [sets_BKS], 8, next_round_weight=0.7, scale_by_std=scale_by_std
+    )
+    expected_search, expected_agg = spiral_advantages(rewards_BKA, sets_BKS, 8, scale_by_std)
+    assert torch.equal(search_BN, expected_search) and len(agg) == 1 and torch.equal(agg[0], expected_agg)
+
+
+def test_later_rounds_sets_must_index_the_previous_rounds_traces() -> None:
+    with pytest.raises(ValueError, match="round 2's sets must index round 1's 4 traces"):
+        recursive_advantages(TWO_ROUND_REWARDS, [TWO_ROUND_SETS[0], torch.tensor([[[0, 4], [1, 3]]])], n_search=3)
+    with pytest.raises(ValueError, match="one \\[B, K, A\\] rewards and one \\[B, K, S\\] sets per round"):
+        recursive_advantages(TWO_ROUND_REWARDS, TWO_ROUND_SETS[:1], n_search=3)
+
+
+def test_a_prompt_is_informative_when_any_round_varies() -> None:
+    equal, varied = torch.ones(1, 2, 2), torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert informative_rounds([equal, varied]).tolist() == [True]
+    assert informative_rounds([varied, equal]).tolist() == [True]
+    # Equal within every round, even with different values across rounds: every advantage is 0.
+    assert informative_rounds([equal, torch.zeros(1, 2, 2)]).tolist() == [False]
+    assert torch.equal(informative_rounds([varied]), informative_prompts(varied))

@@ -173,7 +173,9 @@ def test_more_prompt_tokens_than_one_step_schedules(engine, policy, original) ->
     assert [len(group) for group in out] == [2] * 16
 
 
-def _fit(policy_dir: str, log_dir: str, backend: str) -> tuple[SpiralModule, dict[str, list[float]]]:
+def _fit(
+    policy_dir: str, log_dir: str, backend: str, train_rounds: int = 1
+) -> tuple[SpiralModule, dict[str, list[float]]]:
     """Two SPIRAL steps on the tiny policy; returns the module and its TensorBoard scalars."""
     from hash_task import VoteTask
 
@@ -181,7 +183,7 @@ def _fit(policy_dir: str, log_dir: str, backend: str) -> tuple[SpiralModule, dic
     module = SpiralModule(
         policy=PolicyConfig(policy_dir),
         task=task,
-        algorithm=AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2),
+        algorithm=AlgorithmConfig(n_search=4, n_sets=2, set_size=2, n_agg=2, train_rounds=train_rounds),
         update=UpdateConfig(micro_batch_size=8, recompute_old_logprobs=True, tis_cap=2.0),
         search_sampling=SamplingConfig(max_new_tokens=8),
         aggregation_sampling=SamplingConfig(max_new_tokens=8),
@@ -206,3 +208,11 @@ def test_two_step_spiral_fit_with_the_vllm_backend(tiny_policy, tmp_path, _cpu_s
     # fp32 engine, synced after step 1: sampler and trainer agree, so every importance weight is ~1.
     assert all(abs(w - 1.0) < 1e-3 for w in scalars["train/tis_mean"] + scalars["train/tis_max"])
     assert all(math.isfinite(v) for v in scalars["train/loss"])
+
+
+def test_two_trained_rounds_with_the_vllm_backend(tiny_policy, tmp_path, _cpu_settings) -> None:
+    """``train_rounds: 2`` (docs/algorithm.md §10) draws round 2's sets from round 1's vLLM traces."""
+    _, scalars = _fit(str(tiny_policy.path), str(tmp_path / "vllm"), "vllm", train_rounds=2)
+    _, reference = _fit(str(tiny_policy.path), str(tmp_path / "kv_cache"), "kv_cache", train_rounds=2)
+    assert sorted(scalars) == sorted(reference) and "reward/aggregation_round2" in scalars
+    assert all(abs(w - 1.0) < 1e-3 for w in scalars["train/tis_mean"] + scalars["train/tis_max"])

@@ -104,7 +104,7 @@ def _worker(args: argparse.Namespace) -> None:
         module = Recording(
             policy=PolicyConfig(args.policy),
             task=task,
-            algorithm=AlgorithmConfig(**ALGORITHM),
+            algorithm=AlgorithmConfig(**ALGORITHM, train_rounds=args.train_rounds),
             update=UpdateConfig(**UPDATE),
             search_sampling=sampling,
             aggregation_sampling=sampling,
@@ -135,9 +135,10 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- the tests
-def _run_worker(strategy: str, module: str, policy_dir: Path, out: Path) -> None:
+def _run_worker(strategy: str, module: str, policy_dir: Path, out: Path, train_rounds: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     args = ["--strategy", strategy, "--module", module, "--policy", str(policy_dir), "--out", str(out)]
+    args += ["--train-rounds", str(train_rounds)]
     result = subprocess.run(
         [sys.executable, str(Path(__file__)), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -195,9 +196,11 @@ def _reference_warm_start(policy_dir: Path, out: Path) -> tuple[dict[str, torch.
     return initial, {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _max_abs_difference(strategy: str, module: str, policy_dir: Path, out: Path) -> tuple[float, float]:
+def _max_abs_difference(
+    strategy: str, module: str, policy_dir: Path, out: Path, train_rounds: int = 1
+) -> tuple[float, float]:
     """(max |distributed - reference| over parameters, max |reference update|)."""
-    _run_worker(strategy, module, policy_dir, out)
+    _run_worker(strategy, module, policy_dir, out, train_rounds)
     reference_fit = _reference_warm_start if module == "sft" else _reference_update
     initial, reference = reference_fit(policy_dir, out)
     distributed = torch.load(out / "params.pt")
@@ -209,9 +212,13 @@ def _max_abs_difference(strategy: str, module: str, policy_dir: Path, out: Path)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_make_the_update_of_one(tiny_policy, tmp_path: Path, strategy: str) -> None:
-    difference, update = _max_abs_difference(strategy, "spiral", tiny_policy.path, tmp_path)
+@pytest.mark.parametrize(("strategy", "train_rounds"), [("ddp", 1), ("fsdp2", 1), ("ddp", 2)])
+def test_two_processes_make_the_update_of_one(tiny_policy, tmp_path: Path, strategy: str, train_rounds: int) -> None:
+    """Also with two trained rounds of aggregation (docs/algorithm.md §10), whose round-2 traces are in the update."""
+    difference, update = _max_abs_difference(strategy, "spiral", tiny_policy.path, tmp_path, train_rounds)
+    recorded = torch.load(tmp_path / "sequences_rank0_step0.pt", weights_only=False)
+    # 2 prompts x n_sets 2 x n_agg 2 aggregations per round, unless dynamic sampling dropped a prompt.
+    assert sum(s.role for s in recorded) in {0, 4 * train_rounds, 8 * train_rounds}
     assert update > 1e-3  # the comparison is not between two unchanged models
     assert difference < 1e-5
     assert json.loads((tmp_path / "sharded.json").read_text()) == (strategy == "fsdp2")
@@ -274,6 +281,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
     parser.add_argument("--module", choices=["spiral", "sft"], required=True)
+    parser.add_argument("--train-rounds", type=int, default=1)
     parser.add_argument("--policy", required=True)
     parser.add_argument("--out", required=True)
     _worker(parser.parse_args())

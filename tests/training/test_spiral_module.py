@@ -19,6 +19,7 @@ from spiral_lit.prompts import PromptConfig
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.runtime.models import PolicyConfig, TinyModelConfig, build_tiny_policy
 from spiral_lit.runtime.policy import VerifierConfig
+from spiral_lit.scaffolds import _shown, sample_search
 from spiral_lit.tasks.base import Problem
 from spiral_lit.tasks.chain_sum import ChainSumTask
 from spiral_lit.tools.tiny import tokenizer_corpus
@@ -71,18 +72,23 @@ EXPECTED_METRICS = {
 }  # fmt: skip
 
 
-def _tiny_module(tiny_dir: str, algorithm: str, dtype: str = "float32") -> SpiralModule:
+def _tiny_module(
+    tiny_dir: str, algorithm: str, dtype: str = "float32", train_rounds: int = 1, backend: str = "kv_cache"
+) -> SpiralModule:
     """The tiny policy on ``HashRewardTask`` at a small SPIRAL/GRPO shape, 8-token traces, a large learning rate."""
     return SpiralModule(
         policy=PolicyConfig(tiny_dir, dtype=dtype),
         task=HashRewardTask(n_terms=2, digits=2),
-        algorithm=AlgorithmConfig(algorithm=algorithm, n_search=4, n_sets=2, set_size=2, n_agg=2),
+        algorithm=AlgorithmConfig(
+            algorithm=algorithm, n_search=4, n_sets=2, set_size=2, n_agg=2, train_rounds=train_rounds
+        ),
         update=UpdateConfig(micro_batch_size=8),
         search_sampling=SamplingConfig(max_new_tokens=8),
         aggregation_sampling=SamplingConfig(max_new_tokens=8),
         verifier=VerifierConfig(num_workers=0),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         log_rollouts_every_n_steps=1,
+        rollout_backend=backend,
     )
 
 
@@ -100,6 +106,37 @@ def test_two_steps_change_every_parameter_and_log_every_metric(tiny_dir: str, tm
     assert all(math.isfinite(v) for v in scalars["train/loss"])
     # On-policy sanity (docs/algorithm.md §4.1): sampler and trainer log-probs agree in fp32.
     assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["kv_cache", "hf"])  # vllm: tests/rollout/test_vllm_engine.py
+def test_two_trained_rounds_fit_end_to_end(tiny_dir: str, tmp_path, backend: str) -> None:
+    """``train_rounds: 2`` (docs/algorithm.md §10): every parameter moves, each round's reward is logged, and the
+    sampler's and trainer's log-probs agree for round 2's traces as for the others."""
+    module = _tiny_module(tiny_dir, "spiral", train_rounds=2, backend=backend)
+    scalars = fit_moving_every_parameter(module, _data(module), str(tmp_path), max_steps=2)
+    missing = [m for m in [*EXPECTED_METRICS["spiral"], "reward/aggregation_round1", "reward/aggregation_round2"]
+               if m not in scalars]  # fmt: skip
+    assert not missing, f"metrics missing from TensorBoard: {missing}"
+    assert scalars["reward/aggregation"] == scalars["reward/aggregation_round2"]
+    assert max(scalars["train/ratio_dev_first_minibatch"]) < 1e-3
+    # 2 prompts x (4 search + 2 rounds x 2 sets x 2 aggregations) = 24 sequences per step, less dropped prompts.
+    assert set(scalars["train/sequences"]) <= {0.0, 12.0, 24.0} and max(scalars["train/sequences"]) == 24.0
+
+
+def test_round_two_aggregates_sets_of_round_one_traces(tiny_dir: str) -> None:
+    module = _tiny_module(tiny_dir, "spiral", train_rounds=2)
+    module.configure_model()
+    assert module.runtime is not None
+    sampler, batch = module.runtime.sampler, [module.task.problem(i, "train") for i in range(2)]
+    search = sample_search(sampler.engine, sampler.renderer, batch, 4, module.search_sampling, 1)
+    round1, round2 = module.algorithm.aggregate(sampler, batch, search, lambda phase: phase)
+    assert round2.sets_BKS.shape == (2, 2, 2) and int(round2.sets_BKS.max()) < 4  # round 1 has 2 sets x 2 traces
+    for b in range(2):
+        previous = [t for per_set in round1.traces[b] for t in per_set]  # set-major, as the sets index them
+        for k in range(2):
+            prompt = module.runtime.tokenizer.decode(round2.prompts[b][k])
+            assert all(_shown(sampler.renderer, previous[int(i)]) in prompt for i in round2.sets_BKS[b, k])
+    assert [len(per_set) for per_problem in round2.traces for per_set in per_problem] == [2, 2, 2, 2]
 
 
 def test_bf16_weights_train_end_to_end(tiny_dir: str, tmp_path) -> None:

@@ -21,7 +21,7 @@ def test_search_majority_accuracy_votes_by_answer_key() -> None:
     assert rewards == [0.0, 1.0, 0.0, 1.0, 1.0]
     traces = [[Completion([1], torch.zeros(1), "stop", a) for a in answers]]
     scores = StepScores(VerifyResult(rewards, list(answers)), torch.tensor([rewards]))
-    credit = StepCredit(torch.zeros(1, 5), None, torch.ones(1, dtype=torch.bool), [])
+    credit = StepCredit(torch.zeros(1, 5), [], torch.ones(1, dtype=torch.bool), [])
     keys = answer_keys(task, batch, answers)
-    metrics = step_metrics(5, SearchRollout([[0]], traces), None, scores, credit, {}, {"generate": 1.0}, keys)
+    metrics = step_metrics(5, SearchRollout([[0]], traces), [], scores, credit, {}, {"generate": 1.0}, keys)
     assert metrics["search/majority_accuracy"] == 1.0  # raw strings would elect the wrong "5*6"
