@@ -56,7 +56,7 @@ def test_train_command_runs_the_quickstart_config_with_the_arms_overrides(study,
     assert command[command.index("--model.init_args.update.role_normalisation") + 1] == "per_role"
 
 
-@pytest.mark.parametrize("arm", ["spiral_per_role", "spiral_search0", "grpo", "grpo_matched"])
+@pytest.mark.parametrize("arm", ["spiral_per_role", "spiral_search0", "grpo", "grpo_matched", "spiral_t2"])
 def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm: str, capsys) -> None:
     from spiral_lit.cli import main
 
@@ -65,10 +65,11 @@ def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm:
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]["init_args"]
     expected = {
-        "spiral_per_role": ("spiral", 60, "per_role", 1.0, 48),
-        "spiral_search0": ("spiral", 60, "shared", 0.0, 48),
-        "grpo": ("grpo", 60, "shared", 1.0, 184),
-        "grpo_matched": ("grpo", 230, "shared", 1.0, 184),
+        "spiral_per_role": ("spiral", 60, "per_role", 1.0, 48, 1),
+        "spiral_search0": ("spiral", 60, "shared", 0.0, 48, 1),
+        "grpo": ("grpo", 60, "shared", 1.0, 184, 1),
+        "grpo_matched": ("grpo", 230, "shared", 1.0, 184, 1),
+        "spiral_t2": ("spiral", 32, "shared", 1.0, 48, 2),
     }[arm]
     resolved = (
         model["algorithm"]["algorithm"],
@@ -76,6 +77,21 @@ def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm:
         model["update"]["role_normalisation"],
         model["update"]["search_weight"],
         model["search_sampling"]["max_new_tokens"],
+        model["algorithm"]["train_rounds"],
     )
     assert resolved == expected
     assert (config["seed_everything"], model["seed"]) == (1, 1)
+
+
+def test_tables_show_the_arms_that_ran(study) -> None:
+    """``--arms`` may run some arms: the tables name those, and only the differences between arms that ran."""
+    keys = [key for key, _ in study.TABLE_ROWS]
+    results = {
+        "warmstart": dict.fromkeys(keys, 0.5),
+        "spiral": {k: study.summarise([0.6, 0.7]) for k in keys},
+        "spiral_t2": {k: study.summarise([0.7, 0.8]) for k in keys},
+    }
+    table = study.results_table(results, [0, 1])
+    assert "| metric | warm start | SPIRAL | SPIRAL, 2 trained rounds | SPIRAL, 2 trained rounds − SPIRAL |" in table
+    assert "GRPO" not in table and "| 65.0 ± 7.1 | 75.0 ± 7.1 | +10.0 |" in table
+    assert study.per_seed_table(results, [0, 1]).count("SPIRAL, 2 trained rounds |") == 2

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "spiral_search0": ("spiral", ["--model.init_args.update.search_weight", "0.0"]),
     "grpo": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", str(STEPS)]),
     "grpo_matched": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", "230"]),
+    "spiral_t2": ("spiral", ["--model.init_args.algorithm.train_rounds", "2", "--trainer.max_steps", "32"]),
 }
 """Arm -> (quickstart config, overrides). ``spiral`` is the quickstart's run (one normaliser over both roles'
 tokens, docs/algorithm.md §4.5); ``spiral_per_role`` gives each role its own token mean (§4.6); ``spiral_search0``
 trains the aggregator only (search weight 0), which says how much the set-RL credit of the search traces adds.
 ``grpo`` is GRPO at the same steps and output-token ceiling; its traces stop far below the ceiling, so
 ``grpo_matched`` trains it for 230 steps, which brings its generated tokens near SPIRAL's (~2M; the table reports
-each run's own count)."""
+each run's own count). ``spiral_t2`` trains two rounds of aggregation (``train_rounds: 2``, §10) for 32 steps: a
+step generates the search traces and two rounds of aggregations, and 32 steps were estimated from the ``spiral``
+run's tokens per step (search 2.5k, aggregation 17.5k per rollout batch) to match its ~2M generated tokens."""
 METHODS = tuple(ARMS)
 COLOURS = {
     "warmstart": "grey",
@@ -72,6 +76,7 @@ COLOURS = {
     "spiral_search0": "tab:purple",
     "grpo": "tab:blue",
     "grpo_matched": "tab:green",
+    "spiral_t2": "tab:brown",
 }
 LABELS = {
     "warmstart": "warm start",
@@ -80,7 +85,10 @@ LABELS = {
     "spiral_search0": "SPIRAL, search weight 0",
     "grpo": "GRPO",
     "grpo_matched": "GRPO, token-matched",
+    "spiral_t2": "SPIRAL, 2 trained rounds",
 }
+GAPS = [("spiral", "grpo"), ("spiral", "grpo_matched"), ("spiral_t2", "spiral")]
+"""The differences the results table shows (first minus second), where both arms ran."""
 RSA_ROUNDS = 10
 SET_SIZE = 4
 TABLE_ROWS = [
@@ -198,6 +206,11 @@ def training_table(training: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def arms_of(by_arm: Mapping[str, Any]) -> list[str]:
+    """The arms present in ``by_arm`` (``--arms`` may choose some), in :data:`ARMS`' order."""
+    return [m for m in METHODS if m in by_arm]
+
+
 def summarise(values: list[float | None]) -> dict[str, Any]:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     if not kept:
@@ -214,20 +227,17 @@ def results_table(results: dict[str, Any], seeds: list[int]) -> str:
     def gap(a: dict[str, Any], b: dict[str, Any], scale: float) -> str:
         return "-" if a["mean"] is None or b["mean"] is None else f"{(a['mean'] - b['mean']) * scale:+.1f}"
 
-    header = " | ".join(LABELS[m] for m in METHODS)
-    lines = [
-        f"| metric | warm start | {header} | SPIRAL − GRPO | SPIRAL − GRPO token-matched |",
-        "|---|" + "---|" * (len(METHODS) + 3),
-    ]
+    arms = arms_of(results)
+    gaps = [(a, b) for a, b in GAPS if a in arms and b in arms]
+    header = " | ".join([LABELS[m] for m in arms] + [f"{LABELS[a]} − {LABELS[b]}" for a, b in gaps])
+    lines = [f"| metric | warm start | {header} |", "|---|" + "---|" * (len(arms) + len(gaps) + 1)]
     for key, label in TABLE_ROWS:
         scale = 1.0 if "length" in key else 100.0
         warm = results["warmstart"].get(key)
-        runs = " | ".join(cell(results[m][key], scale) for m in METHODS)
-        spiral = results["spiral"][key]
-        lines.append(
-            f"| {label} | {'-' if warm is None else f'{warm * scale:.1f}'} | {runs} | "
-            f"{gap(spiral, results['grpo'][key], scale)} | {gap(spiral, results['grpo_matched'][key], scale)} |"
-        )
+        cells = [cell(results[m][key], scale) for m in arms] + [
+            gap(results[a][key], results[b][key], scale) for a, b in gaps
+        ]
+        lines.append(f"| {label} | {'-' if warm is None else f'{warm * scale:.1f}'} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -236,7 +246,7 @@ def per_seed_table(results: dict[str, Any], seeds: list[int]) -> str:
     keys = ["search/pass@1", "search/pass@8", "aggregation/set_majority", "aggregation/accuracy", "rsa/accuracy@1"]
     keys += ["rsa/accuracy@4", f"rsa/accuracy@{RSA_ROUNDS}"]
     lines = ["| run | seed | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for m in METHODS:
+    for m in arms_of(results):
         for i, seed in enumerate(seeds):
             values = [results[m][k]["values"][i] for k in keys]
             cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
@@ -251,7 +261,7 @@ def plot_curves(
     figure, (rsa_ax, k_ax) = plt.subplots(1, 2, figsize=(10, 4))
     rounds = list(range(RSA_ROUNDS + 1))
     ks = [1, 2, 4, 8]
-    for name in METHODS:
+    for name in arms_of(per_seed):
         colour = COLOURS[name]
         for ax, xs, key in ((rsa_ax, rounds, "rsa/accuracy@{}"), (k_ax, ks, "search/pass@{}")):
             ys = [[per_seed[name][s][key.format(x)] for s in per_seed[name]] for x in xs]
@@ -278,13 +288,14 @@ def plot_by_correct(results: dict[str, Any], out: Path) -> None:
     labels = [str(c) for c in range(SET_SIZE + 1)]
     keys = [f"aggregation/accuracy_given_{c}correct" for c in range(SET_SIZE + 1)]
     figure, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / (len(METHODS) + 1)
-    for i, name in enumerate(("warmstart", *METHODS)):
+    arms = arms_of(results)
+    width = 0.8 / (len(arms) + 1)
+    for i, name in enumerate(("warmstart", *arms)):
         means = [
             (results[name].get(k) or 0.0) if name == "warmstart" else (results[name][k]["mean"] or 0.0) for k in keys
         ]
         errors = [0.0 if name == "warmstart" else (results[name][k]["std"] or 0.0) for k in keys]
-        xs = [x + (i - len(METHODS) / 2) * width for x in range(len(keys))]
+        xs = [x + (i - len(arms) / 2) * width for x in range(len(keys))]
         ax.bar(xs, means, width, yerr=errors, color=COLOURS[name], label=LABELS[name])
     ax.set_xticks(range(len(keys)), labels)
     ax.set(xlabel="correct candidates in the set", ylabel="aggregation accuracy", ylim=(0, 1))
@@ -298,7 +309,7 @@ def plot_by_correct(results: dict[str, Any], out: Path) -> None:
 def plot_entropy(entropy: dict[str, dict[int, tuple[list[int], list[float]]]], out: Path, window: int = 10) -> None:
     """Mean over seeds of the search-token entropy, smoothed over ``window`` steps, per run."""
     figure, ax = plt.subplots(figsize=(6, 3.5))
-    for name in METHODS:
+    for name in arms_of(entropy):
         runs = list(entropy[name].values())
         steps = runs[0][0]
         mean = [statistics.fmean(values[i] for _, values in runs) for i in range(len(steps))]
