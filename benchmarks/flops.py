@@ -56,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: train_step.py sits beside this file
 
 from rollout import ban_eos  # noqa: E402
-from train_step import SIZES, update_seconds  # noqa: E402
+from train_step import SIZES, add_step_arguments, update_seconds  # noqa: E402
 
 from spiral_lit.algorithms import grpo_advantages, sample_sets_batch, spiral_advantages  # noqa: E402
 from spiral_lit.prompts import PromptConfig  # noqa: E402
@@ -255,15 +255,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", choices=("spiral", "grpo"), default=["spiral", "grpo"])
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per pair, after a warm-up step")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--n-search", type=int, default=8)
-    parser.add_argument("--n-sets", type=int, default=4)
-    parser.add_argument("--set-size", type=int, default=4)
-    parser.add_argument("--n-agg", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--micro-batch-size", type=int, default=128)
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_step_arguments(parser, max_new_tokens=64)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/flops.json"))
     args = parser.parse_args()
     if args.threads is not None:

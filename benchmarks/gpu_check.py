@@ -500,7 +500,7 @@ def rollout_engines(model: Any, tokenizer: Any, vllm: bool, errors: dict[str, st
     engines: dict[str, Any] = {"hf": HFGenerateEngine(model, tokenizer), "kv_cache": KVCacheEngine(model, tokenizer)}
     if not vllm:
         return engines
-    from _vllm_backend import _EOSBannedVLLMEngine, unsupported_reason
+    from _vllm_backend import EOSBannedVLLMEngine, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason is not None:
@@ -508,7 +508,7 @@ def rollout_engines(model: Any, tokenizer: Any, vllm: bool, errors: dict[str, st
         return engines
     config = VLLMConfig(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30, max_model_len=1024)
     try:
-        engines["vllm"] = _EOSBannedVLLMEngine(model, tokenizer, max_batch_size=256, config=config)
+        engines["vllm"] = EOSBannedVLLMEngine(model, tokenizer, max_batch_size=256, config=config)
     except Exception as error:  # noqa: BLE001 - reported in the table, the other engines still run
         errors["vllm"] = f"start-up: {type(error).__name__}: {error}"[:300]
     return engines

@@ -149,21 +149,26 @@ def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse
             "sequences": len(sequences)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=str, default=None, help="HF directory (default: a random tiny model)")
-    parser.add_argument("--steps", type=int, default=5)
+def add_step_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The step's shape (prompts, traces, sets, trace length) and micro-batching, shared with flops.py."""
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n-search", type=int, default=8)
     parser.add_argument("--n-sets", type=int, default=4)
     parser.add_argument("--set-size", type=int, default=4)
     parser.add_argument("--n-agg", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--micro-batch-size", type=int, default=128)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=str, default=None, help="HF directory (default: a random tiny model)")
+    parser.add_argument("--steps", type=int, default=5)
+    add_step_arguments(parser, max_new_tokens=96)
     parser.add_argument("--algorithm", choices=("spiral", "grpo"), default="spiral")
     parser.add_argument("--shared-prefix", choices=tuple(MODES), default="both", help="update.shared_prefix")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="32-true")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model built when --model is not given")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.json"))
