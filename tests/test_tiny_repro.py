@@ -95,3 +95,19 @@ def test_tables_show_the_arms_that_ran(study) -> None:
     assert "| metric | warm start | SPIRAL | SPIRAL, 2 trained rounds | SPIRAL, 2 trained rounds − SPIRAL |" in table
     assert "GRPO" not in table and "| 65.0 ± 7.1 | 75.0 ± 7.1 | +10.0 |" in table
     assert study.per_seed_table(results, [0, 1]).count("SPIRAL, 2 trained rounds |") == 2
+
+
+def test_evaluation_is_the_quickstarts_compare_with_ten_rsa_rounds(study, tmp_path: Path, capsys) -> None:
+    from spiral_lit.cli import main
+
+    command = study.compare_command({"spiral": tmp_path / "hf"}, tmp_path / "out")
+    config, overrides = command[command.index("--config") + 1], command[command.index("--") + 1 :]
+    assert config.endswith("experiments/quickstart/compare.yaml")
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", config, *overrides, "--print_config"])
+    evaluation = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["eval"]
+    quickstart = yaml.safe_load(Path(config).read_text())["model"]["init_args"]["eval"]
+    assert evaluation["rsa_rounds"] == 10 and quickstart["rsa_rounds"] == 4
+    assert {k: evaluation[k] for k in quickstart if k != "rsa_rounds"} == {
+        k: v for k, v in quickstart.items() if k != "rsa_rounds"
+    }

@@ -11,8 +11,8 @@
 3. per seed, train every arm of :data:`ARMS` from it (the quickstart's ``spiral.yaml`` and ``grpo.yaml`` with the
    overrides listed there);
 4. evaluate the warm start and every final checkpoint with ``python -m spiral_lit compare`` on the same 200
-   held-out problems and evaluation seeds (``eval.yaml``: pass@k, majority vote, one aggregation of 4 candidates
-   by number of correct ones, recursive aggregation to 10 rounds);
+   held-out problems and evaluation seeds (the quickstart's ``compare.yaml`` with recursive aggregation to 10
+   rounds: pass@k, majority vote, one aggregation of 4 candidates by number of correct ones, RSA);
 5. write ``results.json`` / ``results.md`` (mean, spread and per-seed values) and the figures.
 
 Every stage runs as its own process with one thread (``OMP_NUM_THREADS=1``) so numbers do not depend on the
@@ -141,11 +141,12 @@ def train_command(arm: str, seed: int, warmstart: Path, out: Path) -> list[str]:
 
 
 def compare_command(checkpoints: dict[str, Path], out_dir: Path) -> list[str]:
+    """The quickstart's evaluation with recursive aggregation to the method's 10 rounds."""
     specs = [f"{name}={path}" for name, path in checkpoints.items()]
-    return [
-        sys.executable, "-m", "spiral_lit", "compare", "--config", str(HERE / "eval.yaml"),
-        "--out", str(out_dir), "--checkpoints", *specs,
-    ]  # fmt: skip
+    return cli(
+        "compare", "--config", str(QUICKSTART / "compare.yaml"), "--out", str(out_dir), "--checkpoints", *specs,
+        "--", "--model.init_args.eval.rsa_rounds", str(RSA_ROUNDS),
+    )  # fmt: skip
 
 
 def read_metrics(compare_dir: Path) -> dict[str, dict[str, float | None]]:
