@@ -44,16 +44,21 @@ def spiral_advantages(
         advantages f_i - mean_i' f_i' over the sets containing the trace (0 when in none), and
         ``[B, K, A]`` aggregation advantage R[i, j] - mean_j' R[i, j'].
     """
-    if rewards.dim() != 3 or sets.dim() != 3 or rewards.shape[:2] != sets.shape[:2]:
-        raise ValueError(
-            f"rewards must be [B, K, A] and sets [B, K, S] with matching B, K; "
-            f"got rewards {tuple(rewards.shape)} and sets {tuple(sets.shape)}"
-        )
-    if sets.numel() and (int(sets.min()) < 0 or int(sets.max()) >= n_search):
-        raise ValueError(f"sets must hold search indices in [0, n_search={n_search})")
+    _check_round(rewards, sets, n_search, "", f"search indices in [0, n_search={n_search})")
     if not rewards.is_floating_point():
         rewards = rewards.float()  # verifier scores may arrive as 0/1 integers
     return set_credit(rewards, sets, n_search, scale_by_std), _centre(rewards, scale_by_std)
+
+
+def _check_round(rewards: torch.Tensor, sets: torch.Tensor, n_members: int, where: str, members: str) -> None:
+    """Rewards ``[B, K, A]`` and sets ``[B, K, S]`` of one round agree, and the sets index its ``n_members``."""
+    if rewards.dim() != 3 or sets.dim() != 3 or rewards.shape[:2] != sets.shape[:2]:
+        raise ValueError(
+            f"{where}rewards must be [B, K, A] and sets [B, K, S] with matching B, K; "
+            f"got rewards {tuple(rewards.shape)} and sets {tuple(sets.shape)}"
+        )
+    if sets.numel() and (int(sets.min()) < 0 or int(sets.max()) >= n_members):
+        raise ValueError(f"{where}sets must hold {members}")
 
 
 def set_credit(rewards: torch.Tensor, sets: torch.Tensor, n_members: int, scale_by_std: bool = False) -> torch.Tensor:
@@ -106,13 +111,8 @@ def recursive_advantages(
     for r in range(len(rewards) - 1):  # round r + 1's sets credit round r's traces (0-based rounds)
         batch, n_sets, n_agg = rewards[r].shape
         later_rewards, later_sets = rewards[r + 1], sets[r + 1]
-        if later_rewards.dim() != 3 or later_sets.dim() != 3 or later_rewards.shape[:2] != later_sets.shape[:2]:
-            raise ValueError(
-                f"round {r + 2}: rewards must be [B, K, A] and sets [B, K, S] with matching B, K; got rewards "
-                f"{tuple(later_rewards.shape)} and sets {tuple(later_sets.shape)}"
-            )
-        if later_sets.numel() and (int(later_sets.min()) < 0 or int(later_sets.max()) >= n_sets * n_agg):
-            raise ValueError(f"round {r + 2}'s sets must index round {r + 1}'s {n_sets * n_agg} traces")
+        _check_round(later_rewards, later_sets, n_sets * n_agg, f"round {r + 2}: ", f"indices of round {r + 1}'s "
+                     f"{n_sets * n_agg} traces")  # fmt: skip
         credit_BM = set_credit(later_rewards.float(), later_sets, n_sets * n_agg, scale_by_std)
         agg_adv[r] = agg_adv[r] + next_round_weight * credit_BM.view(batch, n_sets, n_agg)
     return search_adv_BN, agg_adv

@@ -107,11 +107,14 @@ class SpiralAlgorithm:
         """Score every trace; the search scores are for monitoring only (docs/algorithm.md §2.4)."""
         cfg = self.config
         scores = _score_search(verifier, batch, search, cfg.n_search)
-        for agg in rounds:
-            agg_texts = [t.final_text for per_problem in agg.traces for per_set in per_problem for t in per_set]
-            agg_result = verifier.score([p for p in batch for _ in range(cfg.n_sets * cfg.n_agg)], agg_texts)
-            scores.aggregation.append(agg_result)
-            scores.rewards_BKA.append(torch.tensor(agg_result.rewards).view(len(batch), cfg.n_sets, cfg.n_agg))
+        # Every round's traces in one call, so the verifier's workers share them (round-major).
+        agg_texts = [
+            t.final_text for agg in rounds for per_problem in agg.traces for per_set in per_problem for t in per_set
+        ]
+        problems = [p for _ in rounds for p in batch for _ in range(cfg.n_sets * cfg.n_agg)]
+        scores.aggregation = verifier.score(problems, agg_texts)
+        rewards_RBKA = torch.tensor(scores.aggregation.rewards).view(len(rounds), len(batch), cfg.n_sets, cfg.n_agg)
+        scores.rewards_BKA = list(rewards_RBKA.unbind(0))
         return scores
 
     def advantages(self, search: SearchRollout, rounds: list[AggregationRollout], scores: StepScores) -> StepCredit:

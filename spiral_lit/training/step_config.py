@@ -150,8 +150,8 @@ class StepScores:
     search: VerifyResult
     search_BN: torch.Tensor
     """[B, n_search] search rewards."""
-    aggregation: list[VerifyResult] = field(default_factory=list)
-    """Per trained round of aggregation (SPIRAL only; one unless ``train_rounds > 1``)."""
+    aggregation: VerifyResult | None = None
+    """Every trained round's aggregation traces, round-major (SPIRAL only)."""
     rewards_BKA: list[torch.Tensor] = field(default_factory=list)
     """Per round, [B, n_sets, n_agg] aggregation rewards."""
 

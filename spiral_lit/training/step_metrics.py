@@ -36,9 +36,9 @@ def step_metrics(
     """
     search_flat = [t for ts in search.traces for t in ts]
     metrics = _search_metrics(n_search, scores, credit, search_keys) | trace_stats("search", search_flat)
-    metrics |= _verify_stats("search", [scores.search])
+    metrics |= _verify_stats("search", scores.search)
     generated = sum(t.num_tokens for t in search_flat)
-    if rounds:
+    if rounds and scores.aggregation is not None:
         agg_flat = [t for agg in rounds for per_problem in agg.traces for per_set in per_problem for t in per_set]
         generated += sum(t.num_tokens for t in agg_flat)
         first_BKA = scores.rewards_BKA[0]
@@ -67,13 +67,12 @@ def _search_metrics(n: int, scores: StepScores, credit: StepCredit, keys: list[H
     } | advantage_stats("search", credit.search_adv_BN)
 
 
-def _verify_stats(role: str, results: list[VerifyResult]) -> dict[str, float]:
-    """The verifier's failure counts of one role, summed over its rounds."""
+def _verify_stats(role: str, result: VerifyResult) -> dict[str, float]:
     return {
-        f"verify/{role}_timeouts": float(sum(r.n_timeouts for r in results)),
-        f"verify/{role}_errors": float(sum(r.n_errors for r in results)),
-        f"verify/{role}_rejected": float(sum(r.n_rejected for r in results)),
-        f"verify/{role}_unparsed": float(sum(r.n_unparsed for r in results)),
+        f"verify/{role}_timeouts": float(result.n_timeouts),
+        f"verify/{role}_errors": float(result.n_errors),
+        f"verify/{role}_rejected": float(result.n_rejected),
+        f"verify/{role}_unparsed": float(result.n_unparsed),
     }
 
 

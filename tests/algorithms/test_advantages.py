@@ -198,7 +198,7 @@ def test_one_round_is_spiral_exactly(scale_by_std: bool) -> None:
 
 
 def test_later_rounds_sets_must_index_the_previous_rounds_traces() -> None:
-    with pytest.raises(ValueError, match="round 2's sets must index round 1's 4 traces"):
+    with pytest.raises(ValueError, match="round 2: sets must hold indices of round 1's 4 traces"):
         recursive_advantages(TWO_ROUND_REWARDS, [TWO_ROUND_SETS[0], torch.tensor([[[0, 4], [1, 3]]])], n_search=3)
     with pytest.raises(ValueError, match="one \\[B, K, A\\] rewards and one \\[B, K, S\\] sets per round"):
         recursive_advantages(TWO_ROUND_REWARDS, TWO_ROUND_SETS[:1], n_search=3)

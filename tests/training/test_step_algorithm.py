@@ -48,7 +48,7 @@ def test_spiral_credits_both_roles_through_the_sets() -> None:
     sets_BKS = torch.tensor([[[0, 1], [1, 2]]])
     agg = AggregationRollout(sets_BKS, [[[5], [6]]], [[[_trace(2), _trace(2)], [_trace(2), _trace(2)]]])
     rewards_BKA = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
-    scores = StepScores(_verified([0.0] * 3), torch.zeros(1, 3), [_verified([1.0, 1.0, 0.0, 1.0])], [rewards_BKA])
+    scores = StepScores(_verified([0.0] * 3), torch.zeros(1, 3), _verified([1.0, 1.0, 0.0, 1.0]), [rewards_BKA])
     credit = algorithm.advantages(search, [agg], scores)
     # Set means 1 and 0.5 around 0.75: +0.25 / -0.25; trace 1 joined both sets, so its credit averages to 0.
     assert credit.search_adv_BN.tolist() == [[0.25, 0.0, -0.25]]
@@ -64,7 +64,7 @@ def test_two_trained_rounds_credit_round_one_through_round_two() -> None:
     round1 = AggregationRollout(torch.tensor([[[0, 1], [1, 2]]]), [[[5], [6]]], [[[_trace(2)] * 2, [_trace(2)] * 2]])
     round2 = AggregationRollout(torch.tensor([[[0, 2], [1, 3]]]), [[[7], [8]]], [[[_trace(2)] * 2, [_trace(2)] * 2]])
     rewards = [torch.tensor([[[1.0, 1.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])]
-    verified = [_verified(r.flatten().tolist()) for r in rewards]
+    verified = _verified(torch.cat([r.flatten() for r in rewards]).tolist())
     credit = algorithm.advantages(
         search, [round1, round2], StepScores(_verified([0.0] * 3), torch.zeros(1, 3), verified, rewards)
     )
@@ -101,7 +101,7 @@ def test_one_trained_round_credits_as_spiral_did() -> None:
     rewards_BKA = torch.randint(0, 2, (3, 3, 2), generator=generator).float()
     rewards_BKA[1] = 1.0  # a prompt without signal, dropped
     scores = StepScores(
-        _verified([0.0] * 12), torch.zeros(3, 4), [_verified(rewards_BKA.flatten().tolist())], [rewards_BKA]
+        _verified([0.0] * 12), torch.zeros(3, 4), _verified(rewards_BKA.flatten().tolist()), [rewards_BKA]
     )
     credit = SpiralAlgorithm(config, SamplingConfig()).advantages(search, [agg], scores)
 
