@@ -45,6 +45,24 @@ def test_training_summary_adds_both_roles_tokens_and_averages_the_tail(study) ->
     }
 
 
+def test_a_step_logged_again_after_a_resume_counts_once(study) -> None:
+    scalars = {
+        "tokens/search": [(0, 100.0, 10.0), (1, 120.0, 12.0), (1, 130.0, 50.0), (2, 90.0, 52.0)],
+        "reward": [(0, 0.25, 10.0), (1, 0.5, 12.0), (1, 0.75, 50.0), (2, 1.0, 52.0)],
+        "train/entropy/search": [(0, 0.3, 10.0), (1, 0.2, 12.0), (1, 0.1, 50.0), (2, 0.4, 52.0)],
+    }
+    assert study.read_entropy(scalars) == ([0, 1, 2], [0.3, 0.1, 0.4])
+    out = study.training_summary(scalars)
+    assert out["generated_tokens"] == 320.0  # 100 + 130 + 90: the repeated step 1 once, at its later value
+    assert out["final_reward"] == pytest.approx(2.0 / 3.0)  # mean of 0.25, 0.75, 1.0
+
+
+def test_entropy_figure_averages_the_steps_every_seed_logged(study, tmp_path: Path) -> None:
+    entropy = {"spiral": {0: ([0, 1, 2], [0.3, 0.2, 0.1]), 1: ([0, 1], [0.5, 0.4])}}
+    study.plot_entropy(entropy, tmp_path)  # seeds of different lengths used to fail with an IndexError
+    assert (tmp_path / "entropy.png").stat().st_size > 0
+
+
 def test_train_command_runs_the_quickstart_config_with_the_arms_overrides(study, tmp_path: Path) -> None:
     command = study.train_command("grpo_matched", 1, tmp_path / "warm", tmp_path)
     assert command[command.index("--config") + 1].endswith("experiments/quickstart/grpo.yaml")
@@ -56,7 +74,9 @@ def test_train_command_runs_the_quickstart_config_with_the_arms_overrides(study,
     assert command[command.index("--model.init_args.update.role_normalisation") + 1] == "per_role"
 
 
-@pytest.mark.parametrize("arm", ["spiral_per_role", "spiral_search0", "grpo", "grpo_matched", "spiral_t2"])
+@pytest.mark.parametrize(
+    "arm", ["spiral_per_role", "spiral_search0", "grpo", "grpo_matched", "spiral_t2", "spiral_t2_per_role"]
+)
 def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm: str, capsys) -> None:
     from spiral_lit.cli import main
 
@@ -70,6 +90,7 @@ def test_every_arm_resolves_to_the_settings_it_names(study, tmp_path: Path, arm:
         "grpo": ("grpo", 60, "shared", 1.0, 184, 1),
         "grpo_matched": ("grpo", 230, "shared", 1.0, 184, 1),
         "spiral_t2": ("spiral", 32, "shared", 1.0, 48, 2),
+        "spiral_t2_per_role": ("spiral", 32, "per_role", 1.0, 48, 2),
     }[arm]
     resolved = (
         model["algorithm"]["algorithm"],

@@ -52,13 +52,16 @@ STEPS = 60
 GRPO_CEILING = ["--model.init_args.search_sampling.max_new_tokens", "184"]
 """16 GRPO traces of at most 184 tokens = SPIRAL's 8 x 48 + 16 x 160 = 2944 output tokens per prompt, the paper's
 matching rule (docs/algorithm.md §5)."""
+TWO_ROUNDS = ["--model.init_args.algorithm.train_rounds", "2", "--trainer.max_steps", "32"]
+"""Two trained rounds of aggregation for 32 steps, which matches SPIRAL's generated tokens (see :data:`ARMS`)."""
 ARMS: dict[str, tuple[str, list[str]]] = {
     "spiral": ("spiral", []),
     "spiral_per_role": ("spiral", ["--model.init_args.update.role_normalisation", "per_role"]),
     "spiral_search0": ("spiral", ["--model.init_args.update.search_weight", "0.0"]),
     "grpo": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", str(STEPS)]),
     "grpo_matched": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", "230"]),
-    "spiral_t2": ("spiral", ["--model.init_args.algorithm.train_rounds", "2", "--trainer.max_steps", "32"]),
+    "spiral_t2": ("spiral", TWO_ROUNDS),
+    "spiral_t2_per_role": ("spiral", [*TWO_ROUNDS, "--model.init_args.update.role_normalisation", "per_role"]),
 }
 """Arm -> (quickstart config, overrides). ``spiral`` is the quickstart's run (one normaliser over both roles'
 tokens, docs/algorithm.md §4.5); ``spiral_per_role`` gives each role its own token mean (§4.6); ``spiral_search0``
@@ -67,7 +70,9 @@ trains the aggregator only (search weight 0), which says how much the set-RL cre
 ``grpo_matched`` trains it for 230 steps, which brings its generated tokens near SPIRAL's (~2M; the table reports
 each run's own count). ``spiral_t2`` trains two rounds of aggregation (``train_rounds: 2``, §10) for 32 steps: a
 step generates the search traces and two rounds of aggregations, and 32 steps were estimated from the ``spiral``
-run's tokens per step (search 2.5k, aggregation 17.5k per rollout batch) to match its ~2M generated tokens."""
+run's tokens per step (search 2.5k, aggregation 17.5k per rollout batch) to match its ~2M generated tokens.
+``spiral_t2_per_role`` is ``spiral_t2`` with each role's own token mean: with two rounds the aggregation tokens
+double and the search role's share of one shared mean halves (§4.6)."""
 METHODS = tuple(ARMS)
 COLOURS = {
     "warmstart": "grey",
@@ -77,6 +82,7 @@ COLOURS = {
     "grpo": "tab:blue",
     "grpo_matched": "tab:green",
     "spiral_t2": "tab:brown",
+    "spiral_t2_per_role": "tab:pink",
 }
 LABELS = {
     "warmstart": "warm start",
@@ -86,8 +92,9 @@ LABELS = {
     "grpo": "GRPO",
     "grpo_matched": "GRPO, token-matched",
     "spiral_t2": "SPIRAL, 2 trained rounds",
+    "spiral_t2_per_role": "SPIRAL, 2 trained rounds, per-role mean",
 }
-GAPS = [("spiral", "grpo"), ("spiral", "grpo_matched"), ("spiral_t2", "spiral")]
+GAPS = [("spiral", "grpo"), ("spiral", "grpo_matched"), ("spiral_t2", "spiral"), ("spiral_t2_per_role", "spiral")]
 """The differences the results table shows (first minus second), where both arms ran."""
 RSA_ROUNDS = 10
 SET_SIZE = 4
@@ -166,23 +173,32 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     return {t: [(s.step, s.value, s.wall_time) for s in events.Scalars(t)] for t in events.Tags()["scalars"]}
 
 
+def latest_per_step(rows: list[tuple[int, float, float]]) -> list[tuple[int, float]]:
+    """``(step, value)`` in step order, one per step. A run resumed from ``last.ckpt`` can log a step twice (before
+    the stop and again after it); the later value is the one the finished run stands on."""
+    by_step = {step: value for step, value, _ in rows}
+    return sorted(by_step.items())
+
+
 def read_entropy(scalars: dict[str, list[tuple[int, float, float]]]) -> tuple[list[int], list[float]]:
     """(steps, mean search-token entropy) of a training run."""
-    rows = scalars["train/entropy/search"]
-    return [r[0] for r in rows], [r[1] for r in rows]
+    rows = latest_per_step(scalars["train/entropy/search"])
+    return [step for step, _ in rows], [value for _, value in rows]
 
 
 def training_summary(scalars: dict[str, list[tuple[int, float, float]]]) -> dict[str, float]:
-    """What a run spent and reached: generated tokens, wall time, and the reward of its last 20 steps."""
-    tokens = sum(v for tag in ("tokens/search", "tokens/aggregation") for _, v, _ in scalars.get(tag, []))
+    """What a run spent and reached: generated tokens, wall time (first to last event, so a run that was stopped
+    and resumed counts its pause too), and the reward of its last 20 steps."""
+    tokens = sum(v for tag in ("tokens/search", "tokens/aggregation") for _, v in latest_per_step(scalars.get(tag, [])))
     walls = [w for rows in scalars.values() for _, _, w in rows]
-    rewards = [v for _, v, _ in scalars["reward"]]
+    rewards = [v for _, v in latest_per_step(scalars["reward"])]
+    _, entropy = read_entropy(scalars)
     return {
         "generated_tokens": tokens,
         "train_seconds": max(walls) - min(walls),
         "final_reward": statistics.fmean(rewards[-20:]),
-        "first_entropy": scalars["train/entropy/search"][0][1],
-        "final_entropy": statistics.fmean(v for _, v, _ in scalars["train/entropy/search"][-20:]),
+        "first_entropy": entropy[0],
+        "final_entropy": statistics.fmean(entropy[-20:]),
     }
 
 
@@ -311,9 +327,9 @@ def plot_entropy(entropy: dict[str, dict[int, tuple[list[int], list[float]]]], o
     """Mean over seeds of the search-token entropy, smoothed over ``window`` steps, per run."""
     figure, ax = plt.subplots(figsize=(6, 3.5))
     for name in arms_of(entropy):
-        runs = list(entropy[name].values())
-        steps = runs[0][0]
-        mean = [statistics.fmean(values[i] for _, values in runs) for i in range(len(steps))]
+        runs = [dict(zip(steps, values, strict=True)) for steps, values in entropy[name].values()]
+        steps = sorted(set.intersection(*(set(run) for run in runs)))  # the steps every seed logged
+        mean = [statistics.fmean(run[step] for run in runs) for step in steps]
         smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
         style = "--" if name == "grpo_matched" else "-"
         ax.plot(steps, smooth, style, color=COLOURS[name], label=LABELS[name])
