@@ -26,16 +26,13 @@ Run:  python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
-from spiral_lit.evaluation.predict import predict_problems
+from spiral_lit.evaluation.held_out import EvalConfig
 from spiral_lit.evaluation.rollout_text import rollout_markdown
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.reliability.checkpointing import (
@@ -44,23 +41,20 @@ from spiral_lit.reliability.checkpointing import (
     own_rank_entry,
 )
 from spiral_lit.reliability.faults import NonFiniteGuard
-from spiral_lit.reliability.progress import report_phase
 from spiral_lit.rollout import Backend, VLLMConfig
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.runtime.models import PolicyConfig
 from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.scaffolds import AggregationRollout, SearchRollout, sample_search, step_seed
 from spiral_lit.tasks.base import Problem, Task, answer_keys
-from spiral_lit.training.cpu_memory import KeepFreedCpuMemory
 from spiral_lit.training.experience import sequences_from_state, sequences_state
+from spiral_lit.training.held_out_hooks import HeldOutEvaluation
 from spiral_lit.training.optimisation import clip_and_step, configure_policy_optimizers
 from spiral_lit.training.step_algorithm import make_algorithm
 from spiral_lit.training.step_config import AlgorithmConfig, StepCredit, StepScores
 from spiral_lit.training.step_metrics import PhaseTimer, step_metrics
 from spiral_lit.training.strategy import (
-    HoldGatheredForEvaluation,
     data_parallel_mesh,
-    log_eval_metrics,
     sharding_of,
     sync_metrics,
 )
@@ -68,7 +62,7 @@ from spiral_lit.training.update import PolicyUpdater, TrainSequence, UpdateConfi
 from spiral_lit.training.update_config import resolve_for_precision
 
 
-class SpiralModule(L.LightningModule):
+class SpiralModule(HeldOutEvaluation):
     """The shared generator/aggregator policy trained with SPIRAL or GRPO."""
 
     def __init__(
@@ -287,35 +281,9 @@ class SpiralModule(L.LightningModule):
             self.logger.experiment.add_text("rollouts", text, self.global_step)
 
     # ----------------------------------------------------------------- evaluation
-    def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
-        """Per-problem values of every configured scaffold (evaluation.py; also used by
-        spiral_lit.evaluation.compare)."""
-        assert self.runtime is not None
-        return evaluate_problems(
-            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling,
-            partial(report_phase, self._trainer),
-        )  # fmt: skip
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []
-        return [HoldGatheredForEvaluation(), *keep_freed]
-
-    def validation_step(self, batch: list[Problem], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Logs the batch's evaluation metrics and returns their per-problem values, which Lightning hands to
-        callbacks' ``on_validation_batch_end`` (``compare`` pairs checkpoints over problems with them)."""
-        values = self.evaluate_batch(batch)
-        log_eval_metrics(self, self.eval_metrics, "val", values)
-        return values
-
-    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
-
-    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        """Answer records with ``eval.predict_scaffold`` (predict.py); PredictionWriter writes them."""
-        assert self.runtime is not None
-        return predict_problems(
-            self.runtime.sampler, batch, self.eval_config, self.search_sampling, self.aggregation_sampling
-        )
+    def eval_samplings(self) -> tuple[SamplingConfig, SamplingConfig]:
+        """Each role is evaluated with the sampling settings it trains with."""
+        return self.search_sampling, self.aggregation_sampling
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:

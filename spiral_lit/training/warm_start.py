@@ -22,22 +22,18 @@ from __future__ import annotations
 
 import random
 import time
-from functools import partial
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from spiral_lit.algorithms.roles import role_normalisers
 from spiral_lit.errors import UserError
-from spiral_lit.evaluation.held_out import EvalConfig, evaluate_problems
-from spiral_lit.evaluation.predict import predict_problems
+from spiral_lit.evaluation.held_out import EvalConfig
 from spiral_lit.prompts import PromptConfig, PromptRenderer, audit_text
 from spiral_lit.reliability.checkpointing import check_checkpoint_matches
 from spiral_lit.reliability.faults import NonFiniteGuard
-from spiral_lit.reliability.progress import report_phase
 from spiral_lit.rollout import Backend
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.rollout.vllm_engine import VLLMConfig
@@ -46,11 +42,11 @@ from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.scaffolds import derive_rng
 from spiral_lit.tasks.base import Problem, Task
 from spiral_lit.training.batching import length_buckets, pack
-from spiral_lit.training.cpu_memory import KeepFreedCpuMemory
 from spiral_lit.training.forward import full_logits
+from spiral_lit.training.held_out_hooks import HeldOutEvaluation
 from spiral_lit.training.optimisation import clip_and_step, configure_policy_optimizers
 from spiral_lit.training.rank_passes import dummy_batch, lockstep_passes, rank_summed_counts, zero_weight_pass
-from spiral_lit.training.strategy import HoldGatheredForEvaluation, data_parallel_mesh, log_eval_metrics, sharding_of
+from spiral_lit.training.strategy import data_parallel_mesh, sharding_of
 
 
 def warm_start_examples(
@@ -121,7 +117,7 @@ def check_audit_targets(task: Task | None, prompts: PromptConfig) -> None:
         )
 
 
-class WarmStartModule(L.LightningModule):
+class WarmStartModule(HeldOutEvaluation):
     """Supervised warm start of the policy on both roles; evaluated like the RL module."""
 
     def __init__(
@@ -275,33 +271,9 @@ class WarmStartModule(L.LightningModule):
         self.log("train/loss_search", role_loss[0] / role_tokens[0])
         self.log("train/loss_aggregation", role_loss[1] / role_tokens[1])
 
-    def evaluate_batch(self, batch: list[Problem]) -> dict[str, torch.Tensor]:
-        """Per-problem values of every configured scaffold, as SpiralModule evaluates them (evaluation.py)."""
-        assert self.runtime is not None
-        return evaluate_problems(
-            self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling,
-            partial(report_phase, self._trainer),
-        )  # fmt: skip
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        keep_freed = [KeepFreedCpuMemory()] if self.hparams["cpu_keep_freed_memory"] else []
-        return [HoldGatheredForEvaluation(), *keep_freed]
-
-    def validation_step(self, batch: list[Problem], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Logs the batch's evaluation metrics and returns their per-problem values, which Lightning hands to
-        callbacks' ``on_validation_batch_end`` (``compare`` pairs checkpoints over problems with them)."""
-        values = self.evaluate_batch(batch)
-        log_eval_metrics(self, self.eval_metrics, "val", values)
-        return values
-
-    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        log_eval_metrics(self, self.eval_metrics, "test", self.evaluate_batch(batch))
-
-    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        """Answer records with ``eval.predict_scaffold`` (:mod:`spiral_lit.evaluation.predict`); PredictionWriter writes
-        them."""
-        assert self.runtime is not None
-        return predict_problems(self.runtime.sampler, batch, self.eval_config, self.eval_sampling, self.eval_sampling)
+    def eval_samplings(self) -> tuple[SamplingConfig, SamplingConfig]:
+        """Both roles are evaluated with ``eval_sampling`` (a warm start samples nothing in training)."""
+        return self.eval_sampling, self.eval_sampling
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None:
