@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from spiral_lit.errors import UserError
 from spiral_lit.evaluation.held_out import EvalConfig
 from spiral_lit.evaluation.rollout_text import rollout_markdown
 from spiral_lit.prompts import PromptConfig
@@ -138,7 +139,7 @@ class SpiralModule(HeldOutEvaluation):
         if self.runtime is not None:
             return
         if self.task is None:
-            raise ValueError("model.task is not set: run through the CLI, which links it from data.task")
+            raise UserError("model.task is not set: run through the CLI, which links it from data.task")
         self.runtime = PolicyRuntime(
             self.policy_config,
             self.task,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from spiral_lit import SpiralModule
+from spiral_lit.errors import UserError
 from spiral_lit.rollout.base import SamplingConfig
 from spiral_lit.runtime.models import PolicyConfig
 from spiral_lit.training.held_out_hooks import HeldOutEvaluation
@@ -21,6 +24,12 @@ def test_the_warm_start_evaluates_both_roles_with_its_eval_sampling(tiny_policy:
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=160)
     module = WarmStartModule(PolicyConfig(str(tiny_policy.path)), eval_sampling=sampling)
     assert module.eval_samplings() == (sampling, sampling)
+
+
+def test_both_modules_refuse_to_build_without_a_task(tiny_policy: TinyPolicy) -> None:
+    for module_class in (SpiralModule, WarmStartModule):
+        with pytest.raises(UserError, match="model.task is not set"):
+            module_class(PolicyConfig(str(tiny_policy.path))).configure_model()
 
 
 def test_both_modules_gather_for_evaluation(tiny_policy: TinyPolicy) -> None:
