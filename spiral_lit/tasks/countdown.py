@@ -92,6 +92,7 @@ class CountdownTask(Task):
         verdict_steps: bool = False,
         faked_wrong: float = 0.0,
         operators: str = "+-*",
+        verdict_target: bool = False,
     ) -> None:
         """
         Args:
@@ -106,6 +107,9 @@ class CountdownTask(Task):
             operators: The operators a problem allows, some of ``+-*``; ``+-`` keeps every step's arithmetic to
                 small sums and differences, which a tiny model checks reliably (an answer with another operator
                 scores 0).
+            verdict_target: Candidate verdicts write the problem's target after the value reached (``3+5=8 8*7=56
+                make 50 wrong``), so that judging a candidate compares two adjacent numbers instead of the value
+                with a target the model must look up far back in the prompt (docs/algorithm.md §6.3).
         """
         if not operators or any(op not in _OPERATORS for op in operators) or len(set(operators)) != len(operators):
             raise ValueError(f"countdown: operators must be distinct characters of '+-*', got {operators!r}")
@@ -121,6 +125,7 @@ class CountdownTask(Task):
         self.verdict_steps = verdict_steps
         self.faked_wrong = faked_wrong
         self.operators = tuple(operators)
+        self.verdict_target = verdict_target
 
     def num_problems(self, split: Split) -> int | None:
         """Endless: every index is a new problem."""
@@ -184,9 +189,9 @@ class CountdownTask(Task):
             status = "wrong"
         else:
             status = "right" if sorted(used) == sorted(problem.metadata["numbers"]) else "wrong numbers"
-        if self.verdict_steps:
-            return " ".join([*_step_lines(steps), status])
-        return f"{value} {status}"
+        reached = _step_lines(steps) if self.verdict_steps else [str(value)]
+        target = [f"make {problem.metadata['target']}"] if self.verdict_target else []
+        return " ".join([*reached, *target, status])
 
     def right_solutions(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
         """``n`` worked solutions drawn from every left-to-right ordering of the numbers and choice of operators

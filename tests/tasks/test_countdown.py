@@ -137,6 +137,20 @@ def test_step_verdicts_recompute_the_answer() -> None:
     assert task.candidate_verdict("no answer here", problem) == "no answer"
 
 
+def test_target_verdicts_put_the_target_next_to_the_value_reached() -> None:
+    problem = CountdownTask().problem(0, "train")
+    problem.metadata.update(numbers=[5, 1, 5], target=30)
+    steps = CountdownTask(verdict_steps=True, verdict_target=True)
+    assert (
+        steps.candidate_verdict("5+5=10\n10*1=30\n<answer>(5+5)*1</answer>", problem) == "5+5=10 10*1=10 make 30 wrong"
+    )
+    assert steps.candidate_verdict("<answer>(1+5)*5</answer>", problem) == "1+5=6 6*5=30 make 30 right"
+    assert steps.candidate_verdict("<answer>6*5</answer>", problem) == "6*5=30 make 30 wrong numbers"
+    assert steps.candidate_verdict("no answer here", problem) == "no answer"
+    value = CountdownTask(verdict_target=True)
+    assert value.candidate_verdict("<answer>(5+5)*1</answer>", problem) == "10 make 30 wrong"
+
+
 def test_bad_settings_and_index_are_refused() -> None:
     with pytest.raises(ValueError, match="n_numbers"):
         CountdownTask(n_numbers=1)
