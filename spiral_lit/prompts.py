@@ -103,6 +103,21 @@ def kept_candidate(text: str) -> int | None:
     return int(headers[-1].group(1)) - 1
 
 
+_VERDICT_LINE = re.compile(r"^Candidate (\d+): (.*?)[ \t]*$", re.MULTILINE)
+
+
+def audit_verdicts(text: str) -> dict[int, str]:
+    """The verdict lines of an auditing aggregation answer: ``{k: verdict}`` for each ``Candidate k: verdict``
+    line before its last ``Keep Candidate k:`` or ``Solve again:`` header (a candidate judged twice: its first
+    line). Evaluation compares them with the task's own verdicts on the candidates shown."""
+    headers = list(_AUDIT_HEADER.finditer(text))
+    audit = text if not headers else text[: headers[-1].start()]
+    verdicts: dict[int, str] = {}
+    for line in _VERDICT_LINE.finditer(audit):
+        verdicts.setdefault(int(line.group(1)), line.group(2))
+    return verdicts
+
+
 def solution_part(text: str) -> str:
     """The solution an auditing aggregation answer ends with (what follows its last ``Keep Candidate k:`` or
     ``Solve again:`` line); ``text`` itself, the same object, when it has no such line.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,6 +72,8 @@ class AggregationRollout:
     """[B][K] aggregation prompt ids."""
     traces: list[list[list[Completion]]]
     """[B][K][n_agg]."""
+    shown: list[list[list[str]]] = field(default_factory=list)
+    """[B][K][S] the candidates' texts as each prompt shows them, in the order shown (empty: not recorded)."""
 
 
 def sample_search(
@@ -128,7 +130,7 @@ def sample_aggregations(
         for trace in traces_A:
             trace.selected = renderer.selection(trace.text, shown_S)
     traces = [flat[b * K : (b + 1) * K] for b in range(B)]
-    return AggregationRollout(sets_BKS, prompts, traces)
+    return AggregationRollout(sets_BKS, prompts, traces, [shown[b * K : (b + 1) * K] for b in range(B)])
 
 
 def recursive_aggregation(

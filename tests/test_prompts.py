@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from spiral_lit.prompts import PromptConfig, PromptRenderer, aggregation_text, search_text, truncate_middle
+from spiral_lit.prompts import (
+    PromptConfig,
+    PromptRenderer,
+    aggregation_text,
+    audit_verdicts,
+    search_text,
+    truncate_middle,
+)
 from spiral_lit.tasks import Problem
 
 PROBLEM = Problem(uid="p/0", question="12+34+56", answer="102")
@@ -173,6 +180,16 @@ def test_an_audit_shown_as_a_candidate_shows_only_its_solution(tokenizer) -> Non
     )
     plain = "12+30=42\n<answer>42</answer>"
     assert renderer.truncate_candidate(tokenizer.encode(plain, add_special_tokens=False)) == plain
+
+
+def test_audit_verdicts_are_the_lines_before_the_last_header() -> None:
+    text = (
+        "Candidate 1: 3+9=12 12-1=11 wrong\nCandidate 2: 7 right  \nCandidate 1: again\nKeep Candidate 2:\n"
+        "Candidate 3: after the header\n"
+    )
+    assert audit_verdicts(text) == {1: "3+9=12 12-1=11 wrong", 2: "7 right"}  # first line of a candidate; none after
+    assert audit_verdicts("Candidate 4: 9 wrong\nSolve again:\n1+2=3") == {4: "9 wrong"}
+    assert audit_verdicts("1+2=3\n<answer>1+2</answer>") == {}  # a free-form answer has none
 
 
 def test_kept_candidate_reads_the_last_audit_header() -> None:

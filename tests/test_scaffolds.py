@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from scripted_engine import ScriptedEngine
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
 from spiral_lit.rollout.base import Completion, SamplingConfig
@@ -28,23 +29,6 @@ def test_python_rngs_are_seeded_with_the_joined_parts() -> None:
     assert derive_rng(3, 1, 0).random() != derive_rng(3, 0, 1).random()
 
 
-class _ScriptedEngine:
-    """Answers every aggregation prompt with a fixed audit and every other prompt with a fixed solution: a test
-    double for the engine, so that the resolution of ``Keep Candidate k:`` is checked alone."""
-
-    def __init__(self, tokenizer, audit: str) -> None:
-        self.tokenizer, self.audit, self.prompts_seen = tokenizer, audit, []
-
-    def generate(self, prompts, n, sampling, seed):
-        out = []
-        for ids in prompts:
-            self.prompts_seen.append(self.tokenizer.decode(ids))
-            text = self.audit if "candidate solutions" in self.prompts_seen[-1] else "oops"
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-            out.append([Completion(token_ids, torch.zeros(len(token_ids)), "stop", text) for _ in range(n)])
-        return out
-
-
 def _candidates(tokenizer, texts: list[str]) -> list[Completion]:
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     return [Completion(i, torch.zeros(len(i)), "stop", t) for i, t in zip(ids, texts, strict=True)]
@@ -57,7 +41,7 @@ def test_a_kept_candidate_is_scored_and_shown_to_the_next_round(loaded_policy, t
     problem = task.problem(0, "heldout")
     texts = [f"{i}+{i}={2 * i}\n<answer>{i}+{i}</answer>" for i in range(1, 5)]
     renderer = PromptRenderer(tokenizer, PromptConfig(aggregation_target=target, shuffle_candidates=False), "A.")
-    engine = _ScriptedEngine(tokenizer, "Candidate 1: 2 wrong\nKeep Candidate 3:")
+    engine = ScriptedEngine(tokenizer, "Candidate 1: 2 wrong\nKeep Candidate 3:")
     sampling = SamplingConfig(max_new_tokens=8)
     agg = sample_aggregations(
         engine, renderer, [problem], [_candidates(tokenizer, texts)], torch.tensor([[[0, 1, 2, 3]]]), 2, sampling, 0
@@ -71,3 +55,18 @@ def test_a_kept_candidate_is_scored_and_shown_to_the_next_round(loaded_policy, t
     shown_texts = [t for t in texts if t in last]
     assert "Keep Candidate" not in last and (len(shown_texts) > 0) == (target == "select")
     assert all(m[0].selected is not None for m in rounds[1].traces[0]) == (target == "select")
+
+
+def test_the_rollout_records_the_candidates_in_the_order_each_prompt_shows_them(loaded_policy) -> None:
+    tokenizer = loaded_policy[1]
+    problem = CountdownTask().problem(0, "heldout")
+    texts = [f"{i}+{i}={2 * i}\n<answer>{i}+{i}</answer>" for i in range(1, 5)]
+    renderer = PromptRenderer(tokenizer, PromptConfig(aggregation_target="select"), "A.")
+    engine = ScriptedEngine(tokenizer, "Solve again:")
+    sets = torch.tensor([[[0, 1, 2, 3], [3, 2, 1, 0]]])
+    agg = sample_aggregations(
+        engine, renderer, [problem], [_candidates(tokenizer, texts)], sets, 1, SamplingConfig(), 5
+    )
+    for shown, prompt in zip(agg.shown[0], engine.prompts_seen, strict=True):
+        assert sorted(shown) == sorted(texts)
+        assert sorted(shown, key=prompt.index) == shown  # the order of the prompt's Candidate 1..4 blocks

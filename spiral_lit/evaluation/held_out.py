@@ -18,6 +18,10 @@ the same numbers, and every checkpoint sees the same draws):
 - aggregation diagnostics (:func:`spiral_lit.evaluation.metrics.set_diagnostics`) of the aggregated set and
   of RSA's first round: ``set_oracle``, ``set_majority``, ``recovery``, ``override``, ``distinct_answers``,
   and ``accuracy_given_{c}correct``: the aggregation accuracy of sets with exactly c correct candidates;
+- audits (an auditing aggregator, ``prompts.aggregation_target`` ``audit`` or ``select``, on a task with
+  candidate verdicts): ``aggregation/verdict_exact``, the fraction of shown candidates whose verdict line is
+  the task's own verdict, ``aggregation/wrong_called_right`` and ``aggregation/right_called_wrong``, the
+  fractions of wrong candidates called right and of right ones not called right (docs/algorithm.md §6.3);
 - controls, ``control/`` (``controls: true``): aggregations of sets whose candidates cannot help, to
   tell re-solving from reading the candidates apart: ``all_wrong_accuracy`` (``set_size`` of the
   problem's own wrong search traces; NaN when it has fewer) and ``shuffled_accuracy`` (the first
@@ -36,17 +40,25 @@ from typing import Literal
 
 import torch
 
-from spiral_lit.evaluation.metrics import gather_sets, majority_vote_correct, pass_at_k, set_diagnostics
+from spiral_lit.evaluation.metrics import (
+    gather_sets,
+    majority_vote_correct,
+    pass_at_k,
+    set_diagnostics,
+    verdict_agreement,
+)
+from spiral_lit.prompts import audit_verdicts
 from spiral_lit.rollout.base import Completion, SamplingConfig
 from spiral_lit.runtime.policy import Sampler
 from spiral_lit.scaffolds import (
+    AggregationRollout,
     SearchRollout,
     derive_seed,
     recursive_aggregation,
     sample_aggregations,
     sample_search,
 )
-from spiral_lit.tasks.base import Problem, answer_keys
+from spiral_lit.tasks.base import Problem, answer_keys, has_verdicts
 from spiral_lit.tasks.verify import Verifier
 
 PredictScaffold = Literal["single", "majority", "rsa"]
@@ -249,12 +261,38 @@ def set_metrics(
     )
     agg_traces = [per_problem[0] for per_problem in agg.traces]
     agg_correct_BA = score_traces(sampler.verifier, problems, agg_traces).correct_BN
-    return {
-        "aggregation/accuracy": agg_correct_BA.float().mean(1),
-        "aggregation/tokens": tokens_B([ts[:S] for ts in search.traces]) + tokens_B(agg_traces),
-        "aggregation/prompt_tokens": _prompt_tokens_B(search.prompts) + _prompt_tokens_B([p[0] for p in agg.prompts]),
-        "aggregation/length": tokens_B(agg_traces) / config.n_agg,
-    } | _diagnostics("aggregation", scored, sets_BKS, agg_correct_BA[:, None, :])
+    return (
+        {
+            "aggregation/accuracy": agg_correct_BA.float().mean(1),
+            "aggregation/tokens": tokens_B([ts[:S] for ts in search.traces]) + tokens_B(agg_traces),
+            "aggregation/prompt_tokens": _prompt_tokens_B(search.prompts)
+            + _prompt_tokens_B([p[0] for p in agg.prompts]),
+            "aggregation/length": tokens_B(agg_traces) / config.n_agg,
+        }
+        | _diagnostics("aggregation", scored, sets_BKS, agg_correct_BA[:, None, :])
+        | _audit_metrics(sampler, problems, agg)
+    )
+
+
+def _audit_metrics(sampler: Sampler, problems: list[Problem], agg: AggregationRollout) -> dict[str, torch.Tensor]:
+    """How auditing aggregations (``prompts.aggregation_target`` ``audit`` or ``select``) judge the candidates
+    they were shown, per problem (mean over its aggregations), against the task's own verdicts: ``verdict_exact``,
+    ``wrong_called_right`` and ``right_called_wrong`` (:func:`~spiral_lit.evaluation.metrics.verdict_agreement`).
+    Nothing for free-form aggregation or a task without verdicts."""
+    task = sampler.verifier.task
+    if sampler.renderer.config.aggregation_target == "solution" or not has_verdicts(task):
+        return {}
+    per_problem = []
+    for b, problem in enumerate(problems):
+        rows = [
+            verdict_agreement(audit_verdicts(trace.text), [task.candidate_verdict(c, problem) for c in shown])
+            for shown, traces in zip(agg.shown[b], agg.traces[b], strict=True)
+            for trace in traces
+        ]
+        per_problem.append(torch.tensor(rows, dtype=torch.float64).nanmean(0))
+    values = torch.stack(per_problem)
+    names = ("verdict_exact", "wrong_called_right", "right_called_wrong")
+    return {f"aggregation/{name}": values[:, i] for i, name in enumerate(names)}
 
 
 def control_metrics(

@@ -135,6 +135,30 @@ def set_diagnostics(
     }
 
 
+def says_right(verdict: str) -> bool:
+    """A verdict calls its candidate right when its last word is ``right`` (the convention of
+    :meth:`Task.candidate_verdict <spiral_lit.tasks.base.Task.candidate_verdict>`)."""
+    return verdict.split()[-1:] == ["right"]
+
+
+def verdict_agreement(said: dict[int, str], truth: Sequence[str]) -> tuple[float, float, float]:
+    """How one audit's verdict lines (``said``: ``{k: verdict}``, 1-based as shown) agree with the task's verdicts
+    of the candidates in the order shown (``truth``): the fraction of candidates whose line is exactly the task's
+    verdict, the fraction of wrong candidates it calls right, and the fraction of right candidates it does not
+    call right (NaN when the set has no wrong, or no right, candidate). A candidate without a line is judged
+    neither exactly nor right."""
+    lines = [said.get(k + 1) for k in range(len(truth))]
+    exact = sum(line == verdict for line, verdict in zip(lines, truth, strict=True)) / len(truth)
+    right = [line is not None and says_right(line) for line in lines]
+    wrong_called = [r for r, verdict in zip(right, truth, strict=True) if not says_right(verdict)]
+    right_missed = [not r for r, verdict in zip(right, truth, strict=True) if says_right(verdict)]
+    return (
+        exact,
+        sum(wrong_called) / len(wrong_called) if wrong_called else math.nan,
+        sum(right_missed) / len(right_missed) if right_missed else math.nan,
+    )
+
+
 def paired_bootstrap_interval(
     a_N: torch.Tensor, b_N: torch.Tensor, n_resamples: int = 10000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:

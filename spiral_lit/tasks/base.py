@@ -106,8 +106,9 @@ class Task(abc.ABC):
         Used by the auditing aggregation warm start (``prompts.aggregation_target: audit``,
         docs/algorithm.md §6.3): the target first states one verdict per shown candidate, then the solution. A
         verdict must be what a reader can check in the candidate's text (a value reached, a line that does not
-        add up), not the reference answer, so the aggregator learns to audit rather than to re-solve. Tasks
-        without such a check keep this default.
+        add up), not the reference answer, so the aggregator learns to audit rather than to re-solve. Its last
+        word is ``right`` exactly when the candidate is right (evaluation reads audits that way). Tasks without
+        such a check keep this default.
         """
         raise NotImplementedError(
             f"task {self.name!r} has no candidate verdicts, so it cannot build auditing aggregation targets; use "
@@ -134,6 +135,11 @@ class Task(abc.ABC):
             f"task {self.name!r} cannot build wrong candidate solutions; aggregation warm start needs a task "
             "with worked solutions (e.g. the built-in chain_sum task)"
         )
+
+
+def has_verdicts(task: Task) -> bool:
+    """Whether ``task`` writes candidate verdicts (overrides :meth:`Task.candidate_verdict`)."""
+    return type(task).candidate_verdict is not Task.candidate_verdict
 
 
 def answer_keys(task: Task, problems: Sequence[Problem], answers: Sequence[str | None]) -> list[Hashable | None]:

@@ -40,7 +40,7 @@ from spiral_lit.rollout.vllm_engine import VLLMConfig
 from spiral_lit.runtime.models import PolicyConfig
 from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.scaffolds import derive_rng
-from spiral_lit.tasks.base import Problem, Task
+from spiral_lit.tasks.base import Problem, Task, has_verdicts
 from spiral_lit.training.batching import length_buckets, pack
 from spiral_lit.training.forward import full_logits
 from spiral_lit.training.held_out_hooks import HeldOutEvaluation
@@ -109,7 +109,7 @@ def check_audit_targets(task: Task | None, prompts: PromptConfig) -> None:
     work."""
     if task is None or prompts.aggregation_target == "solution":
         return
-    if type(task).candidate_verdict is Task.candidate_verdict:
+    if not has_verdicts(task):
         raise UserError(
             f"model.prompts.aggregation_target is {prompts.aggregation_target!r}, but task {task.name!r} has no "
             "candidate verdicts (Task.candidate_verdict); use aggregation_target: solution, or a task that checks "

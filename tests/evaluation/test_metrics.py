@@ -16,7 +16,9 @@ from spiral_lit.evaluation.metrics import (
     majority_vote_correct,
     paired_bootstrap_interval,
     pass_at_k,
+    says_right,
     set_diagnostics,
+    verdict_agreement,
 )
 from spiral_lit.tasks import CountdownTask
 from spiral_lit.tasks.base import answer_keys
@@ -209,3 +211,19 @@ def test_paired_interval_rejects_unpaired_empty_or_undefined_values() -> None:
         paired_bootstrap_interval(torch.zeros(2), torch.zeros(2), level=1.0)
     with pytest.raises(ValueError, match="n_resamples"):
         paired_bootstrap_interval(torch.zeros(2), torch.zeros(2), n_resamples=0)
+
+
+def test_verdict_agreement_hand_computed() -> None:
+    truth = ["1+2=3 make 3 right", "4 make 3 wrong", "no answer", "3 make 3 right"]
+    said = {1: "1+2=3 make 3 right", 2: "4 make 3 right", 3: "no answer"}  # candidate 4 has no line
+    exact, wrong_called_right, right_called_wrong = verdict_agreement(said, truth)
+    assert exact == 2 / 4
+    assert wrong_called_right == 1 / 2  # candidate 2 of the wrong ones (2, 3)
+    assert right_called_wrong == 1 / 2  # candidate 4 of the right ones (1, 4): no line is not a "right"
+    all_right = verdict_agreement({1: "right"}, ["right"])
+    assert all_right[:1] == (1.0,) and math.isnan(all_right[1]) and all_right[2] == 0.0
+
+
+def test_a_verdict_says_right_by_its_last_word() -> None:
+    assert says_right("1+2=3 right") and says_right("right")
+    assert not says_right("line 3 wrong") and not says_right("right wrong") and not says_right("")
