@@ -40,25 +40,18 @@ from typing import Literal
 
 import torch
 
-from spiral_lit.evaluation.metrics import (
-    gather_sets,
-    majority_vote_correct,
-    pass_at_k,
-    set_diagnostics,
-    verdict_agreement,
-)
-from spiral_lit.prompts import audit_verdicts
+from spiral_lit.evaluation.audits import audit_metrics
+from spiral_lit.evaluation.metrics import gather_sets, majority_vote_correct, pass_at_k, set_diagnostics
 from spiral_lit.rollout.base import Completion, SamplingConfig
 from spiral_lit.runtime.policy import Sampler
 from spiral_lit.scaffolds import (
-    AggregationRollout,
     SearchRollout,
     derive_seed,
     recursive_aggregation,
     sample_aggregations,
     sample_search,
 )
-from spiral_lit.tasks.base import Problem, answer_keys, has_verdicts
+from spiral_lit.tasks.base import Problem, answer_keys
 from spiral_lit.tasks.verify import Verifier
 
 PredictScaffold = Literal["single", "majority", "rsa"]
@@ -270,29 +263,8 @@ def set_metrics(
             "aggregation/length": tokens_B(agg_traces) / config.n_agg,
         }
         | _diagnostics("aggregation", scored, sets_BKS, agg_correct_BA[:, None, :])
-        | _audit_metrics(sampler, problems, agg)
+        | audit_metrics(sampler, problems, agg)
     )
-
-
-def _audit_metrics(sampler: Sampler, problems: list[Problem], agg: AggregationRollout) -> dict[str, torch.Tensor]:
-    """How auditing aggregations (``prompts.aggregation_target`` ``audit`` or ``select``) judge the candidates
-    they were shown, per problem (mean over its aggregations), against the task's own verdicts: ``verdict_exact``,
-    ``wrong_called_right`` and ``right_called_wrong`` (:func:`~spiral_lit.evaluation.metrics.verdict_agreement`).
-    Nothing for free-form aggregation or a task without verdicts."""
-    task = sampler.verifier.task
-    if sampler.renderer.config.aggregation_target == "solution" or not has_verdicts(task):
-        return {}
-    per_problem = []
-    for b, problem in enumerate(problems):
-        rows = [
-            verdict_agreement(audit_verdicts(trace.text), [task.candidate_verdict(c, problem) for c in shown])
-            for shown, traces in zip(agg.shown[b], agg.traces[b], strict=True)
-            for trace in traces
-        ]
-        per_problem.append(torch.tensor(rows, dtype=torch.float64).nanmean(0))
-    values = torch.stack(per_problem)
-    names = ("verdict_exact", "wrong_called_right", "right_called_wrong")
-    return {f"aggregation/{name}": values[:, i] for i, name in enumerate(names)}
 
 
 def control_metrics(
