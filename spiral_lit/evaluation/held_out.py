@@ -21,7 +21,7 @@ the same numbers, and every checkpoint sees the same draws):
 - audits (an auditing aggregator, ``prompts.aggregation_target`` ``audit`` or ``select``, on a task with
   candidate verdicts): ``aggregation/verdict_exact``, the fraction of shown candidates whose verdict line is
   the task's own verdict, ``aggregation/wrong_called_right`` and ``aggregation/right_called_wrong``, the
-  fractions of wrong candidates called right and of right ones not called right (docs/algorithm.md §6.3);
+  fractions of wrong candidates called right and of right ones not called right (docs/algorithm.md §7.4);
 - controls, ``control/`` (``controls: true``): aggregations of sets whose candidates cannot help, to
   tell re-solving from reading the candidates apart: ``all_wrong_accuracy`` (``set_size`` of the
   problem's own wrong search traces; NaN when it has fewer) and ``shuffled_accuracy`` (the first
