@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import torch
+import yaml
 
 from spiral_lit import SpiralModule
+from spiral_lit.evaluation.held_out import score_traces
 from spiral_lit.evaluation.metrics import says_right, verdict_agreement
 from spiral_lit.prompts import PromptConfig, audit_verdicts, kept_candidate
 from spiral_lit.rollout.base import SamplingConfig
@@ -31,15 +34,19 @@ from spiral_lit.tasks import CountdownTask
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 
 
+COMPARE = Path(__file__).resolve().parents[1] / "quickstart" / "compare.yaml"
+
+
 def load(path: str, verdict_target: bool) -> tuple[SpiralModule, CountdownTask]:
-    """The quickstart's evaluation setup around the checkpoint at ``path``."""
-    task = CountdownTask(
-        n_numbers=4, max_number=9, operators="+-", verdict_steps=True, faked_wrong=0.5, verdict_target=verdict_target
-    )
+    """The checkpoint at ``path`` with the quickstart's evaluation settings (``compare.yaml``: task, prompts,
+    sampling), target verdicts switched on or off."""
+    config = yaml.safe_load(COMPARE.read_text())
+    model = config["model"]["init_args"]
+    task = CountdownTask(**config["data"]["task"]["init_args"], verdict_target=verdict_target)
     module = SpiralModule(
-        PolicyConfig(path), task=task, prompts=PromptConfig(aggregation_target="select"),
-        search_sampling=SamplingConfig(max_new_tokens=48, temperature=1.0),
-        aggregation_sampling=SamplingConfig(max_new_tokens=160, temperature=1.0),
+        PolicyConfig(path), task=task, prompts=PromptConfig(**model["prompts"]),
+        search_sampling=SamplingConfig(**model["search_sampling"]),
+        aggregation_sampling=SamplingConfig(**model["aggregation_sampling"]),
         verifier=VerifierConfig(num_workers=0),
     )  # fmt: skip
     module.configure_model()
@@ -70,10 +77,7 @@ def main() -> None:
         searcher.search_sampling,
         [derive_seed(s, "search") for s in seeds],
     )
-    n_right = [
-        sum(task.score(task.extract_answer(t.text) or "", p) >= 1 for t in ts)
-        for ts, p in zip(search.traces, problems, strict=True)
-    ]
+    n_right = score_traces(sampler.verifier, problems, search.traces).correct_BN.sum(1).tolist()
     print(f"candidates from {args.candidates}: pass@1 {sum(n_right) / (4 * len(problems)):.3f}")
     sets = torch.arange(4).expand(len(problems), 1, 4)
     for spec in args.aggregators:
@@ -87,11 +91,11 @@ def main() -> None:
         by_right: dict[int, list[bool]] = {}
         rates: list[tuple[float, float, float]] = []
         misjudged = misjudged_sound = misjudged_faithful = keeps = keeps_judged_right = 0
+        correct_BA = score_traces(s.verifier, problems, [per_problem[0] for per_problem in agg.traces]).correct_BN
         for b, problem in enumerate(problems):
             truth = [atask.candidate_verdict(c, problem) for c in agg.shown[b][0]]
+            by_right.setdefault(n_right[b], []).extend(correct_BA[b].tolist())
             for trace in agg.traces[b][0]:
-                answer = atask.extract_answer(trace.final_text)
-                by_right.setdefault(n_right[b], []).append(answer is not None and atask.score(answer, problem) >= 1)
                 said = audit_verdicts(trace.text)
                 rates.append(verdict_agreement(said, truth))
                 kept = kept_candidate(trace.text)

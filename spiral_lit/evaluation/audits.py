@@ -23,11 +23,10 @@ def audit_metrics(sampler: Sampler, problems: list[Problem], agg: AggregationRol
         return {}
     per_problem = []
     for b, problem in enumerate(problems):
-        rows = [
-            verdict_agreement(audit_verdicts(trace.text), [task.candidate_verdict(c, problem) for c in shown])
-            for shown, traces in zip(agg.shown[b], agg.traces[b], strict=True)
-            for trace in traces
-        ]
+        rows = []
+        for shown, traces in zip(agg.shown[b], agg.traces[b], strict=True):
+            truth = [task.candidate_verdict(c, problem) for c in shown]  # once per set, for all its aggregations
+            rows += [verdict_agreement(audit_verdicts(trace.text), truth) for trace in traces]
         per_problem.append(torch.tensor(rows, dtype=torch.float64).nanmean(0))
     values = torch.stack(per_problem)
     names = ("verdict_exact", "wrong_called_right", "right_called_wrong")
