@@ -18,7 +18,9 @@ import yaml
 from spiral_lit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(ROOT.glob("experiments/**/*.yaml"))
+TINY_CONFIGS = sorted(ROOT.glob("experiments/**/tiny.yaml"))
+"""Configs of ``python -m spiral_lit tiny`` (the tiny model's build), not of a run."""
+CONFIGS = sorted(set(ROOT.glob("experiments/**/*.yaml")) - set(TINY_CONFIGS))
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +57,15 @@ def test_experiment_yaml_parses(config: Path, capsys: pytest.CaptureFixture[str]
     printed = yaml.safe_load(out)
     assert printed["model"]["class_path"] == yaml.safe_load(config.read_text())["model"]["class_path"]
     assert printed["data"]["task"]["class_path"].startswith("spiral_lit.tasks.")
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_tiny_model_yaml_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny", "--config", str(config), "--print_config"])
+    out, err = capsys.readouterr()
+    assert (exit_info.value.code or 0) == 0, err[-3000:]
+    assert yaml.safe_load(out)["task"]["class_path"].startswith("spiral_lit.tasks.")
 
 
 def test_misspelled_key_fails_and_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,9 +14,7 @@ out=runs/quickstart
 begin_run quickstart "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
-run python -m spiral_lit tiny --out "$out/tiny" --task spiral_lit.tasks.CountdownTask --task.n_numbers 4 \
-  --task.operators "+-" --task.verdict_steps true --task.faked_wrong 0.5 --prompts.aggregation_target select \
-  --tiny.vocab_size 512
+run python -m spiral_lit tiny --config experiments/quickstart/tiny.yaml --out "$out/tiny"
 stage "2/5: warm start, search role (600 steps) -> $out/warmstart_search"
 run python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
 stage "3/5: warm start, both roles (1200 steps) -> $out/warmstart"

@@ -346,14 +346,11 @@ def build_warmstart(out: Path, start: float) -> Path:
     both-roles checkpoint every arm starts from."""
     if not (out / "tiny" / "config.json").exists():
         log("building the tiny model and tokenizer", start)
-        # The quickstart's run.sh, stage 1.
-        cmd = [
-            sys.executable, "-m", "spiral_lit", "tiny", "--out", str(out / "tiny"),
-            "--task", "spiral_lit.tasks.CountdownTask", "--task.n_numbers", "4", "--task.operators", "+-",
-            "--task.verdict_steps", "true", "--task.faked_wrong", "0.5", "--prompts.aggregation_target", "select",
-            "--tiny.vocab_size", "512",
-        ]  # fmt: skip
-        run(cmd, out / "logs" / "tiny.log")
+        # The quickstart's run.sh, stage 1, from the same config.
+        run(
+            cli("tiny", "--config", str(QUICKSTART / "tiny.yaml"), "--out", str(out / "tiny")),
+            out / "logs" / "tiny.log",
+        )
     for stage, source in (("warmstart_search", "tiny"), ("warmstart", "warmstart_search/hf")):
         if not (out / stage / "hf" / "config.json").exists():
             log(f"{stage}: supervised warm start (experiments/quickstart/{stage}.yaml)", start)
