@@ -12,7 +12,9 @@ Two request shapes, as training issues them (spiral_lit/scaffolds.py):
 
 Two models of one family: the quickstart's tiny Llama (``TinyModelConfig()``: hidden 192,
 4 layers) and a ~50M-parameter Llama (hidden 512, 12 layers, 8 heads, intermediate 2048),
-both on the quickstart tokenizer, random weights, fp32, sdpa.
+both on the quickstart tokenizer, random weights, fp32, sdpa. On request (``--models``), the tiny
+Llama with 2 or 1 key/value heads (``tiny_kv2``, ``tiny_kv1``), and (``--shapes rsa``) 64 aggregation
+prompts with one sample each, the shape of recursive aggregation and of evaluation.
 
 Fairness: random weights stop at random points, so EOS is banned for both engines by one
 forward hook on ``lm_head`` that sets the EOS logits to -inf (the same hook runs inside both
@@ -47,7 +49,12 @@ from spiral_lit.tools.tiny import tokenizer_corpus
 MODEL_SIZES = {
     "tiny": {},
     "50m": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+    # The tiny Llama with grouped-query attention (TinyModelConfig.num_kv_heads): a smaller KV cache to read.
+    "tiny_kv2": {"num_key_value_heads": 2},
+    "tiny_kv1": {"num_key_value_heads": 1},
 }
+DEFAULT_MODELS = ["tiny", "50m"]
+DEFAULT_SHAPES = ["search", "aggregation"]
 
 
 def build_models(names: list[str]) -> tuple[dict[str, LlamaForCausalLM], PreTrainedTokenizerBase]:
@@ -58,9 +65,10 @@ def build_models(names: list[str]) -> tuple[dict[str, LlamaForCausalLM], PreTrai
     models = {}
     for name in names:
         config = copy.deepcopy(tiny.config)
-        for key, value in MODEL_SIZES[name].items():
+        sizes = MODEL_SIZES[name]
+        for key, value in sizes.items():
             setattr(config, key, value)
-        config.num_key_value_heads = config.num_attention_heads
+        config.num_key_value_heads = sizes.get("num_key_value_heads", config.num_attention_heads)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = LlamaForCausalLM(config).eval()
@@ -71,7 +79,8 @@ def build_models(names: list[str]) -> tuple[dict[str, LlamaForCausalLM], PreTrai
 
 
 def build_requests(tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[list[list[int]], int]]:
-    """Prompt ids and samples per prompt of the two shapes."""
+    """Prompt ids and samples per prompt of the three shapes (``rsa``: 64 distinct aggregation prompts, one sample
+    each, as in recursive aggregation, where no two rows share a prompt)."""
     task = ChainSumTask()
     renderer = PromptRenderer(tokenizer, PromptConfig(), task.answer_instruction)
     problems = [task.problem(i, "heldout") for i in range(16)]
@@ -81,7 +90,12 @@ def build_requests(tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[list[l
         rng = random.Random(i)
         candidates = [problem.solution or "", *task.wrong_solutions(problem, 3, rng)]
         aggregation.append(renderer.aggregation_from_texts(problem, candidates, rng))
-    return {"search": (search, 8), "aggregation": (aggregation, 4)}
+    rsa = []
+    for i in range(64):
+        problem, rng = problems[i % 16], random.Random(100 + i)
+        candidates = [problem.solution or "", *task.wrong_solutions(problem, 3, rng)]
+        rsa.append(renderer.aggregation_from_texts(problem, candidates, rng))
+    return {"search": (search, 8), "aggregation": (aggregation, 4), "rsa": (rsa, 1)}
 
 
 def ban_eos(model: LlamaForCausalLM, eos_id: int) -> None:
@@ -107,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine, model and shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/rollout.json"), help="JSON results path")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODEL_SIZES))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=["search", "aggregation", "rsa"])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vllm", action="store_true", help="also time the vllm backend (needs vllm)")
@@ -116,7 +131,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     models, tokenizer = build_models(args.models)
-    requests = build_requests(tokenizer)
+    requests = {shape: request for shape, request in build_requests(tokenizer).items() if shape in args.shapes}
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
     for shape, (prompts, n) in requests.items():
         lengths = [len(p) for p in prompts]

@@ -218,6 +218,9 @@ class TinyModelConfig:
     intermediate_size: int = 512
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); None = ``num_heads``. Fewer shrink the KV cache that every
+    decode step reads, which is what bounds decoding long aggregation prompts on a CPU."""
     max_position_embeddings: int = 1024
     vocab_size: int = 320
     """Target BPE vocabulary (byte alphabet + merges + special tokens)."""
@@ -231,6 +234,10 @@ class TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise UserError(
                 f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise UserError(
+                f"tiny.num_kv_heads ({self.num_kv_heads}) must be >= 1 and divide tiny.num_heads ({self.num_heads})"
             )
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise UserError(f"tiny.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet + specials)")
@@ -273,7 +280,7 @@ def build_tiny_policy(
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads or config.num_heads,
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=None,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from spiral_lit.errors import UserError
 from spiral_lit.runtime.models import (
@@ -19,6 +19,7 @@ from spiral_lit.runtime.models import (
     SPECIAL_TOKENS,
     PolicyConfig,
     TinyModelConfig,
+    build_tiny_policy,
     check_policy_files,
     context_length,
     load_policy,
@@ -117,6 +118,17 @@ def test_tiny_config_names_the_bad_key() -> None:
         TinyModelConfig(hidden_size=65, num_heads=2)
     with pytest.raises(ValueError, match=r"tiny\.vocab_size"):
         TinyModelConfig(vocab_size=100)
+    with pytest.raises(ValueError, match=r"tiny\.num_kv_heads \(3\).*tiny\.num_heads \(4\)"):
+        TinyModelConfig(num_kv_heads=3)
+
+
+def test_tiny_model_with_grouped_query_attention(tmp_path: Path) -> None:
+    """``num_kv_heads`` gives the saved Llama fewer key/value heads (a smaller KV cache to read per decode step)."""
+    model, _ = build_tiny_policy(
+        tmp_path, ["12+34=46"] * 20, TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_kv_heads=2)
+    )
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    assert AutoConfig.from_pretrained(tmp_path).num_key_value_heads == 2
 
 
 # ----------------------------------------------------------------------------- model paths
