@@ -220,7 +220,8 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None
     """Key/value heads (grouped-query attention); None = ``num_heads``. Fewer shrink the KV cache that every
-    decode step reads, which is what bounds decoding long aggregation prompts on a CPU."""
+    decode step reads, what bounds a step on a CPU where no two rows share a prompt (recursive aggregation,
+    evaluation; benchmarks/README.md, "Fewer key/value heads")."""
     max_position_embeddings: int = 1024
     vocab_size: int = 320
     """Target BPE vocabulary (byte alphabet + merges + special tokens)."""
