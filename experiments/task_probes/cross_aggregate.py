@@ -32,8 +32,6 @@ from spiral_lit.scaffolds import derive_seed, sample_aggregations, sample_search
 from spiral_lit.tasks import CountdownTask
 
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
-
-
 COMPARE = Path(__file__).resolve().parents[1] / "quickstart" / "compare.yaml"
 
 
