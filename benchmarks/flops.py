@@ -194,7 +194,7 @@ def one_step(rt: PolicyRuntime, timer: PrefillTimer, optimizer: torch.optim.Opti
             sequences = search_sequences(search, grpo_advantages(torch.zeros(len(problems), args.n_search)), keep)
         decode_rows = [(len(s.prompt_ids), s.completion.num_tokens) for s in sequences]
         optimizer.zero_grad(set_to_none=True)
-        update = update_seconds(rt, sequences, args, shared=True)
+        update = update_seconds(rt, sequences, args, "on")
     start = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(rt.model.parameters(), 1.0)
     optimizer.step()

@@ -19,7 +19,10 @@ Llama (hidden 512, 12 layers) instead of the tiny one.
 ``--shared-prefix both`` (the default) runs the update of every step twice on the same traces, with
 ``update.shared_prefix`` off and on (each distinct prompt encoded once: spiral_lit/fastpath/fused_prefix.py on CPU, as
 ``PolicyUpdater`` runs it, else spiral_lit/training/prefix_forward.py), in
-alternating order, and reports both; the phase table shows the ``on`` run.
+alternating order, and reports both; the phase table shows the ``on`` run. ``--shared-prefix fused_vs_model`` compares
+the ``on`` run with ``model``: the shared prefix through the model's own forward (the path a model that the fused
+forward refuses takes). ``--lora-rank R`` trains rank-R adapters (alpha 2R, every projection) as ``policy.lora`` does,
+e.g. ``--model runs/smollm2/warmstart/hf --lora-rank 16`` for the SmolLM2 recipe's update.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from spiral_lit.algorithms import grpo_advantages, policy_loss, sample_sets_batc
 from spiral_lit.fastpath.fused_prefix import fused_prefix_logits, fused_prefix_refusal
 from spiral_lit.prompts import PromptConfig
 from spiral_lit.rollout.base import SamplingConfig
+from spiral_lit.runtime.lora import LoraSettings
 from spiral_lit.runtime.models import PolicyConfig, TinyModelConfig, build_tiny_policy
 from spiral_lit.runtime.policy import PolicyRuntime, VerifierConfig
 from spiral_lit.scaffolds import sample_aggregations, sample_search
@@ -63,11 +67,15 @@ def step_in_precision(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args:
         return one_step(rt, optimizer, args, step)
 
 
-MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
+MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on"), "fused_vs_model": ("model", "on")}
 
 
-def update_seconds(rt: PolicyRuntime, sequences: list[TrainSequence], args: argparse.Namespace, shared: bool) -> dict:
-    """Forward and backward seconds of the update over ``sequences`` (gradients accumulate into the model)."""
+def update_seconds(rt: PolicyRuntime, sequences: list[TrainSequence], args: argparse.Namespace, mode: str) -> dict:
+    """Forward and backward seconds of the update over ``sequences`` (gradients accumulate into the model).
+
+    ``mode``: ``off`` full rows; ``on`` the shared prefix as ``PolicyUpdater`` runs it; ``model`` the shared prefix
+    through the model's own forward."""
+    shared = mode != "off"
     seconds = {"logprobs": 0.0, "backward": 0.0}
     pad = rt.tokenizer.pad_token_id
     n_tokens = torch.tensor(float(sum(s.completion.num_tokens for s in sequences)))
@@ -86,7 +94,7 @@ def update_seconds(rt: PolicyRuntime, sequences: list[TrainSequence], args: argp
         if shared:
             batch = pack_shared_prefix(*inputs)
             # As PolicyUpdater: the written-out forward without per-row prompt copies where it applies (CPU).
-            fused = fused_prefix_refusal(rt.model) is None
+            fused = mode == "on" and fused_prefix_refusal(rt.model) is None
             logits = fused_prefix_logits(rt.model, batch) if fused else shared_prefix_logits(rt.model, batch, forward)
         else:
             batch = pack(*inputs)
@@ -134,7 +142,7 @@ def one_step(rt: PolicyRuntime, optimizer: torch.optim.Optimizer, args: argparse
     update = {}
     for mode in modes if step % 2 == 0 else modes[::-1]:  # alternate the order: neither mode always runs first
         optimizer.zero_grad(set_to_none=True)
-        update[mode] = update_seconds(rt, sequences, args, shared=mode == "on")
+        update[mode] = update_seconds(rt, sequences, args, mode)
     seconds.update(update[modes[-1]])
     t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(rt.model.parameters(), 1.0)
@@ -171,6 +179,7 @@ def main() -> None:
     parser.add_argument("--shared-prefix", choices=tuple(MODES), default="both", help="update.shared_prefix")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="32-true")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model built when --model is not given")
+    parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (alpha 2x)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.json"))
     args = parser.parse_args()
     if args.threads is not None:
@@ -181,9 +190,10 @@ def main() -> None:
         if path is None:
             build_tiny_policy(tmp, tokenizer_corpus(task, PromptConfig(), 500), SIZES[args.size])
             path = tmp
-        rt = PolicyRuntime(PolicyConfig(path), task, PromptConfig(), VerifierConfig(num_workers=1))
+        lora = None if args.lora_rank is None else LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+        rt = PolicyRuntime(PolicyConfig(path, lora=lora), task, PromptConfig(), VerifierConfig(num_workers=1))
         rt.model.train()
-        optimizer = torch.optim.AdamW(rt.model.parameters(), lr=1e-6)
+        optimizer = torch.optim.AdamW([q for q in rt.model.parameters() if q.requires_grad], lr=1e-6)
         precisions = PRECISIONS[args.precision]
         by_precision: dict[str, list[dict]] = {p: [] for p in precisions}
         for step in range(args.steps + 1):  # step 0 warms up every precision and is not counted
@@ -220,12 +230,14 @@ def main() -> None:
     for mode in MODES[args.shared_prefix]:
         per_step = [sum(r["update_seconds"][mode].values()) for r in runs]
         update[mode] = {"median": statistics.median(per_step), "min": min(per_step), "max": max(per_step)}
-        print(f"update (forward + backward), shared_prefix {mode:<3}: median {update[mode]['median']:.3f} s "
+        print(f"update (forward + backward), shared_prefix {mode:<5}: median {update[mode]['median']:.3f} s "
               f"(min {update[mode]['min']:.3f}, max {update[mode]['max']:.3f})")  # fmt: skip
     if len(update) == 2:
-        ratios = [sum(r["update_seconds"]["off"].values()) / sum(r["update_seconds"]["on"].values()) for r in runs]
-        update["speedup_off_over_on"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-        print(f"speed-up off/on per step: median {statistics.median(ratios):.2f}x "
+        slow = MODES[args.shared_prefix][0]
+        ratios = [sum(r["update_seconds"][slow].values()) / sum(r["update_seconds"]["on"].values()) for r in runs]
+        spread = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        update[f"speedup_{slow}_over_on"] = spread
+        print(f"speed-up {slow}/on per step: median {statistics.median(ratios):.2f}x "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
               "by_precision": by_precision,

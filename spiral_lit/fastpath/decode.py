@@ -47,6 +47,7 @@ from transformers import PreTrainedModel
 
 from spiral_lit.fastpath.attention import SharedPrefix, shared_prefix_attention
 from spiral_lit.fastpath.layers import RMS_NORM_CLASSES, head_rms_norm, rms_norm
+from spiral_lit.fastpath.lora_linear import is_lora_linear, lora_linear_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def _qk_norm_refusal(i: int, attn: Any) -> str | None:
     return None
 
 
-def fused_decode_refusal(model: nn.Module) -> str | None:
-    """Why :class:`FusedDecoder` cannot stand in for ``model.forward`` in decode (None: it can)."""
+def fused_decode_refusal(model: nn.Module, lora: bool = False) -> str | None:
+    """Why :class:`FusedDecoder` cannot stand in for ``model.forward`` in decode (None: it can). ``lora``: also
+    accept PEFT LoRA projections that :func:`~spiral_lit.fastpath.lora_linear.lora_linear_refusal` accepts (the
+    fused training forward applies them; the decode step does not)."""
     if type(model).__name__ not in FUSED_MODEL_CLASSES:
         return f"model class {type(model).__name__} is not one of {sorted(FUSED_MODEL_CLASSES)}"
     from torch.nn.modules import module as module_globals
@@ -131,6 +134,11 @@ def fused_decode_refusal(model: nn.Module) -> str | None:
         if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
             return f"{name} has forward hooks (torch or accelerate's), which a fused step would skip"
         if name.endswith("_proj") and type(module) is not nn.Linear:
+            if lora and is_lora_linear(module):
+                reason = lora_linear_refusal(name, module)
+                if reason is not None:
+                    return reason
+                continue
             kind = type(module)
             return f"{name} is a {kind.__module__}.{kind.__qualname__} (LoRA or quantised), not a plain nn.Linear"
     return None

@@ -23,8 +23,9 @@ Embedding, rotary module, activation, norms and ``lm_head`` are the model's own 
 Log-probs and gradients equal the model-forward path up to rounding (tests/fastpath/test_fused_prefix.py), in fp32,
 with bf16 weights, and under bf16 autocast (``precision: bf16-mixed``: the matmuls run in bf16, rotary in fp32). Models
 it does not reproduce, and policies off the CPU where it was never measured (:func:`fused_prefix_refusal`: other
-classes, GPUs, LoRA, hooks on bypassed modules, activation checkpointing, attention dropout), use the model-forward
-path.
+classes, GPUs, LoRA variants or dropout, hooks on bypassed modules, activation checkpointing, attention dropout),
+use the model-forward path. Plain LoRA adapters (``policy.lora``) run inside it
+(:mod:`spiral_lit.fastpath.lora_linear`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 
 from spiral_lit.fastpath.decode import QK_NORM_MODEL_CLASSES, fused_decode_refusal
 from spiral_lit.fastpath.layers import head_rms_norm, rms_norm
+from spiral_lit.fastpath.lora_linear import PermutedLinear, peft_base_model
 
 
 class PrefixBatch(Protocol):
@@ -52,14 +54,16 @@ class PrefixBatch(Protocol):
 
 
 def fused_prefix_refusal(model: object) -> str | None:
-    """Why :func:`fused_prefix_logits` cannot stand in for the model-forward path (None: it can)."""
+    """Why :func:`fused_prefix_logits` cannot stand in for the model-forward path (None: it can). A
+    ``peft.PeftModel`` is judged by the model inside it, LoRA projections accepted."""
     if not isinstance(model, nn.Module):
         return f"{type(model).__name__} is not a torch module"
+    model = peft_base_model(model)
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.device.type != "cpu":
         # Measured on CPU only; on GPUs the block-diagonal mask would rule out flash attention.
         return f"the policy is on {parameter.device.type}, and this path is measured on CPU only"
-    reason = fused_decode_refusal(model)
+    reason = fused_decode_refusal(model, lora=True)
     if reason is not None:
         return reason
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
@@ -204,8 +208,7 @@ class _Layer:
         attn = layer.self_attn
         self.layer = layer
         # Separate matmuls: on CPU, concatenating Q/K/V or gate/up into one wider matmul was slower in training.
-        self.q = (attn.q_proj.weight[q_order], None if attn.q_proj.bias is None else attn.q_proj.bias[q_order])
-        self.k = (attn.k_proj.weight[k_order], None if attn.k_proj.bias is None else attn.k_proj.bias[k_order])
+        self.q, self.k = PermutedLinear(attn.q_proj, q_order), PermutedLinear(attn.k_proj, k_order)
         self.q_norm = None if qk_norm_order is None else _permuted_norm(attn.q_norm, qk_norm_order)
         self.k_norm = None if qk_norm_order is None else _permuted_norm(attn.k_norm, qk_norm_order)
 
@@ -213,8 +216,8 @@ class _Layer:
         """Rotated Q ``[..., H, D]``, rotated K and V ``[..., K, D]`` of the normed ``hidden``."""
         x = rms_norm(self.layer.input_layernorm, hidden)
         D = self.layer.self_attn.head_dim
-        q, k = (_rotate(_head_norm(F.linear(x, *weights).unflatten(-1, (n, D)), norm), rotation)
-                for weights, n, norm in ((self.q, heads, self.q_norm), (self.k, kv_heads, self.k_norm)))  # fmt: skip
+        q, k = (_rotate(_head_norm(projection(x).unflatten(-1, (n, D)), norm), rotation)
+                for projection, n, norm in ((self.q, heads, self.q_norm), (self.k, kv_heads, self.k_norm)))  # fmt: skip
         return q, k, self.layer.self_attn.v_proj(x).unflatten(-1, (kv_heads, D))
 
     def finish(self, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -258,7 +261,7 @@ def fused_prefix_logits(model: nn.Module, batch: PrefixBatch) -> torch.Tensor:
     """Logits ``[B, S, V]`` of a :class:`~spiral_lit.training.prefix_forward.SharedPrefixBatch`, as
     :func:`~spiral_lit.training.prefix_forward.shared_prefix_logits` computes them, for a model that
     :func:`fused_prefix_refusal` accepts."""
-    hf: Any = model  # a transformers causal LM: its submodules and config are attributes a type checker cannot see
+    hf: Any = peft_base_model(model)  # a transformers causal LM: submodules a type checker cannot see
     inner, config = hf.model, hf.config
     H, K = config.num_attention_heads, config.num_key_value_heads
     decoder = list(inner.layers[: config.num_hidden_layers])
@@ -267,7 +270,7 @@ def fused_prefix_logits(model: nn.Module, batch: PrefixBatch) -> torch.Tensor:
     interleave_D = torch.arange(D, device=batch.suffix_ids_BS.device).view(2, D // 2).t().reshape(D)
     q_order, k_order = ((torch.arange(n, device=interleave_D.device)[:, None] * D + interleave_D).reshape(-1)
                         for n in (H, K))  # fmt: skip
-    qk_norm_order = interleave_D if type(model).__name__ in QK_NORM_MODEL_CLASSES else None
+    qk_norm_order = interleave_D if type(hf).__name__ in QK_NORM_MODEL_CLASSES else None
     layers = [_Layer(layer, q_order, k_order, qk_norm_order) for layer in decoder]
     P, L = batch.prefix_ids_PL.shape
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -83,6 +83,45 @@ def test_logprobs_and_gradients_equal_the_full_forward(family: str, rows) -> Non
     _assert_close_relative(_grads(model, fused), reference, 1e-5)
 
 
+def _lora(family: str) -> torch.nn.Module:
+    """``family``'s sharp random model with rank-4 adapters on every projection, ``B`` random as well as ``A`` (a
+    fresh adapter's zero ``B`` would hide an adapter applied in the wrong head-dim order)."""
+    torch.manual_seed(4)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(_family_model(family), config).train()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_lora_logprobs_and_gradients_equal_the_full_forward(family: str) -> None:
+    """``policy.lora``: the adapters run inside the fused forward (Q and K's ``B`` rows permuted with their base
+    weights); log-probs and the adapters' gradients (the only trainable parameters) match PEFT's own forward."""
+    model = _lora(family)
+    assert fused_prefix_refusal(model) is None
+    assert forward.training_forward(model, cache_forward(model)).path == "fused_prefix"
+    prompts, completions = _long_prompt_rows()
+    full = _full_logprobs(model, prompts, completions)
+    fused = _fused_logprobs(model, prompts, completions)
+    assert (torch.cat(fused) - torch.cat(full)).abs().max() <= 1e-5
+    reference = _grads(model, full)
+    assert len(reference) == sum(p.requires_grad for p in model.parameters()) > 0
+    assert all("lora_" in name for name in reference)
+    _assert_close_relative(_grads(model, fused), reference, 1e-5)
+    with torch.no_grad(), model.disable_adapter():  # the sharp check: without the adapters the log-probs move far
+        base = torch.cat(_full_logprobs(model, prompts, completions))
+        assert (base - torch.cat(full)).abs().max() > 1e-2
+
+
+def test_lora_disabled_adapters_give_the_base_model() -> None:
+    """The KL reference switches the adapters off (``disable_adapter``); the fused forward then adds none."""
+    model = _lora("llama").eval()
+    prompts, completions = _rows()
+    with torch.no_grad(), model.disable_adapter():
+        assert fused_prefix_refusal(model) is None
+        full = torch.cat(_full_logprobs(model, prompts, completions))
+        assert (torch.cat(_fused_logprobs(model, prompts, completions)) - full).abs().max() <= 1e-5
+
+
 def test_qwen3_q_k_norm_order_matters(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above is sharp: q/k norm weights left in the model's head-dim order move the log-probs."""
     model = _qwen3().eval()
@@ -160,8 +199,11 @@ def test_single_token_prompts() -> None:
 
 def test_what_it_does_not_reproduce_is_refused() -> None:
     model = _model("llama", "sdpa")
-    lora = get_peft_model(_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert "not one of" in fused_prefix_refusal(lora)
+    dora = get_peft_model(_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "LoRA variant" in fused_prefix_refusal(dora)
+    dropout = get_peft_model(_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["k_proj"], lora_dropout=0.1))
+    assert "LoRA dropout" in fused_prefix_refusal(dropout.train())
+    assert fused_prefix_refusal(dropout.eval()) is None  # dropout is the identity in eval mode
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert "checkpointing" in fused_prefix_refusal(model)
     hooked = _model("llama", "sdpa")
