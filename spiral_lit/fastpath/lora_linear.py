@@ -6,7 +6,8 @@ permuting its output rows permutes the rows of the base weight and bias and of `
 :class:`PermutedLinear` applies the same sum with those rows permuted, inside the autograd graph (the adapters'
 gradients reach them in their own order). The other projections are called as the model's own modules, LoRA or
 not. Only what this reproduces is accepted (:func:`lora_linear_refusal`): vanilla LoRA (no DoRA or other variant),
-no active dropout, no bias on ``B``, no hooks on the bypassed submodules.
+no dropout, no bias on ``B``, no hooks on the bypassed submodules. The refusal covers every adapter, active or not,
+and ignores train/eval mode: the path is chosen once, when the updater is built, and must hold for the whole run.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def _active_adapters(module: Any) -> list[str]:
 
 
 def lora_linear_refusal(name: str, module: Any) -> str | None:
-    """Why :class:`PermutedLinear` cannot stand in for the PEFT ``lora.Linear`` ``module`` (None: it can)."""
+    """Why :class:`PermutedLinear` cannot stand in for the PEFT ``lora.Linear`` ``module`` (None: it can), for any of
+    its adapters and in either train or eval mode."""
     if type(module.base_layer) is not nn.Linear:
         return f"{name}.base_layer is a {type(module.base_layer).__name__}, not a plain nn.Linear"
     bypassed = [("base_layer", module.base_layer)]
-    for adapter in _active_adapters(module):
+    for adapter in module.lora_A:
         if adapter in module.lora_variant:
             return f"{name} uses a LoRA variant ({type(module.lora_variant[adapter]).__name__}, e.g. DoRA)"
         dropout = module.lora_dropout[adapter]
-        if type(dropout) is not nn.Identity and dropout.training and float(getattr(dropout, "p", 1.0)) > 0:
+        if type(dropout) is not nn.Identity and float(getattr(dropout, "p", 1.0)) > 0:
             return f"{name} applies LoRA dropout"
         if module.lora_B[adapter].bias is not None:
             return f"{name}.lora_B has a bias"

@@ -203,7 +203,8 @@ def test_what_it_does_not_reproduce_is_refused() -> None:
     assert "LoRA variant" in fused_prefix_refusal(dora)
     dropout = get_peft_model(_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["k_proj"], lora_dropout=0.1))
     assert "LoRA dropout" in fused_prefix_refusal(dropout.train())
-    assert fused_prefix_refusal(dropout.eval()) is None  # dropout is the identity in eval mode
+    # In eval mode too: the path is chosen once, when the updater is built, and training turns the dropout on.
+    assert "LoRA dropout" in fused_prefix_refusal(dropout.eval())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert "checkpointing" in fused_prefix_refusal(model)
     hooked = _model("llama", "sdpa")
