@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spiral_lit.training.batching import length_buckets, pack, prefix_buckets
+from spiral_lit.training.batching import MICRO_BATCH_COST_TOKENS, length_buckets, pack, prefix_buckets
 
 # Row 0: prompt [1, 2, 3] + completion [5, 6]; row 1: prompt [4] + completion [7, 8] (one shorter, right-padded).
 PROMPTS = [[1, 2, 3], [4]]
@@ -73,6 +73,26 @@ def test_length_buckets_by_tokens() -> None:
     assert length_buckets([100, 2, 2], micro_batch_size=4, max_tokens=10) == [[0], [1, 2]]
 
 
+def test_length_buckets_keeps_short_rows_out_of_long_micro_batches() -> None:
+    # 4 rows of 400 then 4 of 100, room for all 8 (8 x 400 = 3200 <= 4000). One micro-batch costs 3200 + 256;
+    # two cost 1600 + 400 + 2 x 256 = 2512, so the short rows get their own.
+    assert length_buckets([400] * 4 + [100] * 4, micro_batch_size=8, max_tokens=4000) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # Rows that differ by little stay together: [10, 9, 8] pads to 30 + 256, less than any split.
+    assert length_buckets([8, 10, 9], micro_batch_size=8) == [[1, 2, 0]]
+
+
+def greedy_cost(lengths: list[int], micro_batch_size: int, max_tokens: int | None) -> int:
+    """The cost (padded tokens + MICRO_BATCH_COST_TOKENS per micro-batch) of filling each micro-batch in turn."""
+    total, rows, longest = 0, 0, 0
+    for length in sorted(lengths, reverse=True):
+        if rows and rows < micro_batch_size and (max_tokens is None or (rows + 1) * longest <= max_tokens):
+            rows += 1
+            continue
+        total += rows * longest + (MICRO_BATCH_COST_TOKENS if rows else 0)
+        rows, longest = 1, length
+    return total + rows * longest + (MICRO_BATCH_COST_TOKENS if rows else 0)
+
+
 def test_length_buckets_rejects_empty_micro_batches() -> None:
     with pytest.raises(ValueError, match="micro_batch_size"):
         length_buckets([1, 2], micro_batch_size=0)
@@ -93,6 +113,8 @@ def test_length_buckets_invariants(lengths: list[int], micro_batch_size: int, ma
         assert 1 <= len(bucket) <= micro_batch_size
         if max_tokens is not None and len(bucket) > 1:
             assert len(bucket) * max(lengths[i] for i in bucket) <= max_tokens
+    cost = sum(len(b) * max(lengths[i] for i in b) + MICRO_BATCH_COST_TOKENS for b in buckets)
+    assert cost <= greedy_cost(lengths, micro_batch_size, max_tokens)  # never worse than filling in turn
 
 
 # Rows 0, 2, 4 share prompt A (4 tokens: a prefix of 3), rows 1, 3 prompt B (2 tokens: a prefix of 1).
