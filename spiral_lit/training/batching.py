@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -86,24 +87,21 @@ def length_buckets(lengths: Sequence[int], micro_batch_size: int, max_tokens: in
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    sorted_lengths = [lengths[i] for i in order]
     n = len(order)
     # cost[i]: the cheapest cut of rows i.. (in sorted order); end[i]: where the micro-batch starting at row i ends.
-    cost, end = [0] * (n + 1), [n] * (n + 1)
+    cost, end = np.zeros(n + 1, dtype=np.int64), np.full(n + 1, n)
     for i in range(n - 1, -1, -1):
-        best = None
-        for j in range(min(n, i + micro_batch_size), i, -1):  # longest micro-batch first: ties keep it
-            padded = (j - i) * sorted_lengths[i]
-            if j - i > 1 and max_tokens is not None and padded > max_tokens:
-                continue
-            total = padded + MICRO_BATCH_COST_TOKENS + cost[j]
-            if best is None or total < best:
-                best, end[i] = total, j
-        cost[i] = best if best is not None else 0
+        length = max(lengths[order[i]], 1)
+        most = micro_batch_size if max_tokens is None else max(1, min(micro_batch_size, max_tokens // length))
+        last = min(n, i + most)
+        # Micro-batch i..j-1 for j = last, last-1, ..., i+1: the longest first, so argmin's first hit keeps ties.
+        totals = cost[last:i:-1] + np.arange(last - i, 0, -1) * length
+        best = int(np.argmin(totals))
+        cost[i], end[i] = totals[best] + MICRO_BATCH_COST_TOKENS, last - best
     buckets, i = [], 0
     while i < n:
-        buckets.append(order[i : end[i]])
-        i = end[i]
+        buckets.append(order[i : int(end[i])])
+        i = int(end[i])
     return buckets
 
 
