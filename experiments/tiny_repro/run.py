@@ -62,6 +62,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "grpo_matched": ("grpo", [*GRPO_CEILING, "--trainer.max_steps", "230"]),
     "spiral_t2": ("spiral", TWO_ROUNDS),
     "spiral_t2_per_role": ("spiral", [*TWO_ROUNDS, "--model.init_args.update.role_normalisation", "per_role"]),
+    "spiral_t2_w05": ("spiral", [*TWO_ROUNDS, "--model.init_args.algorithm.next_round_weight", "0.5"]),
 }
 """Arm -> (quickstart config, overrides). ``spiral`` is the quickstart's run (one normaliser over both roles'
 tokens, docs/algorithm.md §4.5); ``spiral_per_role`` gives each role its own token mean (§4.6); ``spiral_search0``
@@ -72,7 +73,9 @@ each run's own count). ``spiral_t2`` trains two rounds of aggregation (``train_r
 step generates the search traces and two rounds of aggregations, and 32 steps were estimated from the ``spiral``
 run's tokens per step (search 2.5k, aggregation 17.5k per rollout batch) to match its ~2M generated tokens.
 ``spiral_t2_per_role`` is ``spiral_t2`` with each role's own token mean: with two rounds the aggregation tokens
-double and the search role's share of one shared mean halves (§4.6)."""
+double and the search role's share of one shared mean halves (§4.6). ``spiral_t2_w05`` is ``spiral_t2`` with half
+the weight on the next round's set credit of the first round's aggregations (``next_round_weight: 0.5``, §10).
+``python run.py`` without ``--arms`` runs every arm."""
 METHODS = tuple(ARMS)
 COLOURS = {
     "warmstart": "grey",
@@ -83,6 +86,7 @@ COLOURS = {
     "grpo_matched": "tab:green",
     "spiral_t2": "tab:brown",
     "spiral_t2_per_role": "tab:pink",
+    "spiral_t2_w05": "tab:olive",
 }
 LABELS = {
     "warmstart": "warm start",
@@ -93,8 +97,15 @@ LABELS = {
     "grpo_matched": "GRPO, token-matched",
     "spiral_t2": "SPIRAL, 2 trained rounds",
     "spiral_t2_per_role": "SPIRAL, 2 trained rounds, per-role mean",
+    "spiral_t2_w05": "SPIRAL, 2 trained rounds, next-round weight 0.5",
 }
-GAPS = [("spiral", "grpo"), ("spiral", "grpo_matched"), ("spiral_t2", "spiral"), ("spiral_t2_per_role", "spiral")]
+GAPS = [
+    ("spiral", "grpo"),
+    ("spiral", "grpo_matched"),
+    ("spiral_t2", "spiral"),
+    ("spiral_t2_per_role", "spiral"),
+    ("spiral_t2_w05", "spiral"),
+]
 """The differences the results table shows (first minus second), where both arms ran."""
 RSA_ROUNDS = 10
 SET_SIZE = 4
