@@ -6,8 +6,10 @@ not depend on the weights). Prints a table and writes JSON (``--out``).
 
 A step is what ``WarmStartModule.training_step`` runs, with the same functions: the quickstart's countdown
 examples of both roles (``warm_start_examples``), micro-batches, the full forward under bf16 autocast
-(``trainer.precision: bf16-mixed``), token-mean cross-entropy, backward, AdamW. Both cuts run every step on the same
-examples, in alternating order, one process (side by side); the first step is a warm-up and is not counted.
+(``trainer.precision: bf16-mixed``), token-mean cross-entropy, backward, AdamW. Task, prompts, example mix, problems
+a step and micro-batch limits are read from ``--config`` (the quickstart's ``warmstart.yaml``). Both cuts run every
+step on the same examples, in alternating order, one process (side by side); the first step is a warm-up and is not
+counted.
 ``fill`` is the cut ``length_buckets`` made before: each row joins the current micro-batch while it fits.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
@@ -54,23 +57,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a saved policy directory (default: the tiny model, random weights)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--problems", type=int, default=32, help="problems per step (warmstart.yaml: 32)")
-    parser.add_argument("--micro-batch-size", type=int, default=128)
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--config", default="experiments/quickstart/warmstart.yaml", help="a countdown warm start")
     parser.add_argument("--out", default="benchmarks/warm_start_step.json")
     args = parser.parse_args()
 
-    task = CountdownTask(n_numbers=4, max_number=9, operators="+-", verdict_steps=True, faked_wrong=0.5)
+    config = yaml.safe_load(Path(args.config).read_text())
+    module, problems_per_step = config["model"]["init_args"], config["data"]["batch_size"]
+    task = CountdownTask(**config["data"]["task"]["init_args"])
+    prompt_config = PromptConfig(**module.get("prompts", {}))
+    mix = (module["set_size"], module["search_fraction"], module["aggregation_fraction"])
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
             path = str(Path(tmp) / "tiny")
-            corpus = tokenizer_corpus(task, PromptConfig(aggregation_target="select"), 2000)
+            corpus = tokenizer_corpus(task, prompt_config, 2000)
             build_tiny_policy(path, corpus, TinyModelConfig(vocab_size=512))
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     model.train()
-    renderer = PromptRenderer(tokenizer, PromptConfig(aggregation_target="select"), task.answer_instruction)
+    renderer = PromptRenderer(tokenizer, prompt_config, task.answer_instruction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     pad_id = tokenizer.pad_token_id
 
@@ -78,7 +83,7 @@ def main() -> None:
         """(seconds, padded tokens, micro-batches) of one step with ``cut``."""
         start = time.perf_counter()
         lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
-        buckets = CUTS[cut](lengths, args.micro_batch_size, args.micro_batch_tokens)
+        buckets = CUTS[cut](lengths, module["micro_batch_size"], module["micro_batch_tokens"])
         normaliser = sum(len(t) for t in targets)
         padded = 0
         for rows in buckets:
@@ -96,8 +101,8 @@ def main() -> None:
     runs: dict[str, list[tuple[float, int, int]]] = {cut: [] for cut in CUTS}
     real: list[int] = []
     for s in range(args.steps + 1):
-        problems = [task.problem(args.problems * s + j, "train") for j in range(args.problems)]
-        prompts, targets, _ = warm_start_examples(problems, task, renderer, 4, 0.5, 1.0, random.Random(s))
+        problems = [task.problem(problems_per_step * s + j, "train") for j in range(problems_per_step)]
+        prompts, targets, _ = warm_start_examples(problems, task, renderer, *mix, random.Random(s))
         order = list(CUTS) if s % 2 == 0 else list(reversed(CUTS))
         for cut in order:
             result = step(prompts, targets, cut)
@@ -120,7 +125,8 @@ def main() -> None:
     summary = {
         "model": args.model or "tiny (random weights)",
         "steps": args.steps,
-        "problems_per_step": args.problems,
+        "config": args.config,
+        "problems_per_step": problems_per_step,
         "real_tokens_per_step": statistics.mean(real),
         "threads": torch.get_num_threads(),
         "cuts": rows,
