@@ -1,5 +1,6 @@
 """``python -m spiral_lit {fit,validate,test,predict} --config X.yaml``: LightningCLI; ``python -m spiral_lit
-{compare,export,tiny,convert_gguf} ...``: the tools, each with its own options (``spiral-lit`` is the same command).
+{compare,export,tiny,convert_gguf,cpu_precision} ...``: the tools, each with its own options (``spiral-lit`` is the
+same command).
 
 The Trainer subcommands are LightningCLI's own. A tool named first is handed the rest of the command line before
 LightningCLI parses anything (:data:`TOOLS`), since it is no Trainer method; the top-level ``--help`` lists the tools
@@ -63,7 +64,8 @@ PROG = "python -m spiral_lit"
 
 DESCRIPTION = (
     "SPIRAL on PyTorch Lightning. fit, validate, test and predict run the Trainer on a run YAML (--config); "
-    "compare, export, tiny and convert_gguf are tools with their own options. Add --help after any subcommand."
+    "compare, export, tiny, convert_gguf and cpu_precision are tools with their own options. Add --help after any "
+    "subcommand."
 )
 
 TOOLS = {
@@ -72,6 +74,8 @@ TOOLS = {
     "export": ("spiral_lit.tools.export", "Write a checkpoint's policy as a Hugging Face directory."),
     "tiny": ("spiral_lit.tools.tiny", "Build the quickstart's tiny Llama and tokenizer locally."),
     "convert_gguf": ("spiral_lit.tools.convert_gguf", "Turn a GGUF checkpoint into a save_pretrained directory."),
+    "cpu_precision": ("spiral_lit.tools.cpu_precision", "Print the faster training precision on this CPU "
+                      "(bf16-mixed or 32-true), timed on a matmul."),
 }  # fmt: skip
 """Subcommands that are no Trainer method: name -> (module whose ``main(argv)`` runs it, one line of help)."""
 

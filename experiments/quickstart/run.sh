@@ -15,10 +15,13 @@ begin_run quickstart "$out"
 
 stage "1/5: build the tiny model for countdown -> $out/tiny"
 run python -m spiral_lit tiny --config experiments/quickstart/tiny.yaml --out "$out/tiny"
-stage "2/5: warm start, search role (600 steps) -> $out/warmstart_search"
-run python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml
-stage "3/5: warm start, both roles (1200 steps) -> $out/warmstart"
-run python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml
+# The warm starts run under bf16-mixed where this CPU does bf16 matmuls at least as fast as fp32 ones, else in fp32:
+# without native bf16 they are ~100x slower (spiral_lit/runtime/cpu_precision.py). The stages' config.yaml records it.
+precision=$(python -m spiral_lit cpu_precision)
+stage "2/5: warm start, search role (600 steps, $precision) -> $out/warmstart_search"
+run python -m spiral_lit fit --config experiments/quickstart/warmstart_search.yaml --trainer.precision "$precision"
+stage "3/5: warm start, both roles (1200 steps, $precision) -> $out/warmstart"
+run python -m spiral_lit fit --config experiments/quickstart/warmstart.yaml --trainer.precision "$precision"
 stage "4/5: SPIRAL (60 steps) -> $out/spiral"
 run python -m spiral_lit fit --config experiments/quickstart/spiral.yaml
 stage "5/5: the warm start and SPIRAL on 200 held-out problems -> $out/compare"

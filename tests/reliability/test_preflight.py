@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tiny_run import cli_config
 
 from spiral_lit.cli import SpiralCLI, main
 from spiral_lit.errors import UserError
-from spiral_lit.reliability.preflight import check_writable, preflight
+from spiral_lit.reliability.preflight import check_cpu_precision, check_writable, preflight
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +160,22 @@ def test_policy_without_weights_fails_before_fit(tiny_policy, config: Path, tmp_
     cli = _built(config, "--model.init_args.policy.path", str(policy))
     with pytest.raises(UserError, match=r"no_weights'.*no weights"):
         _preflight(cli, "fit")
+
+
+# ----------------------------------------------------------------------------- bf16 on a CPU without it
+
+
+@pytest.mark.parametrize(("precision", "speedup", "warns"), [("bf16-mixed", 0.01, True), ("bf16-mixed", 2.0, False),
+                                                             ("32-true", 0.01, False)])  # fmt: skip
+def test_bf16_on_a_cpu_that_runs_it_slowly_is_warned_about(
+    config: Path, monkeypatch: pytest.MonkeyPatch, precision: str, speedup: float, warns: bool
+) -> None:
+    timed: list[bool] = []
+    monkeypatch.setattr("spiral_lit.reliability.preflight.bf16_speedup", lambda: timed.append(True) or speedup)
+    cli = _built(config, "--trainer.precision", precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_cpu_precision(cli.trainer)
+    slow = [w for w in caught if "runs bf16 matmuls 100x slower than fp32" in str(w.message)]
+    assert len(slow) == int(warns)
+    assert timed == ([True] if precision != "32-true" else [])  # fp32 runs are not timed
