@@ -15,10 +15,12 @@ begin_run chain_sum "$out"
 
 stage "1/7: build the tiny model -> $out/tiny"
 run python -m spiral_lit tiny --out "$out/tiny"
-stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min) -> $out/warmstart_search"
-run python -m spiral_lit fit --config experiments/chain_sum/warmstart_search.yaml
-stage "3/7: warm start, both roles (120 steps) -> $out/warmstart"
-run python -m spiral_lit fit --config experiments/chain_sum/warmstart.yaml
+# bf16-mixed where this CPU runs bf16 matmuls at least as fast as fp32 ones, else fp32 (as the quickstart's run.sh).
+precision=$(python -m spiral_lit cpu_precision)
+stage "2/7: warm start, search role (until held-out pass@1 >= 0.45, <= 11 min, $precision) -> $out/warmstart_search"
+run python -m spiral_lit fit --config experiments/chain_sum/warmstart_search.yaml --trainer.precision "$precision"
+stage "3/7: warm start, both roles (120 steps, $precision) -> $out/warmstart"
+run python -m spiral_lit fit --config experiments/chain_sum/warmstart.yaml --trainer.precision "$precision"
 stage "4/7: evaluate the warm start on 200 held-out problems"
 run python -m spiral_lit validate --config experiments/chain_sum/warmstart.yaml \
   --model.init_args.policy.path "$out/warmstart/hf" --trainer.limit_val_batches 1.0 \

@@ -3,7 +3,7 @@
 On a CPU with native bf16 (AVX512-BF16, AMX) a bf16 matmul runs at about twice fp32's rate, so ``bf16-mixed`` speeds
 up training. On one without it, oneDNN emulates bf16 far below fp32: on a 2-core AVX2 EPYC, a 1024 x 1024 matmul
 ran at 0.9 GFLOP/s in bf16 against 50-110 in fp32, and a quickstart warm-start step took 8 s under ``bf16-mixed``
-against 0.5 s in fp32 (docs/algorithm.md §8.7). CPU flags do not settle it (ARM, emulation quality, torch builds
+against 0.4 s in fp32 (docs/algorithm.md §8.7). CPU flags do not settle it (ARM, emulation quality, torch builds
 differ), so this times the two dtypes on a matmul of a small model's shape, which takes a fraction of a second.
 
 ``python -m spiral_lit cpu_precision`` (:mod:`spiral_lit.tools.cpu_precision`) prints the faster of ``bf16-mixed``
