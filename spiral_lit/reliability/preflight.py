@@ -1,7 +1,8 @@
 """Checks run by the CLI before any model is loaded: settings that would train nothing, output directories
 that cannot be written, model files that are missing, and what needs the tokenizer and the model's config but
 not its weights (the chat template and EOS token, token budgets against the model's context, the update's
-minibatch split against the sequences a step produces).
+minibatch split against the sequences a step produces). One check only warns: bf16 asked of a CPU that runs it
+far slower than fp32 (docs/algorithm.md §8.7).
 
 Outputs are checked, not created (Lightning creates them when it first writes): an existing directory must be
 writable, and a missing one must be creatable, so a checkpoint directory below a file or in a read-only place
