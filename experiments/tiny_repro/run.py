@@ -362,22 +362,24 @@ def build_warmstart(out: Path, start: float) -> Path:
             cli("tiny", "--config", str(QUICKSTART / "tiny.yaml"), "--out", str(out / "tiny")),
             out / "logs" / "tiny.log",
         )
-    # As the quickstart's run.sh: bf16-mixed only where this CPU runs bf16 matmuls at least as fast as fp32 ones,
-    # timed with the stages' one thread.
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    timed = subprocess.run(cli("cpu_precision"), cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    precision = timed.stdout.strip()
-    for stage, source in (("warmstart_search", "tiny"), ("warmstart", "warmstart_search/hf")):
-        if not (out / stage / "hf" / "config.json").exists():
-            log(f"{stage}: supervised warm start (experiments/quickstart/{stage}.yaml, {precision})", start)
-            shutil.rmtree(out / stage, ignore_errors=True)
-            run(
-                cli("fit", "--config", str(QUICKSTART / f"{stage}.yaml"),
-                    "--trainer.logger.init_args.save_dir", str(out), "--trainer.precision", precision,
-                    "--model.init_args.policy.path", str(out / source)),
-                out / "logs" / f"{stage}.log",
-            )  # fmt: skip
-            log(f"finished {stage}", start)
+    stages = [(stage, source) for stage, source in (("warmstart_search", "tiny"), ("warmstart", "warmstart_search/hf"))
+              if not (out / stage / "hf" / "config.json").exists()]  # fmt: skip
+    if stages:
+        # As the quickstart's run.sh: bf16-mixed only where this CPU runs bf16 matmuls at least as fast as fp32
+        # ones, timed with the stages' one thread.
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        timed = subprocess.run(cli("cpu_precision"), cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        precision = timed.stdout.strip()
+    for stage, source in stages:
+        log(f"{stage}: supervised warm start (experiments/quickstart/{stage}.yaml, {precision})", start)
+        shutil.rmtree(out / stage, ignore_errors=True)
+        run(
+            cli("fit", "--config", str(QUICKSTART / f"{stage}.yaml"),
+                "--trainer.logger.init_args.save_dir", str(out), "--trainer.precision", precision,
+                "--model.init_args.policy.path", str(out / source)),
+            out / "logs" / f"{stage}.log",
+        )  # fmt: skip
+        log(f"finished {stage}", start)
     return out / "warmstart" / "hf"
 
 
