@@ -242,18 +242,24 @@ def output_dirs(trainer: L.Trainer, stage: str) -> list[tuple[str, str]]:
     return [(d, key) for d, key in dirs if "://" not in d]  # remote file systems are the logger's business
 
 
-def check_cpu_precision(trainer: L.Trainer) -> None:
-    """Warn when a CPU run asks for bf16 that this CPU runs at under :data:`SLOW_BF16` of fp32's speed: the run is
-    correct, only slow (~100x on an AVX2 CPU), and ``32-true`` trains the same at fp32 cost. A warning, not an error,
-    since the user asked for it; timing the two dtypes takes well under a second where bf16 is fast."""
-    if not isinstance(trainer.accelerator, CPUAccelerator) or "bf16" not in str(trainer.precision):
+def check_cpu_precision(trainer: L.Trainer, policy: PolicyConfig | None = None) -> None:
+    """Warn when a CPU run asks for bf16 (``trainer.precision`` or ``policy.dtype``) that this CPU runs at under
+    :data:`SLOW_BF16` of fp32's speed: the run is correct, only slow (~100x on an AVX2 CPU), and fp32 trains the same
+    at fp32 cost. A warning, not an error, since the user asked for it; timing the two dtypes takes well under a
+    second where bf16 is fast."""
+    asked = []  # (what asked for bf16, the flag that turns it off)
+    if "bf16" in str(trainer.precision):
+        asked.append((f"trainer.precision is {trainer.precision}", "--trainer.precision 32-true"))
+    if policy is not None and policy.dtype == "bfloat16":
+        asked.append(("policy.dtype is bfloat16", "--model.init_args.policy.dtype float32"))
+    if not isinstance(trainer.accelerator, CPUAccelerator) or not asked:
         return
     speedup = bf16_speedup()
     if speedup < SLOW_BF16:
         rank_zero_warn(
-            f"trainer.precision is {trainer.precision}, but this CPU (torch capability "
+            f"{' and '.join(what for what, _ in asked)}, but this CPU (torch capability "
             f"{torch.backends.cpu.get_cpu_capability()}) runs bf16 matmuls {1.0 / speedup:.0f}x slower than fp32 ones "
-            "(no native bf16): --trainer.precision 32-true will be much faster"
+            f"(no native bf16): {' '.join(flag for _, flag in asked)} will be much faster"
         )
 
 
@@ -273,11 +279,11 @@ def preflight(
     trainer the output directories are not checked; without a stage the fit-only checks are skipped."""
     if stage == "fit":
         check_training_settings(module)
+    policy: PolicyConfig | None = getattr(module, "policy_config", None)
     if trainer is not None:
-        check_cpu_precision(trainer)  # a warning only: bf16 without native support is slow, not wrong
+        check_cpu_precision(trainer, policy)  # a warning only: bf16 without native support is slow, not wrong
         for directory, key in output_dirs(trainer, stage or ""):
             check_writable(directory, key)
-    policy: PolicyConfig | None = getattr(module, "policy_config", None)
     if policy is not None:
         check_policy_files(policy)  # a missing tokenizer or weights file, a hub id we cannot reach
     if isinstance(data, ProblemDataModule):

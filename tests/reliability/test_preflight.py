@@ -165,17 +165,26 @@ def test_policy_without_weights_fails_before_fit(tiny_policy, config: Path, tmp_
 # ----------------------------------------------------------------------------- bf16 on a CPU without it
 
 
-@pytest.mark.parametrize(("precision", "speedup", "warns"), [("bf16-mixed", 0.01, True), ("bf16-mixed", 2.0, False),
-                                                             ("32-true", 0.01, False)])  # fmt: skip
+@pytest.mark.parametrize(("precision", "dtype", "speedup", "warns"), [
+    ("bf16-mixed", "float32", 0.01, "trainer.precision is bf16-mixed, but"),
+    ("32-true", "bfloat16", 0.01, "policy.dtype is bfloat16, but"),
+    ("bf16-mixed", "bfloat16", 0.01, "trainer.precision is bf16-mixed and policy.dtype is bfloat16, but"),
+    ("bf16-mixed", "bfloat16", 2.0, None),
+    ("32-true", "float32", 0.01, None),
+])  # fmt: skip
 def test_bf16_on_a_cpu_that_runs_it_slowly_is_warned_about(
-    config: Path, monkeypatch: pytest.MonkeyPatch, precision: str, speedup: float, warns: bool
+    config: Path, monkeypatch: pytest.MonkeyPatch, precision: str, dtype: str, speedup: float, warns: str | None
 ) -> None:
     timed: list[bool] = []
     monkeypatch.setattr("spiral_lit.reliability.preflight.bf16_speedup", lambda: timed.append(True) or speedup)
-    cli = _built(config, "--trainer.precision", precision)
+    cli = _built(config, "--trainer.precision", precision, "--model.init_args.policy.dtype", dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_cpu_precision(cli.trainer)
-    slow = [w for w in caught if "runs bf16 matmuls 100x slower than fp32" in str(w.message)]
-    assert len(slow) == int(warns)
-    assert timed == ([True] if precision != "32-true" else [])  # fp32 runs are not timed
+        check_cpu_precision(cli.trainer, cli.model.policy_config)
+    slow = [str(w.message) for w in caught if "runs bf16 matmuls 100x slower than fp32" in str(w.message)]
+    assert len(slow) == int(warns is not None)
+    if warns is not None:
+        assert slow[0].startswith(warns)
+        assert ("--trainer.precision 32-true" in slow[0]) == (precision != "32-true")
+        assert ("--model.init_args.policy.dtype float32" in slow[0]) == (dtype == "bfloat16")
+    assert timed == ([True] if (precision, dtype) != ("32-true", "float32") else [])  # fp32 runs are not timed
