@@ -5,8 +5,9 @@ Run: ``python benchmarks/warm_start_step.py --model runs/quickstart/warmstart_se
 not depend on the weights). Prints a table and writes JSON (``--out``).
 
 A step is what ``WarmStartModule.training_step`` runs, with the same functions: the quickstart's countdown
-examples of both roles (``warm_start_examples``), micro-batches, the full forward under bf16 autocast
-(``trainer.precision: bf16-mixed``), token-mean cross-entropy, backward, AdamW. Task, prompts, example mix, problems
+examples of both roles (``warm_start_examples``), micro-batches, the full forward (under bf16 autocast with
+``--precision bf16-mixed``; by default the precision this CPU runs faster, as the quickstart's ``run.sh`` picks it,
+since emulated bf16 is ~100x slower), token-mean cross-entropy, backward, AdamW. Task, prompts, example mix, problems
 a step and micro-batch limits are read from ``--config`` (the quickstart's ``warmstart.yaml``). Both cuts run every
 step on the same examples, in alternating order, one process (side by side); the first step is a warm-up and is not
 counted.
@@ -30,6 +31,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spiral_lit.prompts import PromptConfig, PromptRenderer
+from spiral_lit.runtime.cpu_precision import bf16_speedup, faster_precision
 from spiral_lit.runtime.models import TinyModelConfig, build_tiny_policy
 from spiral_lit.tasks import CountdownTask
 from spiral_lit.tools.tiny import tokenizer_corpus
@@ -59,7 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--config", default="experiments/quickstart/warmstart.yaml", help="a countdown warm start")
     parser.add_argument("--out", default="benchmarks/warm_start_step.json")
+    parser.add_argument("--precision", choices=["bf16-mixed", "32-true"], help="default: the faster on this CPU")
     args = parser.parse_args()
+    precision = args.precision or faster_precision(bf16_speedup())
 
     config = yaml.safe_load(Path(args.config).read_text())
     module, problems_per_step = config["model"]["init_args"], config["data"]["batch_size"]
@@ -89,7 +93,7 @@ def main() -> None:
         for rows in buckets:
             batch = pack([prompts[i] for i in rows], [targets[i] for i in rows], pad_id)
             padded += batch.input_ids_BT.numel()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 logits = full_logits(model, batch)
             nll = F.cross_entropy(logits.float().transpose(1, 2), batch.targets_BT1, reduction="none")
             ((nll * batch.completion_mask_BT1).sum() / normaliser).backward()
@@ -129,10 +133,15 @@ def main() -> None:
         "problems_per_step": problems_per_step,
         "real_tokens_per_step": statistics.mean(real),
         "threads": torch.get_num_threads(),
+        "precision": precision,
         "cuts": rows,
         "speedup_dp_over_fill_median": statistics.median(ratios),
         "speedup_dp_over_fill_range": [min(ratios), max(ratios)],
     }
+    print(
+        f"{problems_per_step} problems a step, {summary['real_tokens_per_step']:.0f} tokens, {precision}, "
+        f"{summary['threads']} threads"
+    )
     print(f"{'cut':6s} {'s/step (median, range)':>26s} {'padded/real':>12s} {'micro-batches':>14s}")
     for cut, row in rows.items():
         span = f"{row['s_per_step_median']:.3f} ({row['s_per_step_min']:.3f}-{row['s_per_step_max']:.3f})"
