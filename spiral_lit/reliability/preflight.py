@@ -15,6 +15,7 @@ sample of the run's problems, with every candidate of an aggregation prompt at i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -242,16 +243,34 @@ def output_dirs(trainer: L.Trainer, stage: str) -> list[tuple[str, str]]:
     return [(d, key) for d, key in dirs if "://" not in d]  # remote file systems are the logger's business
 
 
+def _bf16_weights(policy: PolicyConfig) -> str | None:
+    """Why the policy's weights load in bf16, or None: ``policy.dtype: bfloat16``, or ``auto`` on a local checkpoint
+    whose ``config.json`` stores bf16, as most hub models do (a hub id is not fetched here)."""
+    if policy.dtype == "bfloat16":
+        return "policy.dtype is bfloat16"
+    config = Path(policy.path) / "config.json"
+    if policy.dtype != "auto" or not config.is_file():
+        return None
+    try:
+        stored = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None  # check_policy_files names a broken config
+    if isinstance(stored, dict) and (stored.get("dtype") or stored.get("torch_dtype")) == "bfloat16":
+        return f"policy.dtype is auto and {config} stores bfloat16"
+    return None
+
+
 def check_cpu_precision(trainer: L.Trainer, policy: PolicyConfig | None = None) -> None:
-    """Warn when a CPU run asks for bf16 (``trainer.precision`` or ``policy.dtype``) that this CPU runs at under
+    """Warn when a CPU run asks for bf16 (``trainer.precision`` or the weights' dtype) that this CPU runs at under
     :data:`SLOW_BF16` of fp32's speed: the run is correct, only slow (~100x on an AVX2 CPU), and fp32 trains the same
     at fp32 cost. A warning, not an error, since the user asked for it; timing the two dtypes takes well under a
     second where bf16 is fast."""
     asked = []  # (what asked for bf16, the flag that turns it off)
     if "bf16" in str(trainer.precision):
         asked.append((f"trainer.precision is {trainer.precision}", "--trainer.precision 32-true"))
-    if policy is not None and policy.dtype == "bfloat16":
-        asked.append(("policy.dtype is bfloat16", "--model.init_args.policy.dtype float32"))
+    weights = None if policy is None else _bf16_weights(policy)
+    if weights is not None:
+        asked.append((weights, "--model.init_args.policy.dtype float32"))
     if not isinstance(trainer.accelerator, CPUAccelerator) or not asked:
         return
     speedup = bf16_speedup()

@@ -3,7 +3,9 @@ write, and a model directory without weights, each naming the YAML key and the p
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -188,3 +190,25 @@ def test_bf16_on_a_cpu_that_runs_it_slowly_is_warned_about(
         assert ("--trainer.precision 32-true" in slow[0]) == (precision != "32-true")
         assert ("--model.init_args.policy.dtype float32" in slow[0]) == (dtype == "bfloat16")
     assert timed == ([True] if (precision, dtype) != ("32-true", "float32") else [])  # fp32 runs are not timed
+
+
+@pytest.mark.parametrize(("stored", "warns"), [("bfloat16", True), ("float32", False)])
+def test_auto_dtype_of_a_bf16_checkpoint_is_warned_about(
+    tiny_policy, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str, warns: bool
+) -> None:
+    # Most hub models store bf16 weights, which `policy.dtype: auto` keeps.
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy.path, policy)
+    fields = json.loads((policy / "config.json").read_text())
+    fields["dtype"] = stored
+    (policy / "config.json").write_text(json.dumps(fields))
+    monkeypatch.setattr("spiral_lit.reliability.preflight.bf16_speedup", lambda: 0.01)
+    cli = _built(config, "--model.init_args.policy.path", str(policy), "--model.init_args.policy.dtype", "auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_cpu_precision(cli.trainer, cli.model.policy_config)
+    slow = [str(w.message) for w in caught if "runs bf16 matmuls 100x slower than fp32" in str(w.message)]
+    assert len(slow) == int(warns)
+    if warns:
+        assert slow[0].startswith(f"policy.dtype is auto and {policy / 'config.json'} stores bfloat16, but")
+        assert "--model.init_args.policy.dtype float32" in slow[0]
