@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,12 @@ def cli_config(tiny_dir: Path, out: Path, verifier_workers: int = 1) -> Path:
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def edited_policy_copy(tiny_dir: Path, out: Path, file: str, **fields: Any) -> Path:
+    """A copy of the tiny policy's directory at ``out`` whose JSON ``file`` has ``fields`` set (a bad or unusual
+    checkpoint for one test)."""
+    shutil.copytree(tiny_dir, out)
+    stored = json.loads((out / file).read_text())
+    (out / file).write_text(json.dumps(stored | fields))
+    return out

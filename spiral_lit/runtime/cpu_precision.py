@@ -8,7 +8,8 @@ differ), so this times the two dtypes on a matmul of a small model's shape, whic
 
 ``python -m spiral_lit cpu_precision`` (:mod:`spiral_lit.tools.cpu_precision`) prints the faster of ``bf16-mixed``
 and ``32-true`` for scripts (the quickstart's warm-start stages take it), and the CLI warns before training when
-``trainer.precision`` asks for bf16 on a CPU that runs it much slower (:mod:`spiral_lit.reliability.preflight`).
+``trainer.precision`` or the policy's weights ask for bf16 on a CPU that runs it much slower
+(:mod:`spiral_lit.reliability.preflight`).
 """
 
 from __future__ import annotations

@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import ast
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import ROOT, cli_config, fit, make_module
+from tiny_run import ROOT, cli_config, edited_policy_copy, fit, make_module
 from transformers import AutoTokenizer
 
 from spiral_lit.cli import main
@@ -138,11 +137,7 @@ def test_empty_predict_file_is_named(config: Path, tmp_path: Path, no_model_load
 def test_tokenizer_without_eos_is_refused_before_the_model_loads(
     tiny_policy, config: Path, tmp_path: Path, no_model_load
 ) -> None:
-    policy = tmp_path / "no_eos"
-    shutil.copytree(tiny_policy.path, policy)
-    tokenizer_config = json.loads((policy / "tokenizer_config.json").read_text())
-    tokenizer_config["eos_token"] = None
-    (policy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    policy = edited_policy_copy(tiny_policy.path, tmp_path / "no_eos", "tokenizer_config.json", eos_token=None)
     assert AutoTokenizer.from_pretrained(policy).eos_token is None
     with pytest.raises(ValueError, match=r"policy.path='.*no_eos': the tokenizer has no EOS token"):
         _fit(config, "--model.init_args.policy.path", str(policy))
@@ -190,13 +185,10 @@ def test_last_checkpoint_of_another_architecture_names_path_and_shapes(other_pol
 
 # ----------------------------------------------------------------------------- safety
 def test_remote_code_is_not_run_unless_trusted(tiny_policy, tmp_path: Path) -> None:
-    policy = tmp_path / "remote"
-    shutil.copytree(tiny_policy.path, policy)
+    auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    policy = edited_policy_copy(tiny_policy.path, tmp_path / "remote", "config.json", auto_map=auto_map)
     marker = tmp_path / "code_ran"
     (policy / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    model_config = json.loads((policy / "config.json").read_text())
-    model_config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
-    (policy / "config.json").write_text(json.dumps(model_config))
     assert PolicyConfig(str(policy)).trust_remote_code is False
     load_policy(PolicyConfig(str(policy)))
     assert not marker.exists()

@@ -3,16 +3,14 @@ write, and a model directory without weights, each naming the YAML key and the p
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_run import cli_config
+from tiny_run import cli_config, edited_policy_copy
 
 from spiral_lit.cli import SpiralCLI, main
 from spiral_lit.errors import UserError
@@ -197,11 +195,7 @@ def test_auto_dtype_of_a_bf16_checkpoint_is_warned_about(
     tiny_policy, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str, warns: bool
 ) -> None:
     # Most hub models store bf16 weights, which `policy.dtype: auto` keeps.
-    policy = tmp_path / "policy"
-    shutil.copytree(tiny_policy.path, policy)
-    fields = json.loads((policy / "config.json").read_text())
-    fields["dtype"] = stored
-    (policy / "config.json").write_text(json.dumps(fields))
+    policy = edited_policy_copy(tiny_policy.path, tmp_path / "policy", "config.json", dtype=stored)
     monkeypatch.setattr("spiral_lit.reliability.preflight.bf16_speedup", lambda: 0.01)
     cli = _built(config, "--model.init_args.policy.path", str(policy), "--model.init_args.policy.dtype", "auto")
     with warnings.catch_warnings(record=True) as caught:
